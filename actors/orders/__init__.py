@@ -1,0 +1,1 @@
+"""The order context: place, change items, confirm, pay, ship, cancel."""

@@ -1,0 +1,168 @@
+"""The order decider: pure `decide(state, command) -> events` and `evolve(state, event) -> state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import assert_never
+
+from actors.orders.messages import (
+    AddItem,
+    CancelOrder,
+    ConfirmOrder,
+    ItemAdded,
+    ItemRemoved,
+    OrderCancelled,
+    OrderCommand,
+    OrderConfirmed,
+    OrderEvent,
+    OrderLine,
+    OrderPaid,
+    OrderPlaced,
+    OrderShipped,
+    OrderStatus,
+    PayOrder,
+    PlaceOrder,
+    RemoveItem,
+    ShipOrder,
+)
+from bus.errors import NotFoundError, RuleViolationError, ValidationError
+
+MAX_LINES = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """The state of one order as folded from its events."""
+
+    order_id: str = ""
+    exists: bool = False
+    status: OrderStatus = "placed"
+    customer_id: str = ""
+    currency: str = ""
+    lines: dict[str, OrderLine] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(line.quantity * line.unit_price for line in self.lines.values())
+
+
+INITIAL = Order()
+
+
+def evolve(state: Order, event: OrderEvent) -> Order:
+    """Apply one event to the state."""
+    match event:
+        case OrderPlaced():
+            return Order(
+                order_id=event.order_id,
+                exists=True,
+                status="placed",
+                customer_id=event.customer_id,
+                currency=event.currency,
+                lines={line.sku: line for line in event.lines},
+            )
+        case ItemAdded():
+            lines = dict(state.lines)
+            current = lines.get(event.sku)
+            quantity = event.quantity + (current.quantity if current else 0)
+            lines[event.sku] = OrderLine(sku=event.sku, quantity=quantity, unit_price=event.unit_price)
+            return replace(state, lines=lines)
+        case ItemRemoved():
+            lines = dict(state.lines)
+            lines.pop(event.sku, None)
+            return replace(state, lines=lines)
+        case OrderConfirmed():
+            return replace(state, status="confirmed")
+        case OrderPaid():
+            return replace(state, status="paid")
+        case OrderShipped():
+            return replace(state, status="shipped")
+        case OrderCancelled():
+            return replace(state, status="cancelled")
+        case _:
+            assert_never(event)
+
+
+def decide(state: Order, command: OrderCommand) -> list[OrderEvent]:
+    """Decide which events a command causes, or raise a coded error (nothing is stored then)."""
+    match command:
+        case PlaceOrder():
+            if state.exists:
+                raise RuleViolationError(f"order {command.order_id} already exists")
+            seen: set[str] = set()
+            for i, line in enumerate(command.lines):
+                if line.sku in seen:
+                    raise ValidationError(f"sku {line.sku} appears twice", field=f"lines[{i}].sku")
+                seen.add(line.sku)
+            assert command.order_id is not None
+            return [
+                OrderPlaced(
+                    order_id=command.order_id,
+                    customer_id=command.customer_id,
+                    currency=command.currency,
+                    lines=list(command.lines),
+                )
+            ]
+        case AddItem():
+            _require_editable(state, command.order_id)
+            current = state.lines.get(command.sku)
+            if current is not None and current.unit_price != command.unit_price:
+                raise RuleViolationError(
+                    f"sku {command.sku} is on the order at unit price {current.unit_price}, not {command.unit_price}"
+                )
+            if current is None and len(state.lines) >= MAX_LINES:
+                raise RuleViolationError(f"an order holds at most {MAX_LINES} lines")
+            if current is not None and current.quantity + command.quantity > 10_000:
+                raise RuleViolationError(f"sku {command.sku} would exceed 10000 units")
+            return [
+                ItemAdded(
+                    order_id=command.order_id,
+                    sku=command.sku,
+                    quantity=command.quantity,
+                    unit_price=command.unit_price,
+                )
+            ]
+        case RemoveItem():
+            _require_editable(state, command.order_id)
+            if command.sku not in state.lines:
+                raise RuleViolationError(f"sku {command.sku} is not on order {command.order_id}")
+            return [ItemRemoved(order_id=command.order_id, sku=command.sku)]
+        case ConfirmOrder():
+            _require(state, command.order_id, "placed", "confirm")
+            if not state.lines:
+                raise RuleViolationError("an order without lines cannot be confirmed")
+            return [OrderConfirmed(order_id=command.order_id, total=state.total)]
+        case PayOrder():
+            _require(state, command.order_id, "confirmed", "pay")
+            if command.amount != state.total:
+                raise RuleViolationError(
+                    f"payment of {command.amount} does not equal the order total {state.total}"
+                )
+            return [OrderPaid(order_id=command.order_id, amount=command.amount, payment_ref=command.payment_ref)]
+        case ShipOrder():
+            _require(state, command.order_id, "paid", "ship")
+            return [OrderShipped(order_id=command.order_id, carrier=command.carrier, tracking=command.tracking)]
+        case CancelOrder():
+            _require_exists(state, command.order_id)
+            if state.status in ("shipped", "cancelled"):
+                raise RuleViolationError(f"a {state.status} order cannot be cancelled")
+            return [OrderCancelled(order_id=command.order_id, reason=command.reason)]
+        case _:
+            assert_never(command)
+
+
+def _require_exists(state: Order, order_id: str) -> None:
+    if not state.exists:
+        raise NotFoundError(f"order {order_id} does not exist")
+
+
+def _require(state: Order, order_id: str, status: OrderStatus, action: str) -> None:
+    _require_exists(state, order_id)
+    if state.status != status:
+        raise RuleViolationError(f"cannot {action} a {state.status} order (it must be {status})")
+
+
+def _require_editable(state: Order, order_id: str) -> None:
+    _require_exists(state, order_id)
+    if state.status != "placed":
+        raise RuleViolationError(f"items of a {state.status} order cannot change")

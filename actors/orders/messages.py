@@ -1,0 +1,211 @@
+"""Order commands, events, replies and views. Stored event tags are pinned: history is forever."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+OrderId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="order id")]
+CustomerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+Sku = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+Money = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000_000, description="integer minor units")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+ShortText = Annotated[str, msgspec.Meta(max_length=200)]
+OrderStatus = Literal["placed", "confirmed", "paid", "shipped", "cancelled"]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every order message."""
+
+
+class OrderLine(Message, frozen=True, kw_only=True):
+    """One line of an order: a sku, how many, at what unit price."""
+
+    sku: Sku
+    quantity: Quantity
+    unit_price: Money
+
+
+# ---- commands (request bodies on orders.cmd.<name>) -----------------------------------------
+
+
+class PlaceOrder(Message, frozen=True, kw_only=True, tag="order.place"):
+    """orders.cmd.place: open a new order; the id is generated unless given."""
+
+    customer_id: CustomerId
+    currency: Currency
+    lines: Annotated[list[OrderLine], msgspec.Meta(max_length=200)] = []
+    order_id: OrderId | None = None
+
+
+class AddItem(Message, frozen=True, kw_only=True, tag="order.add_item"):
+    """orders.cmd.add_item: add a line, or more of a sku already on the order."""
+
+    order_id: OrderId
+    sku: Sku
+    quantity: Quantity
+    unit_price: Money
+
+
+class RemoveItem(Message, frozen=True, kw_only=True, tag="order.remove_item"):
+    """orders.cmd.remove_item: take a sku off the order."""
+
+    order_id: OrderId
+    sku: Sku
+
+
+class ConfirmOrder(Message, frozen=True, kw_only=True, tag="order.confirm"):
+    """orders.cmd.confirm: freeze the lines; the order awaits payment."""
+
+    order_id: OrderId
+
+
+class PayOrder(Message, frozen=True, kw_only=True, tag="order.pay"):
+    """orders.cmd.pay: record payment of exactly the order total."""
+
+    order_id: OrderId
+    amount: Money
+    payment_ref: ShortText | None = None
+
+
+class ShipOrder(Message, frozen=True, kw_only=True, tag="order.ship"):
+    """orders.cmd.ship: hand a paid order to the carrier."""
+
+    order_id: OrderId
+    carrier: ShortText | None = None
+    tracking: ShortText | None = None
+
+
+class CancelOrder(Message, frozen=True, kw_only=True, tag="order.cancel"):
+    """orders.cmd.cancel: cancel an order that has not shipped."""
+
+    order_id: OrderId
+    reason: ShortText = ""
+
+
+OrderCommand = PlaceOrder | AddItem | RemoveItem | ConfirmOrder | PayOrder | ShipOrder | CancelOrder
+
+COMMANDS: dict[str, type[OrderCommand]] = {
+    "place": PlaceOrder,
+    "add_item": AddItem,
+    "remove_item": RemoveItem,
+    "confirm": ConfirmOrder,
+    "pay": PayOrder,
+    "ship": ShipOrder,
+    "cancel": CancelOrder,
+}
+
+
+# ---- events (stored on orders.events.<order_id>) ------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of stored order events; `v` is the schema version of the event type."""
+
+    v: int = 1
+    order_id: OrderId
+
+
+class OrderPlaced(Event, frozen=True, kw_only=True, tag="order.placed"):
+    """An order was opened for a customer."""
+
+    customer_id: CustomerId
+    currency: Currency
+    lines: list[OrderLine]
+
+
+class ItemAdded(Event, frozen=True, kw_only=True, tag="order.item_added"):
+    """A quantity of a sku was added to the order."""
+
+    sku: Sku
+    quantity: Quantity
+    unit_price: Money
+
+
+class ItemRemoved(Event, frozen=True, kw_only=True, tag="order.item_removed"):
+    """A sku was taken off the order."""
+
+    sku: Sku
+
+
+class OrderConfirmed(Event, frozen=True, kw_only=True, tag="order.confirmed"):
+    """The lines were frozen at this total."""
+
+    total: Money
+
+
+class OrderPaid(Event, frozen=True, kw_only=True, tag="order.paid"):
+    """Payment of the total was recorded."""
+
+    amount: Money
+    payment_ref: str | None = None
+
+
+class OrderShipped(Event, frozen=True, kw_only=True, tag="order.shipped"):
+    """The order left the warehouse."""
+
+    carrier: str | None = None
+    tracking: str | None = None
+
+
+class OrderCancelled(Event, frozen=True, kw_only=True, tag="order.cancelled"):
+    """The order was cancelled before shipping."""
+
+    reason: str = ""
+
+
+OrderEvent = OrderPlaced | ItemAdded | ItemRemoved | OrderConfirmed | OrderPaid | OrderShipped | OrderCancelled
+
+
+# ---- replies and queries ------------------------------------------------------------------------
+
+
+class OrderAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="order.accepted", tag_field="type"):
+    """Reply to a successful order command: the order's id, status and new version."""
+
+    order_id: str
+    status: OrderStatus
+    total: int
+    version: int
+    seq: int
+
+
+class GetOrder(Message, frozen=True, kw_only=True, tag="order.get"):
+    """orders.query.get: one order from the read model (optionally at least at min_seq)."""
+
+    order_id: OrderId
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class ListOrders(Message, frozen=True, kw_only=True, tag="order.list"):
+    """orders.query.list: orders newest first, filtered, keyset-paginated by cursor."""
+
+    status: OrderStatus | None = None
+    customer_id: CustomerId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+    cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class OrderView(msgspec.Struct, frozen=True, kw_only=True):
+    """An order as the read model shows it."""
+
+    order_id: str
+    customer_id: str
+    status: str
+    currency: str
+    total: int
+    lines: list[OrderLine]
+    version: int
+    placed_at: str
+    updated_at: str
+    failure: str | None = None
+
+
+class OrderPage(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of orders and the cursor of the next page (null at the end)."""
+
+    items: list[OrderView]
+    next_cursor: str | None = None

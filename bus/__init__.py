@@ -1,0 +1,1 @@
+"""Everything about NATS: connection, codec, subjects, streams, event store, actor runtime."""

@@ -1,0 +1,44 @@
+"""Calling jetsource services over NATS request-reply, with coded errors on the way back."""
+
+from __future__ import annotations
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from bus import subjects as h
+from bus.errors import DeadlineError, JetsourceError, UnavailableError, from_code
+from bus.runtime import ErrorReply
+
+_error_decoder = msgspec.json.Decoder(ErrorReply)
+
+
+def raise_for_error(data: bytes, headers: dict[str, str] | None) -> None:
+    """Turn a coded error reply back into the matching JetsourceError."""
+    if not headers or h.SERVICE_ERROR_CODE not in headers:
+        return
+    try:
+        err = _error_decoder.decode(data).error
+        raise from_code(err.code, err.message, err.field)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise from_code("internal", headers.get(h.SERVICE_ERROR, "service error")) from None
+
+
+async def call(
+    nc: Client, subject: str, body: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> bytes:
+    """Request-reply to a service; returns the success body or raises a coded error."""
+    try:
+        msg = await nc.request(subject, body, timeout=timeout, headers=headers or None)
+    except NoRespondersError:
+        raise UnavailableError(f"no service answers {subject}") from None
+    except NatsTimeoutError:
+        raise DeadlineError(f"{subject} did not answer within {timeout:g}s") from None
+    except ConnectionClosedError:
+        raise UnavailableError("NATS connection is closed") from None
+    raise_for_error(msg.data, msg.headers)
+    return msg.data
+
+
+__all__ = ["JetsourceError", "call", "raise_for_error"]

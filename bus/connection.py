@@ -1,0 +1,37 @@
+"""The NATS connection policy: reconnect forever, drain on close."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Client:
+    """Connect with the reconnect policy every jetsource process uses."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error (%s): %s", name, exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected (%s)", name)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected (%s)", name)
+
+    return await nats.connect(
+        servers=url.split(","),
+        name=name,
+        connect_timeout=connect_timeout,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        pending_size=64 * 1024 * 1024,
+        drain_timeout=10,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )

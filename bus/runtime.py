@@ -1,0 +1,327 @@
+"""The actor runtime: a NATS micro service per bounded context that turns command messages into
+events through a pure decider, with bounded concurrency, per-aggregate ordering, an in-memory
+state cache, optimistic concurrency with bounded retries, and coded error replies."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.service import EndpointConfig, Service
+from nats.micro.request import Request
+from nats.nuid import NUID
+
+from bus import subjects as h
+from bus.codec import Decoder, encode
+from bus.errors import ConflictError, InternalError, JetsourceError, PreconditionFailedError, ValidationError
+from bus.eventstore import EventStore, NewEvent, WrongExpectedSequence
+from bus.subjects import Context
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+C = TypeVar("C")
+E = TypeVar("E")
+
+_ID_NAMESPACE = uuid.UUID("6f3a8e52-3c1e-4d55-9a57-2f0c6a1d9b10")
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of every coded error reply and HTTP error response."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
+    """`{"error": {...}}`: what a caller gets instead of a result."""
+
+    error: ErrorBody
+
+
+def error_reply(exc: JetsourceError) -> tuple[bytes, dict[str, str]]:
+    """Encode a coded error as a NATS micro error reply."""
+    body = encode(ErrorReply(error=ErrorBody(code=exc.code, message=exc.message, field=exc.field)))
+    return body, {h.SERVICE_ERROR_CODE: str(exc.status), h.SERVICE_ERROR: exc.message[:500]}
+
+
+async def respond(request: Request, handler: Callable[[], Any]) -> None:
+    """Run a handler and send its reply; the one catch-all of the NATS transport."""
+    try:
+        reply = await handler()
+        await request.respond(reply if isinstance(reply, bytes) else encode(reply))
+    except asyncio.CancelledError:
+        raise
+    except JetsourceError as exc:
+        body, headers = error_reply(exc)
+        await request.respond(body, headers=headers)
+    except Exception:
+        log.exception("unexpected failure handling %s", request.subject)
+        body, headers = error_reply(InternalError("internal error; see the service log"))
+        await request.respond(body, headers=headers)
+
+
+class Concurrency:
+    """Runs request handlers as tasks, at most `limit` at once.
+
+    nats-py awaits a subscription's callbacks one at a time; handing each request to a task
+    gives concurrency, and waiting for a free slot in the callback gives backpressure.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def wrap(self, handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+        async def spawn(request: Request) -> None:
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(handler(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+        return spawn
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandMeta:
+    """What travels with a command besides its body."""
+
+    command_id: str
+    keyed: bool
+    expected_version: int | None
+    trace_id: str
+    correlation_id: str
+    causation_id: str | None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str] | None, nuid: NUID) -> CommandMeta:
+        hdrs = headers or {}
+        key = hdrs.get(h.IDEMPOTENCY_KEY)
+        if key is not None and not (0 < len(key) <= 200):
+            raise ValidationError("Idempotency-Key must be 1..200 characters", field=h.IDEMPOTENCY_KEY)
+        expected_raw = hdrs.get(h.EXPECTED_VERSION)
+        expected: int | None = None
+        if expected_raw is not None:
+            try:
+                expected = int(expected_raw.strip().strip('"'))
+            except ValueError:
+                raise ValidationError("Expected-Version must be an integer", field=h.EXPECTED_VERSION) from None
+        trace_id = hdrs.get(h.TRACE_ID) or nuid.next().decode()
+        return cls(
+            command_id=key or nuid.next().decode(),
+            keyed=key is not None,
+            expected_version=expected,
+            trace_id=trace_id,
+            correlation_id=hdrs.get(h.CORRELATION_ID) or trace_id,
+            causation_id=hdrs.get(h.CAUSATION_ID),
+        )
+
+
+@dataclass(frozen=True)
+class AggregateSpec(Generic[S, C, E]):
+    """How the runtime drives one kind of aggregate."""
+
+    ctx: Context
+    initial: S
+    evolve: Callable[[S, E], S]
+    decide: Callable[[S, C], list[E]]
+    event_type: Any
+    commands: Mapping[str, type]
+    aggregate_id: Callable[[C], str | None]
+    with_id: Callable[[C, str], C]
+    reply: Callable[[str, S, int], msgspec.Struct]
+    version: str = "1.0.0"
+
+
+@dataclass(slots=True)
+class _Entry(Generic[S]):
+    state: S
+    version: int
+    commands: dict[str, int] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loaded: bool = False
+
+
+class Actor(Generic[S, C, E]):
+    """Runs one bounded context's command endpoints."""
+
+    def __init__(
+        self,
+        nc: Client,
+        store: EventStore,
+        spec: AggregateSpec[S, C, E],
+        *,
+        concurrency: int = 512,
+        max_retries: int = 5,
+        cache_size: int = 100_000,
+    ) -> None:
+        self._nc = nc
+        self._store = store
+        self._spec = spec
+        self._concurrency = Concurrency(concurrency)
+        self._max_retries = max_retries
+        self._cache: collections.OrderedDict[str, _Entry[S]] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._event_decoder = msgspec.json.Decoder(spec.event_type)
+        self._nuid = NUID()
+        self._service: Service | None = None
+        self.handled = 0
+        self.conflicts = 0
+
+    async def start(self) -> Service:
+        ctx = self._spec.ctx
+        service = await add_service(
+            self._nc,
+            name=f"{ctx.service_name}_actor",
+            version=self._spec.version,
+            description=f"jetsource {ctx.name} actor",
+            queue_group=ctx.queue_group,
+        )
+        for name, command_type in self._spec.commands.items():
+            await service.add_endpoint(
+                EndpointConfig(
+                    name=name,
+                    subject=ctx.command(name),
+                    queue_group=ctx.queue_group,
+                    handler=self._endpoint(Decoder(command_type)),
+                    metadata={"kind": "command"},
+                )
+            )
+        self._service = service
+        return service
+
+    async def stop(self) -> None:
+        """Stop taking requests, then finish the ones in flight."""
+        if self._service is not None:
+            await self._service.stop()
+        await self._concurrency.drain()
+        await self._store.close()
+
+    def _endpoint(self, decoder: Decoder[Any]) -> Callable[[Request], Awaitable[None]]:
+        async def serve(request: Request) -> None:
+            await respond(request, lambda: self.execute(decoder.decode(request.data), request.headers))
+
+        return self._concurrency.wrap(serve)
+
+    # ---- the command path ----------------------------------------------------------------
+
+    async def execute(self, command: C, headers: Mapping[str, str] | None) -> msgspec.Struct:
+        """Decide and store one command; returns the reply Struct or raises a coded error."""
+        meta = CommandMeta.from_headers(headers, self._nuid)
+        aggregate_id = self._spec.aggregate_id(command)
+        fresh = False
+        if aggregate_id is None:
+            if meta.keyed:
+                aggregate_id = uuid.uuid5(_ID_NAMESPACE, meta.command_id).hex
+            else:
+                aggregate_id, fresh = uuid.uuid4().hex, True
+            command = self._spec.with_id(command, aggregate_id)
+        subject = self._spec.ctx.events(aggregate_id)
+        for attempt in range(self._max_retries + 1):
+            entry = self._entry(aggregate_id, fresh)
+            async with entry.lock:
+                if not entry.loaded:
+                    await self._catch_up(entry, subject)
+                seen = entry.commands.get(meta.command_id)
+                if seen is not None:
+                    return self._spec.reply(aggregate_id, entry.state, seen)
+                if meta.expected_version is not None and meta.expected_version != entry.version:
+                    if attempt == 0:
+                        await self._catch_up(entry, subject)
+                    if meta.expected_version != entry.version:
+                        raise PreconditionFailedError(
+                            f"expected version {meta.expected_version}, but the aggregate is at {entry.version}"
+                        )
+                events = self._spec.decide(entry.state, command)
+                if not events:
+                    return self._spec.reply(aggregate_id, entry.state, entry.version)
+                new = self._new_events(aggregate_id, events, meta)
+                try:
+                    result = await self._store.append(subject, new, entry.version)
+                except WrongExpectedSequence:
+                    self.conflicts += 1
+                    entry.loaded = False
+                    fresh = False
+                    continue
+                state = entry.state
+                for event in events:
+                    state = self._spec.evolve(state, event)
+                entry.state = state
+                entry.version = result.last_seq
+                entry.commands[meta.command_id] = result.last_seq
+                self.handled += 1
+                return self._spec.reply(aggregate_id, state, result.last_seq)
+        raise ConflictError(f"aggregate {aggregate_id} kept changing; gave up after {self._max_retries} retries")
+
+    def _new_events(self, aggregate_id: str, events: list[E], meta: CommandMeta) -> list[NewEvent]:
+        now = datetime.now(UTC).isoformat()
+        base = {
+            h.EV_COMMAND_ID: meta.command_id,
+            h.EV_CORRELATION_ID: meta.correlation_id,
+            h.EV_TRACE_ID: meta.trace_id,
+            h.EV_TIME: now,
+        }
+        if meta.causation_id:
+            base[h.EV_CAUSATION_ID] = meta.causation_id
+        out = []
+        for i, event in enumerate(events):
+            headers = dict(base)
+            if meta.keyed:
+                headers[h.MSG_ID] = f"{aggregate_id}:{meta.command_id}:{i}"
+            out.append(NewEvent(encode(event), headers))
+        return out
+
+    def _entry(self, aggregate_id: str, fresh: bool) -> _Entry[S]:
+        entry = self._cache.get(aggregate_id)
+        if entry is not None:
+            self._cache.move_to_end(aggregate_id)
+            return entry
+        entry = _Entry(state=self._spec.initial, version=0, loaded=fresh)
+        self._cache[aggregate_id] = entry
+        if len(self._cache) > self._cache_size:
+            self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        for key in list(self._cache)[: len(self._cache) - self._cache_size]:
+            if not self._cache[key].lock.locked():
+                del self._cache[key]
+
+    async def _catch_up(self, entry: _Entry[S], subject: str) -> None:
+        """Fold the events stored after the cached version into the cached state."""
+        state = entry.state
+        for stored in await self._store.load(subject, after_seq=entry.version):
+            state = self._spec.evolve(state, self._event_decoder.decode(stored.data))
+            command_id = stored.headers.get(h.EV_COMMAND_ID)
+            if command_id:
+                entry.commands[command_id] = stored.seq
+            entry.version = stored.seq
+        entry.state = state
+        entry.loaded = True
+
+    async def load(self, aggregate_id: str) -> tuple[S, int]:
+        """The current state and version of an aggregate, straight from the stream."""
+        entry: _Entry[S] = _Entry(state=self._spec.initial, version=0)
+        await self._catch_up(entry, self._spec.ctx.events(aggregate_id))
+        return entry.state, entry.version
+
+

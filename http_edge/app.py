@@ -1,0 +1,301 @@
+"""The aiohttp application: routes → NATS commands and queries → HTTP statuses."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client
+from nats.nuid import NUID
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bus import subjects as h
+from bus.client import call
+from bus.codec import encode
+from bus.errors import MalformedError, UnavailableError, ValidationError
+from bus.eventstore import EventStore
+from bus.subjects import Context
+from http_edge.errors import error_middleware, json_error
+from http_edge.guards import Guards
+from http_edge.openapi import openapi_document
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """What the edge needs to know, nothing more."""
+
+    request_timeout: float = 5.0
+    read_wait_timeout: float = 2.0
+    max_body_bytes: int = 64 * 1024
+    max_inflight: int = 2048
+    rate_limit_per_s: float = 0.0
+    api_tokens: tuple[str, ...] = ()
+
+
+class _Written(msgspec.Struct):
+    version: int
+    seq: int
+    order_id: str | None = None
+
+
+_written = msgspec.json.Decoder(_Written)
+
+NATS: web.AppKey[Client] = web.AppKey("nats", Client)
+ORDERS: web.AppKey[Context] = web.AppKey("orders", Context)
+ORDER_EVENTS: web.AppKey[EventStore] = web.AppKey("order_events", EventStore)
+CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
+
+
+class Metrics:
+    """Prometheus metrics of one edge process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("jetsource_http_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "jetsource_http_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.inflight = Gauge("jetsource_http_inflight", "HTTP requests in flight", registry=self.registry)
+
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
+
+
+def _command_headers(request: web.Request) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        headers[h.IDEMPOTENCY_KEY] = key
+    if_match = request.headers.get("If-Match")
+    if if_match is not None:
+        headers[h.EXPECTED_VERSION] = if_match.removeprefix("W/").strip().strip('"')
+    headers[h.TRACE_ID] = request[TRACE_ID]
+    return headers
+
+
+def _min_seq(request: web.Request) -> int | None:
+    raw = request.query.get("min_seq") or request.headers.get("X-Min-Sequence")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError("min_seq must be an integer", field="min_seq") from None
+    if value < 0:
+        raise ValidationError("min_seq must be >= 0", field="min_seq")
+    return value
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise MalformedError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValidationError("request body must be a JSON object")
+    return body
+
+
+def _written_response(request: web.Request, reply: bytes, status: int) -> web.Response:
+    info = _written.decode(reply)
+    headers = {"ETag": f'"{info.version}"', "X-Stream-Sequence": str(info.seq), "X-Trace-Id": request[TRACE_ID]}
+    if status == 201 and info.order_id:
+        headers["Location"] = f"/orders/{info.order_id}"
+    return web.Response(status=status, body=reply, content_type="application/json", headers=headers)
+
+
+async def _command(request: web.Request, name: str, body: bytes) -> bytes:
+    app = request.app
+    return await call(
+        app[NATS], app[ORDERS].command(name), body,
+        headers=_command_headers(request), timeout=app[CONFIG].request_timeout,
+    )
+
+
+async def _order_command(request: web.Request, name: str, extra: dict[str, Any] | None = None) -> web.Response:
+    body = await _json_object(request)
+    body.update(extra or {})
+    body["order_id"] = request.match_info["order_id"]
+    reply = await _command(request, name, encode(body))
+    return _written_response(request, reply, 200)
+
+
+# ---- order routes ---------------------------------------------------------------------------------
+
+
+async def place_order(request: web.Request) -> web.Response:
+    reply = await _command(request, "place", await request.read())
+    return _written_response(request, reply, 201)
+
+
+async def add_item(request: web.Request) -> web.Response:
+    return await _order_command(request, "add_item")
+
+
+async def remove_item(request: web.Request) -> web.Response:
+    return await _order_command(request, "remove_item", {"sku": request.match_info["sku"]})
+
+
+def _transition(name: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return await _order_command(request, name)
+
+    handler.__name__ = f"{name}_order"
+    return handler
+
+
+async def _query(request: web.Request, name: str, query: dict[str, Any]) -> bytes:
+    app = request.app
+    timeout = app[CONFIG].request_timeout + (app[CONFIG].read_wait_timeout if query.get("min_seq") else 0)
+    return await call(app[NATS], app[ORDERS].query(name), encode(query), timeout=timeout)
+
+
+async def get_order(request: web.Request) -> web.Response:
+    query: dict[str, Any] = {"order_id": request.match_info["order_id"]}
+    if (min_seq := _min_seq(request)) is not None:
+        query["min_seq"] = min_seq
+    reply = await _query(request, "get", query)
+    version = msgspec.json.decode(reply, type=_Version).version
+    return web.Response(body=reply, content_type="application/json", headers={"ETag": f'"{version}"'})
+
+
+class _Version(msgspec.Struct):
+    version: int
+
+
+async def list_orders(request: web.Request) -> web.Response:
+    query: dict[str, Any] = {}
+    for key in ("status", "customer_id", "cursor"):
+        if key in request.query:
+            query[key] = request.query[key]
+    if "limit" in request.query:
+        try:
+            query["limit"] = int(request.query["limit"])
+        except ValueError:
+            raise ValidationError("limit must be an integer", field="limit") from None
+    if (min_seq := _min_seq(request)) is not None:
+        query["min_seq"] = min_seq
+    return web.Response(body=await _query(request, "list", query), content_type="application/json")
+
+
+class EventOut(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored event as `GET /orders/{id}/events` shows it."""
+
+    seq: int
+    time: str
+    type: str
+    event: msgspec.Raw
+    command_id: str | None = None
+    trace_id: str | None = None
+    correlation_id: str | None = None
+
+
+class _Tag(msgspec.Struct):
+    type: str = ""
+
+
+_tag = msgspec.json.Decoder(_Tag)
+
+
+def event_out(stored: Any) -> EventOut:
+    return EventOut(
+        seq=stored.seq, time=stored.headers.get(h.EV_TIME, stored.time), type=_tag.decode(stored.data).type,
+        event=msgspec.Raw(stored.data), command_id=stored.headers.get(h.EV_COMMAND_ID),
+        trace_id=stored.headers.get(h.EV_TRACE_ID), correlation_id=stored.headers.get(h.EV_CORRELATION_ID),
+    )
+
+
+async def order_events(request: web.Request) -> web.Response:
+    order_id = request.match_info["order_id"]
+    if not h.valid_token(order_id):
+        raise ValidationError("order id must be 1..64 letters, digits, '-' or '_'", field="order_id")
+    events = await request.app[ORDER_EVENTS].load(request.app[ORDERS].events(order_id))
+    if not events:
+        return json_error(404, "not_found", f"order {order_id} has no events")
+    return web.Response(body=encode({"order_id": order_id, "events": [event_out(e) for e in events]}), content_type="application/json")
+
+
+# ---- operations -----------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    nc = request.app[NATS]
+    if not nc.is_connected:
+        raise UnavailableError("not connected to NATS")
+    try:
+        await nc.jetstream().stream_info(request.app[ORDERS].stream)
+    except Exception:
+        raise UnavailableError("JetStream or the order stream is not available") from None
+    return web.json_response({"status": "ready", "nats": nc.connected_url.netloc if nc.connected_url else None})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document(), content_type="application/json")
+
+
+def create_app(nc: Client, orders: Context, config: EdgeConfig) -> web.Application:
+    """Build the edge application around an injected NATS connection."""
+    metrics_ = Metrics()
+    guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens)
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
+        request[TRACE_ID] = request.headers.get("X-Trace-Id") or request.headers.get("X-Request-Id") or _trace_id()
+        start = time.perf_counter()
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        metrics_.inflight.inc()
+        try:
+            response = await handler(request)
+        finally:
+            metrics_.inflight.dec()
+        metrics_.requests.labels(route, request.method, str(response.status)).inc()
+        metrics_.latency.labels(route).observe(time.perf_counter() - start)
+        response.headers.setdefault("X-Trace-Id", request[TRACE_ID])
+        return response
+
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[observe, error_middleware, guards.middleware])
+    app[NATS] = nc
+    app[ORDERS] = orders
+    app[ORDER_EVENTS] = EventStore(nc, orders.stream, timeout=config.request_timeout)
+    app[CONFIG] = config
+    app[METRICS] = metrics_
+    app.router.add_post("/orders", place_order)
+    app.router.add_get("/orders", list_orders)
+    app.router.add_get("/orders/{order_id}", get_order)
+    app.router.add_post("/orders/{order_id}/items", add_item)
+    app.router.add_delete("/orders/{order_id}/items/{sku}", remove_item)
+    for name in ("confirm", "pay", "ship", "cancel"):
+        app.router.add_post(f"/orders/{{order_id}}/{name}", _transition(name))
+    app.router.add_get("/orders/{order_id}/events", order_events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+_nuid = NUID()
+
+
+def _trace_id() -> str:
+    return _nuid.next().decode()
+
+
+__all__ = ["EdgeConfig", "create_app"]

@@ -1,0 +1,1 @@
+"""The composition root: settings, embedded servers, supervision, metrics, logging, the CLI."""

@@ -1,0 +1,51 @@
+"""Settings, read from `JETSOURCE_*` environment variables (and a `.env` file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a jetsource process. Unset URLs mean "start the embedded server"."""
+
+    model_config = SettingsConfigDict(env_prefix="JETSOURCE_", env_file=".env", extra="ignore")
+
+    nats_url: str | None = Field(None, description="external NATS URL(s), comma-separated; unset = embedded")
+    database_url: str | None = Field(None, description="external PostgreSQL DSN; unset = embedded")
+    data_dir: Path = Field(Path(".jetsource"), description="embedded servers' data directory")
+    nats_port: int = 4222
+    nats_monitor_port: int = 8222
+    postgres_port: int = 5433
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    namespace: str = Field("", description="prefix of subjects and streams (isolates test runs)")
+    db_schema: str = Field("public", description="PostgreSQL schema of the read models")
+    stream_replicas: int = Field(1, description="3 on a NATS cluster")
+    duplicate_window_s: float = 300.0
+    actor_concurrency: int = 512
+    actor_max_retries: int = 5
+    request_timeout_s: float = 5.0
+    read_wait_timeout_s: float = Field(2.0, description="longest a read waits for the projection to catch up")
+    max_body_bytes: int = 64 * 1024
+    projection_batch: int = 500
+    rate_limit_per_s: float = Field(0.0, description="edge requests per second per client IP; 0 = off")
+    max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
+    api_tokens: str = Field("", description="comma-separated bearer tokens for writes; empty = open")
+    log_level: str = "INFO"
+
+    @property
+    def nats_embedded(self) -> bool:
+        return not self.nats_url
+
+    @property
+    def postgres_embedded(self) -> bool:
+        return not self.database_url
+
+    def resolved_nats_url(self) -> str:
+        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"

@@ -1,0 +1,1 @@
+"""The read side: PostgreSQL read models built from the event streams, and their queries."""

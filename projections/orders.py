@@ -1,0 +1,208 @@
+"""The orders read model: one row per order plus its lines, folded from order events."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import assert_never
+
+import asyncpg
+import msgspec
+
+from actors.orders.messages import (
+    GetOrder,
+    ItemAdded,
+    ItemRemoved,
+    ListOrders,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderEvent,
+    OrderLine,
+    OrderPage,
+    OrderPaid,
+    OrderPlaced,
+    OrderShipped,
+    OrderView,
+)
+from bus.errors import NotFoundError, ValidationError
+from bus.eventstore import StoredEvent
+from bus.subjects import EV_TIME
+
+
+@dataclass(slots=True)
+class _Row:
+    order_id: str
+    customer_id: str
+    status: str
+    currency: str
+    total: int
+    version: int
+    placed_at: datetime
+    updated_at: datetime
+    failure: str | None = None
+    lines: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def retotal(self) -> None:
+        self.total = sum(q * p for q, p in self.lines.values())
+
+
+def _event_time(stored: StoredEvent) -> datetime:
+    raw = stored.headers.get(EV_TIME) or stored.time
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.now(UTC)
+
+
+class OrdersProjection:
+    """Folds a batch of order events into the `orders` and `order_lines` tables."""
+
+    name = "orders"
+
+    def __init__(self) -> None:
+        self._decoder = msgspec.json.Decoder(OrderEvent)
+
+    def decode(self, stored: StoredEvent) -> OrderEvent:
+        return self._decoder.decode(stored.data)
+
+    async def apply(self, conn: asyncpg.Connection, batch: list[tuple[StoredEvent, OrderEvent]]) -> None:
+        ids = list({event.order_id for _, event in batch})
+        rows: dict[str, _Row] = {}
+        for r in await conn.fetch("SELECT * FROM orders WHERE order_id = ANY($1::text[])", ids):
+            rows[r["order_id"]] = _Row(
+                r["order_id"], r["customer_id"], r["status"], r["currency"], r["total"], r["version"],
+                r["placed_at"], r["updated_at"], r["failure"],
+            )
+        for r in await conn.fetch("SELECT * FROM order_lines WHERE order_id = ANY($1::text[])", ids):
+            rows[r["order_id"]].lines[r["sku"]] = (r["quantity"], r["unit_price"])
+        touched: set[str] = set()
+        for stored, event in batch:
+            at = _event_time(stored)
+            row = rows.get(event.order_id)
+            if isinstance(event, OrderPlaced):
+                row = rows[event.order_id] = _Row(
+                    event.order_id, event.customer_id, "placed", event.currency, 0, stored.seq, at, at,
+                    lines={line.sku: (line.quantity, line.unit_price) for line in event.lines},
+                )
+                row.retotal()
+            elif row is None:
+                continue  # an event before its order was placed cannot happen; ignore defensively
+            else:
+                self._fold(row, event)
+            row.version = stored.seq
+            row.updated_at = at
+            touched.add(event.order_id)
+        changed = [rows[i] for i in touched]
+        await conn.executemany(
+            """INSERT INTO orders (order_id, customer_id, status, currency, total, version, placed_at, updated_at, failure)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, total = EXCLUDED.total,
+                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, failure = EXCLUDED.failure""",
+            [
+                (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure)
+                for r in changed
+            ],
+        )
+        await conn.execute("DELETE FROM order_lines WHERE order_id = ANY($1::text[])", list(touched))
+        lines = [(r.order_id, sku, q, p) for r in changed for sku, (q, p) in r.lines.items()]
+        if lines:
+            await conn.copy_records_to_table(
+                "order_lines", records=lines, columns=["order_id", "sku", "quantity", "unit_price"],
+                schema_name=await conn.fetchval("SELECT current_schema()"),
+            )
+
+    @staticmethod
+    def _fold(row: _Row, event: OrderEvent) -> None:
+        match event:
+            case OrderPlaced():
+                pass
+            case ItemAdded():
+                quantity = event.quantity + row.lines.get(event.sku, (0, 0))[0]
+                row.lines[event.sku] = (quantity, event.unit_price)
+                row.retotal()
+            case ItemRemoved():
+                row.lines.pop(event.sku, None)
+                row.retotal()
+            case OrderConfirmed():
+                row.status = "confirmed"
+            case OrderPaid():
+                row.status = "paid"
+            case OrderShipped():
+                row.status = "shipped"
+            case OrderCancelled():
+                row.status = "cancelled"
+            case _:
+                assert_never(event)
+
+
+# ---- queries --------------------------------------------------------------------------------------
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+def _encode_cursor(placed_at: datetime, order_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{_iso(placed_at)}|{order_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        placed, order_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(placed), order_id
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("cursor is not one this service issued", field="cursor") from None
+
+
+async def _lines(conn: asyncpg.Connection, ids: list[str]) -> dict[str, list[OrderLine]]:
+    out: dict[str, list[OrderLine]] = {i: [] for i in ids}
+    for r in await conn.fetch(
+        "SELECT order_id, sku, quantity, unit_price FROM order_lines WHERE order_id = ANY($1::text[]) ORDER BY sku", ids
+    ):
+        out[r["order_id"]].append(OrderLine(sku=r["sku"], quantity=r["quantity"], unit_price=r["unit_price"]))
+    return out
+
+
+def _view(r: asyncpg.Record, lines: list[OrderLine]) -> OrderView:
+    return OrderView(
+        order_id=r["order_id"], customer_id=r["customer_id"], status=r["status"], currency=r["currency"],
+        total=r["total"], lines=lines, version=r["version"], placed_at=_iso(r["placed_at"]),
+        updated_at=_iso(r["updated_at"]), failure=r["failure"],
+    )
+
+
+async def get_order(pool: asyncpg.Pool, query: GetOrder) -> OrderView:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM orders WHERE order_id = $1", query.order_id)
+        if row is None:
+            raise NotFoundError(f"order {query.order_id} not found")
+        return _view(row, (await _lines(conn, [query.order_id]))[query.order_id])
+
+
+async def list_orders(pool: asyncpg.Pool, query: ListOrders) -> OrderPage:
+    where, args = [], []
+    if query.status is not None:
+        args.append(query.status)
+        where.append(f"status = ${len(args)}")
+    if query.customer_id is not None:
+        args.append(query.customer_id)
+        where.append(f"customer_id = ${len(args)}")
+    if query.cursor is not None:
+        placed_at, order_id = _decode_cursor(query.cursor)
+        args += [placed_at, order_id]
+        where.append(f"(placed_at, order_id) < (${len(args) - 1}, ${len(args)})")
+    args.append(query.limit + 1)
+    sql = (
+        "SELECT * FROM orders"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY placed_at DESC, order_id DESC LIMIT ${len(args)}"
+    )
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(sql, *args)
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        lines = await _lines(conn, [r["order_id"] for r in rows])
+    items = [_view(r, lines[r["order_id"]]) for r in rows]
+    cursor = _encode_cursor(rows[-1]["placed_at"], rows[-1]["order_id"]) if more and rows else None
+    return OrderPage(items=items, next_cursor=cursor)

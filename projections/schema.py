@@ -1,0 +1,61 @@
+"""Read-model DDL, applied idempotently, in the schema the settings name."""
+
+from __future__ import annotations
+
+import asyncpg
+
+DDL = """
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    name        text PRIMARY KEY,
+    last_seq    bigint NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS orders (
+    order_id    text PRIMARY KEY,
+    customer_id text NOT NULL,
+    status      text NOT NULL,
+    currency    text NOT NULL,
+    total       bigint NOT NULL,
+    version     bigint NOT NULL,
+    placed_at   timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    failure     text
+);
+CREATE INDEX IF NOT EXISTS orders_by_time ON orders (placed_at DESC, order_id DESC);
+CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, placed_at DESC, order_id DESC);
+CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, placed_at DESC, order_id DESC);
+CREATE TABLE IF NOT EXISTS order_lines (
+    order_id    text NOT NULL REFERENCES orders (order_id) ON DELETE CASCADE,
+    sku         text NOT NULL,
+    quantity    integer NOT NULL,
+    unit_price  bigint NOT NULL,
+    PRIMARY KEY (order_id, sku)
+);
+"""
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def ensure_schema(dsn: str, schema: str) -> None:
+    """Create the schema and tables if missing (safe to run on every start)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            # Serialise concurrent starters (several processes may race here).
+            await conn.execute("SELECT pg_advisory_xact_lock(7411)")
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
+            await conn.execute(DDL)
+    finally:
+        await conn.close()
+
+
+async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections resolve tables in the read-model schema."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, server_settings={"search_path": schema}
+    )
+    assert pool is not None
+    return pool

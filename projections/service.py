@@ -1,0 +1,88 @@
+"""Query endpoints answered from the read models (`orders.query.*`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+
+from actors.orders.messages import GetOrder, ListOrders
+from bus.codec import Decoder
+from bus.errors import DeadlineError
+from bus.runtime import Concurrency, respond
+from bus.subjects import Context
+from projections import orders
+from projections.runner import Checkpoints
+
+
+class QueryService:
+    """Serves queries concurrently (bounded), waiting for read-your-writes when asked."""
+
+    def __init__(
+        self, nc: Client, pool: asyncpg.Pool, checkpoints: Checkpoints, *, read_wait_timeout: float, concurrency: int = 64
+    ) -> None:
+        self._nc = nc
+        self._pool = pool
+        self._checkpoints = checkpoints
+        self._wait = read_wait_timeout
+        self._concurrency = Concurrency(concurrency)
+        self._services: list[Service] = []
+
+    async def add_orders(self, ctx: Context) -> None:
+        await self._add(
+            ctx,
+            {
+                "get": (Decoder(GetOrder), lambda q: orders.get_order(self._pool, q)),
+                "list": (Decoder(ListOrders), lambda q: orders.list_orders(self._pool, q)),
+            },
+            projection="orders",
+        )
+
+    async def _add(
+        self,
+        ctx: Context,
+        endpoints: dict[str, tuple[Decoder[Any], Callable[[Any], Awaitable[Any]]]],
+        projection: str,
+    ) -> None:
+        service = await add_service(
+            self._nc,
+            name=f"{ctx.service_name}_query",
+            version="1.0.0",
+            description=f"jetsource {ctx.name} read models",
+            queue_group=f"{ctx.queue_group}.query",
+        )
+        for name, (decoder, run) in endpoints.items():
+            await service.add_endpoint(
+                EndpointConfig(
+                    name=name,
+                    subject=ctx.query(name),
+                    handler=self._endpoint(decoder, run, projection),
+                    metadata={"kind": "query"},
+                )
+            )
+        self._services.append(service)
+
+    def _endpoint(
+        self, decoder: Decoder[Any], run: Callable[[Any], Awaitable[Any]], projection: str
+    ) -> Callable[[Request], Awaitable[None]]:
+        async def execute(data: bytes) -> Any:
+            query = decoder.decode(data)
+            min_seq = getattr(query, "min_seq", None)
+            if min_seq and not await self._checkpoints.wait(projection, min_seq, self._wait):
+                raise DeadlineError(f"the {projection} read model has not reached sequence {min_seq} yet")
+            return await run(query)
+
+        async def handle(request: Request) -> None:
+            await respond(request, lambda: execute(request.data))
+
+        return self._concurrency.wrap(handle)
+
+    async def stop(self) -> None:
+        for service in self._services:
+            await service.stop()
+        await self._concurrency.drain()

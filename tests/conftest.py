@@ -1,0 +1,105 @@
+"""Real servers for the test session: a nats-server with JetStream and a PostgreSQL, on free
+ports in temporary directories. Each test gets its own namespace (subjects, streams, schema)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.runtime import Actor
+from bus.subjects import Context
+from infra.bootstrap import ensure_streams, nats_connection, orders_context, run_edge, run_orders_actor, run_projector
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from infra.settings import Settings
+from projections.runner import Projector
+
+_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="jetsource-test-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def nats_url(servers_dir: Path) -> Iterator[str]:
+    if os.environ.get("JETSOURCE_TEST_NATS_URL"):
+        yield os.environ["JETSOURCE_TEST_NATS_URL"]
+        return
+    server = EmbeddedNats(servers_dir, free_port(), free_port())
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(servers_dir: Path) -> Iterator[str]:
+    if os.environ.get("JETSOURCE_DATABASE_URL"):
+        yield os.environ["JETSOURCE_DATABASE_URL"]
+        return
+    server = EmbeddedPostgres(servers_dir, free_port(), durable=False)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{os.getpid()}x{next(_counter)}"
+
+
+@dataclass
+class System:
+    """One in-process jetsource (actor, projector, queries, edge) on the session's servers."""
+
+    settings: Settings
+    nc: Client
+    http: aiohttp.ClientSession
+    base: str
+    actor: Actor
+    projector: Projector
+
+    @property
+    def orders(self) -> Context:
+        return orders_context(self.settings)
+
+    async def request(self, subject: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None) -> Msg:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await self.nc.request(subject, data, timeout=10, headers=headers)
+
+
+def make_settings(namespace: str, nats_url: str, database_url: str, **extra: Any) -> Settings:
+    return Settings(
+        nats_url=nats_url, database_url=database_url, namespace=namespace, db_schema=namespace,
+        http_port=free_port(), _env_file=None, **extra,
+    )
+
+
+@pytest.fixture
+async def system(namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
+    settings = make_settings(namespace, nats_url, database_url)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await stack.enter_async_context(nats_connection(settings, "test"))
+        await ensure_streams(nc, settings)
+        actor = await stack.enter_async_context(run_orders_actor(settings, nc))
+        projector = await stack.enter_async_context(run_projector(settings, nc))
+        await stack.enter_async_context(run_edge(settings, nc))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actor, projector)
