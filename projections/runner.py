@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Any, Protocol
 
 import asyncpg
@@ -19,6 +20,10 @@ from bus.eventstore import StoredEvent
 from bus.subjects import Context
 
 log = logging.getLogger(__name__)
+
+
+class Rewound(Exception):
+    """The stored checkpoint went backwards (a rebuild): restart the consumer from it."""
 
 
 class Projection(Protocol):
@@ -42,7 +47,7 @@ class Checkpoints:
     async def get(self, name: str) -> int:
         value = await self._pool.fetchval("SELECT last_seq FROM projection_checkpoints WHERE name = $1", name)
         seq = int(value or 0)
-        self._known[name] = max(seq, self._known.get(name, 0))
+        self._known[name] = seq
         return seq
 
     async def advanced(self, name: str, seq: int) -> None:
@@ -96,6 +101,10 @@ class Projector:
 
     async def _bind(self) -> Any:
         js = self._nc.jetstream()
+        await self._pool.execute(
+            "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
+            self._projection.name,
+        )
         self.checkpoint = await self._checkpoints.get(self._projection.name)
         try:
             info = await js.consumer_info(self._ctx.stream, self.durable)
@@ -123,7 +132,30 @@ class Projector:
         return await js.pull_subscribe_bind(self.durable, self._ctx.stream)
 
     async def run(self) -> None:
-        """Consume until stop() is called; failures back off and retry (nothing is skipped)."""
+        """Consume until stop() is called; failures back off and retry (nothing is skipped).
+
+        One projector per projection is active at a time (a PostgreSQL advisory lock); any
+        others wait as hot standbys and take over when the active one goes away.
+        """
+        key = zlib.crc32(f"jetsource:{self._ctx.stream}:{self._projection.name}".encode())
+        async with self._pool.acquire() as lock_conn:
+            while not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                if await self._sleep(1.0):
+                    return
+            try:
+                await self._run_active()
+            finally:
+                await lock_conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+        return self._stopping.is_set()
+
+    async def _run_active(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
@@ -135,12 +167,11 @@ class Projector:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
+            except Rewound as exc:
+                log.warning("projection %s: %s; restarting from there", self._projection.name, exc)
             except Exception:
                 log.exception("projection %s failed; retrying in %.1fs", self._projection.name, backoff)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                except TimeoutError:
-                    pass
+                await self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
     async def _consume(self, sub: Any) -> None:
@@ -148,6 +179,9 @@ class Projector:
             try:
                 msgs = await sub.fetch(self._batch, timeout=0.5)
             except NatsTimeoutError:
+                # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
+                if await self._checkpoints.get(self._projection.name) < self.checkpoint:
+                    raise Rewound("checkpoint was reset") from None
                 continue
             batch: list[tuple[StoredEvent, Any]] = []
             last_seq = self.checkpoint
@@ -169,11 +203,21 @@ class Projector:
                 last_seq = max(last_seq, seq)
             if last_seq > self.checkpoint:
                 async with self._pool.acquire() as conn, conn.transaction():
+                    # The stored checkpoint, locked, is the authority: a concurrent projector
+                    # may have moved it on (skip what it applied) or a rebuild reset it.
+                    stored = await conn.fetchval(
+                        "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self._projection.name
+                    )
+                    stored = int(stored or 0)
+                    if stored < self.checkpoint:
+                        raise Rewound(f"checkpoint went back from {self.checkpoint} to {stored}")
+                    batch = [(e, ev) for e, ev in batch if e.seq > stored]
                     if batch:
                         await self._projection.apply(conn, batch)
                     await conn.execute(
                         """INSERT INTO projection_checkpoints (name, last_seq, updated_at) VALUES ($1, $2, now())
-                           ON CONFLICT (name) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()""",
+                           ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(projection_checkpoints.last_seq, EXCLUDED.last_seq),
+                           updated_at = now()""",
                         self._projection.name, last_seq,
                     )
                 self.checkpoint = last_seq

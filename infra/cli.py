@@ -1,0 +1,221 @@
+"""The `jetsource` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from infra.settings import Settings
+
+log = logging.getLogger("jetsource")
+
+
+def _setup_logging(settings: Settings, role: str) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(main: Callable[[], Awaitable[int]]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def prepare(settings: Settings) -> None:
+    """Create streams and read-model schema (idempotent)."""
+    from infra.bootstrap import ensure_streams, nats_connection
+    from projections.schema import ensure_schema
+
+    async with nats_connection(settings, "jetsource-prepare") as nc:
+        await ensure_streams(nc, settings)
+    await ensure_schema(settings.resolved_database_url(), settings.db_schema)
+
+
+def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]) -> int:
+    _setup_logging(settings, name)
+
+    async def main() -> int:
+        from infra.bootstrap import ensure_streams, nats_connection
+
+        async with contextlib.AsyncExitStack() as stack:
+            nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}"))
+            await ensure_streams(nc, settings)
+            await parts(nc, stack)
+            log.info("%s ready", name)
+            await _until_signalled()
+            log.info("%s draining", name)
+        return 0
+
+    return _run(main)
+
+
+def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.bootstrap import run_orders_actor
+
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+        await stack.enter_async_context(run_orders_actor(settings, nc))
+
+    return _role(settings, f"actor-{args.context}", parts)
+
+
+def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.bootstrap import run_projector
+
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+        await stack.enter_async_context(run_projector(settings, nc))
+
+    return _role(settings, "projector", parts)
+
+
+def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.bootstrap import run_edge
+
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+        await stack.enter_async_context(run_edge(settings, nc))
+
+    return _role(settings, "edge", parts)
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    _setup_logging(settings, "up")
+    from infra.supervisor import up
+
+    return up(settings)
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from bus import subjects as h
+    from bus.connection import connect
+
+    async def main() -> int:
+        headers = dict(kv.split("=", 1) for kv in args.header)
+        nc = await connect(settings.resolved_nats_url(), "jetsource-send")
+        try:
+            try:
+                msg = await nc.request(args.subject, args.json.encode(), timeout=args.timeout, headers=headers or None)
+            except Exception as exc:  # noqa: BLE001 - the CLI's one catch-all: print, exit 1
+                print(json.dumps({"error": {"code": "unavailable", "message": f"{type(exc).__name__}: {exc}"}}))
+                return 1
+            print(msg.data.decode())
+            return 1 if msg.headers and h.SERVICE_ERROR_CODE in msg.headers else 0
+        finally:
+            await nc.close()
+
+    return _run(main)
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from bus import subjects as h
+    from bus.connection import connect
+    from bus.eventstore import EventStore
+    from bus.subjects import Context
+
+    async def main() -> int:
+        ctx = Context(args.context, settings.namespace)
+        nc = await connect(settings.resolved_nats_url(), "jetsource-replay")
+        try:
+            store = EventStore(nc, ctx.stream)
+            subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
+            since = datetime.fromisoformat(args.since) if args.since else None
+            count = 0
+            async for e in store.read(subject, from_seq=args.from_seq, since=since, follow=args.follow):
+                out = {
+                    "seq": e.seq, "subject": e.subject, "time": e.headers.get(h.EV_TIME, e.time),
+                    "event": json.loads(e.data), "command_id": e.headers.get(h.EV_COMMAND_ID),
+                    "trace_id": e.headers.get(h.EV_TRACE_ID),
+                }
+                print(json.dumps(out), flush=True)
+                count += 1
+            if count == 0 and args.aggregate_id:
+                print(f"no events for {args.context} {args.aggregate_id}", file=sys.stderr)
+                return 1
+            return 0
+        finally:
+            await nc.close()
+
+    return _run(main)
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.status import status
+
+    return _run(lambda: status(settings))
+
+
+def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.status import rebuild
+
+    _setup_logging(settings, "rebuild")
+    return _run(lambda: rebuild(settings))
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.bench import bench
+
+    return _run(lambda: bench(settings, args))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jetsource", description="Event-sourced services on NATS JetStream.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)").set_defaults(fn=cmd_up)
+    a = sub.add_parser("actor", help="run one context's actor (scale out: run more)")
+    a.add_argument("context", choices=["orders"])
+    a.set_defaults(fn=cmd_actor)
+    sub.add_parser("projector", help="run the projections and the query endpoints").set_defaults(fn=cmd_projector)
+    sub.add_parser("edge", help="run the HTTP edge").set_defaults(fn=cmd_edge)
+    s = sub.add_parser("send", help="send a command or query and print the reply")
+    s.add_argument("subject")
+    s.add_argument("json", nargs="?", default="{}")
+    s.add_argument("-H", "--header", action="append", default=[], help="K=V, e.g. Idempotency-Key=abc")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.set_defaults(fn=cmd_send)
+    r = sub.add_parser("replay", help="print an aggregate's or a stream's events")
+    r.add_argument("context", choices=["orders", "tasks"])
+    r.add_argument("aggregate_id", nargs="?")
+    r.add_argument("--from-seq", type=int)
+    r.add_argument("--since", help="ISO time, e.g. 2026-01-01T00:00:00+00:00")
+    r.add_argument("--follow", "-f", action="store_true")
+    r.set_defaults(fn=cmd_replay)
+    sub.add_parser("status", help="services, streams and projection lag").set_defaults(fn=cmd_status)
+    pr = sub.add_parser("projections", help="projection maintenance")
+    prs = pr.add_subparsers(dest="action", required=True)
+    prs.add_parser("rebuild", help="rebuild read models from the streams").set_defaults(fn=cmd_rebuild)
+    b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
+    b.add_argument("--count", type=int, default=20000)
+    b.add_argument("--inflight", type=int, default=64)
+    b.add_argument("--only", choices=["ceilings", "nats", "http"], action="append")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings()
+    return int(args.fn(settings, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
