@@ -1,0 +1,126 @@
+"""`jetsource up` as a user runs it: a subprocess with embedded servers, driven over HTTP and
+the CLI, stopped with SIGTERM, started again with its data intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from infra.embedded import free_port
+
+PLACE = {"customer_id": "e2e", "currency": "USD", "lines": [{"sku": "book", "quantity": 1, "unit_price": 1999}]}
+
+
+def _env(data_dir: Path, ports: dict[str, int]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")}
+    env.update({
+        "JETSOURCE_DATA_DIR": str(data_dir),
+        "JETSOURCE_NATS_PORT": str(ports["nats"]),
+        "JETSOURCE_NATS_MONITOR_PORT": str(ports["monitor"]),
+        "JETSOURCE_POSTGRES_PORT": str(ports["pg"]),
+        "JETSOURCE_HTTP_PORT": str(ports["http"]),
+    })
+    return env
+
+
+def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "infra.cli", "up"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+async def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                async with http.get(base + "/readyz") as resp:
+                    if resp.status == 200:
+                        # and the actor answers
+                        async with http.get(base + "/orders?limit=1") as r2:
+                            if r2.status == 200:
+                                return
+            except aiohttp.ClientError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("jetsource up did not become ready:\n" + log.read_text())
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> list[int]:
+    children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    return children
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(300)
+async def test_up_serves_orders_survives_a_crash_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("nats", "monitor", "pg", "http")}
+    env = _env(tmp_path / "data", ports)
+    log = tmp_path / "up.log"
+    base = f"http://127.0.0.1:{ports['http']}"
+    proc = _start(env, log)
+    try:
+        await _wait_ready(base, proc, log)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(base + "/orders", json=PLACE) as resp:
+                assert resp.status == 201, await resp.text()
+                placed = await resp.json()
+            oid = placed["order_id"]
+            async with http.post(f"{base}/orders/{oid}/confirm") as resp:
+                assert resp.status == 200
+                seq = resp.headers["X-Stream-Sequence"]
+            async with http.get(f"{base}/orders/{oid}", params={"min_seq": seq}) as resp:
+                assert (await resp.json())["status"] == "confirmed"
+
+        # The CLI speaks to the same system.
+        sent = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "send", "orders.cmd.pay",
+                    json.dumps({"order_id": oid, "amount": 1999}))
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert json.loads(sent.stdout)["status"] == "paid"
+        bad = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "send", "orders.cmd.pay", "{}")
+        assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "validation"
+        replayed = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "replay", "orders", oid)
+        assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()] == [
+            "order.placed", "order.confirmed", "order.paid"]
+
+        # A crashed role is restarted by the supervisor.
+        actor = next(p for p in psutil.Process(proc.pid).children() if "actor" in " ".join(p.cmdline()))
+        actor.kill()
+        await _wait_ready(base, proc, log)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                async with http.post(f"{base}/orders/{oid}/ship") as resp:
+                    if resp.status == 200:
+                        break
+                time.sleep(0.1)
+            assert resp.status == 200
+
+        children = _stop(proc)
+        assert children and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                                    for pid in children)
+
+        # Started again: the data is still there.
+        proc = _start(env, log)
+        await _wait_ready(base, proc, log)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/orders/{oid}") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["status"] == "shipped"
+            async with http.get(f"{base}/orders/{oid}/events") as resp:
+                assert len((await resp.json())["events"]) == 4
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
