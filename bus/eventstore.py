@@ -94,6 +94,13 @@ class _Pending:
     future: asyncio.Future[AppendResult] = field(repr=False)
 
 
+def _hpub(subject: str, headers: dict[str, str], data: bytes) -> bytes:
+    """One NATS HPUB frame (no reply subject)."""
+    hdr = "NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    head = hdr.encode()
+    return b"HPUB %s %d %d\r\n%s%s\r\n" % (subject.encode(), len(head), len(head) + len(data), head, data)
+
+
 class EventStore:
     """Appends to and reads from one event stream."""
 
@@ -239,15 +246,28 @@ class EventStore:
     async def _publish_atomic(self, messages: list[tuple[str, NewEvent, int | None]]) -> _PubAck:
         batch_id = self._nuid.next().decode()
         last = len(messages)
+        frames = bytearray()
         for n, (subject, event, expected) in enumerate(messages, 1):
             headers = {**event.headers, h.BATCH_ID: batch_id, h.BATCH_SEQ: str(n)}
             if expected is not None:
                 headers[h.EXPECTED_LAST_SUBJECT_SEQ] = str(expected)
             if n == last:
+                if frames:
+                    await self._write_frames(bytes(frames))
                 headers[h.BATCH_COMMIT] = "1"
                 return await self._request(subject, event.data, headers)
-            await self._nc.publish(subject, event.data, headers=headers)
+            frames += _hpub(subject, headers, event.data)
         raise AssertionError("unreachable: empty batch")
+
+    async def _write_frames(self, frames: bytes) -> None:
+        # Profiling showed nats-py spending most of a batch in per-message publish and
+        # writelines; the batch's leading messages go out as one pre-encoded write. Header
+        # values are ours or validated at the edge of the runtime (no CR/LF).
+        nc = self._nc
+        if not nc.is_connected:
+            raise UnavailableError("not connected to NATS")
+        await nc._send_command(frames)  # noqa: SLF001 - one write per batch, see above
+        await nc._flush_pending()  # noqa: SLF001
 
     async def _request(self, subject: str, data: bytes, headers: dict[str, str]) -> _PubAck:
         try:

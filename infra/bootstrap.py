@@ -53,7 +53,10 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def run_orders_actor(settings: Settings, nc: Client) -> AsyncIterator[Actor]:
     ctx = orders_context(settings)
-    store = EventStore(nc, ctx.stream, timeout=settings.request_timeout_s)
+    store = EventStore(
+        nc, ctx.stream, timeout=settings.request_timeout_s,
+        max_batch=settings.append_batch_max, max_inflight_batches=settings.append_batches_inflight,
+    )
     actor = order_actor(nc, store, ctx, concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries)
     await actor.start()
     try:

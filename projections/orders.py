@@ -55,6 +55,21 @@ def _event_time(stored: StoredEvent) -> datetime:
         return datetime.now(UTC)
 
 
+_SELECT_ORDERS = "SELECT * FROM orders WHERE order_id = ANY($1::text[])"
+_SELECT_LINES = "SELECT * FROM order_lines WHERE order_id = ANY($1::text[])"
+_UPSERT_ORDERS = """
+INSERT INTO orders (order_id, customer_id, status, currency, total, version, placed_at, updated_at, failure)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+                     $7::timestamptz[], $8::timestamptz[], $9::text[])
+ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, total = EXCLUDED.total,
+  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, failure = EXCLUDED.failure
+"""
+_INSERT_LINES = """
+INSERT INTO order_lines (order_id, sku, quantity, unit_price)
+SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[])
+"""
+
+
 class OrdersProjection:
     """Folds a batch of order events into the `orders` and `order_lines` tables."""
 
@@ -67,15 +82,18 @@ class OrdersProjection:
         return self._decoder.decode(stored.data)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[tuple[StoredEvent, OrderEvent]]) -> None:
-        ids = list({event.order_id for _, event in batch})
+        # Orders placed in this batch need no read; only pre-existing ones are fetched.
+        placed_here = {e.order_id for _, e in batch if isinstance(e, OrderPlaced)}
+        existing = list({e.order_id for _, e in batch} - placed_here)
         rows: dict[str, _Row] = {}
-        for r in await conn.fetch("SELECT * FROM orders WHERE order_id = ANY($1::text[])", ids):
-            rows[r["order_id"]] = _Row(
-                r["order_id"], r["customer_id"], r["status"], r["currency"], r["total"], r["version"],
-                r["placed_at"], r["updated_at"], r["failure"],
-            )
-        for r in await conn.fetch("SELECT * FROM order_lines WHERE order_id = ANY($1::text[])", ids):
-            rows[r["order_id"]].lines[r["sku"]] = (r["quantity"], r["unit_price"])
+        if existing:
+            for r in await conn.fetch(_SELECT_ORDERS, existing):
+                rows[r["order_id"]] = _Row(
+                    r["order_id"], r["customer_id"], r["status"], r["currency"], r["total"], r["version"],
+                    r["placed_at"], r["updated_at"], r["failure"],
+                )
+            for r in await conn.fetch(_SELECT_LINES, existing):
+                rows[r["order_id"]].lines[r["sku"]] = (r["quantity"], r["unit_price"])
         touched: set[str] = set()
         for stored, event in batch:
             at = _event_time(stored)
@@ -94,23 +112,16 @@ class OrdersProjection:
             row.updated_at = at
             touched.add(event.order_id)
         changed = [rows[i] for i in touched]
-        await conn.executemany(
-            """INSERT INTO orders (order_id, customer_id, status, currency, total, version, placed_at, updated_at, failure)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-               ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, total = EXCLUDED.total,
-                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, failure = EXCLUDED.failure""",
-            [
-                (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure)
-                for r in changed
-            ],
-        )
-        await conn.execute("DELETE FROM order_lines WHERE order_id = ANY($1::text[])", list(touched))
+        await conn.execute(_UPSERT_ORDERS, *map(list, zip(*(
+            (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure)
+            for r in changed
+        ))))
+        stale = [i for i in touched if i not in placed_here]
+        if stale:
+            await conn.execute("DELETE FROM order_lines WHERE order_id = ANY($1::text[])", stale)
         lines = [(r.order_id, sku, q, p) for r in changed for sku, (q, p) in r.lines.items()]
         if lines:
-            await conn.copy_records_to_table(
-                "order_lines", records=lines, columns=["order_id", "sku", "quantity", "unit_price"],
-                schema_name=await conn.fetchval("SELECT current_schema()"),
-            )
+            await conn.execute(_INSERT_LINES, *map(list, zip(*lines)))
 
     @staticmethod
     def _fold(row: _Row, event: OrderEvent) -> None:

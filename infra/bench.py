@@ -1,0 +1,201 @@
+"""`jetsource bench`: load against the actors (NATS) and the edge (HTTP), next to raw ceilings
+measured in the same run. Without a running system it starts `jetsource up` in a temp dir."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from nats.js.api import StorageType, StreamConfig
+
+from bus.connection import connect
+from bus.subjects import Context
+from infra.embedded import free_port
+from infra.settings import Settings
+
+PLACE = json.dumps(
+    {"customer_id": "bench", "currency": "EUR", "lines": [{"sku": "sku-1", "quantity": 2, "unit_price": 1250}]}
+).encode()
+
+
+def _pct(sorted_ms: list[float], p: float) -> float:
+    if not sorted_ms:
+        return 0.0
+    return sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * p))]
+
+
+async def _drive(count: int, inflight: int, op: Callable[[], Awaitable[bool]]) -> dict[str, float]:
+    """Run `op` count times with `inflight` workers; rate, latency percentiles, failures."""
+    latencies: list[float] = []
+    failures = 0
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining, failures
+        while remaining > 0:
+            remaining -= 1
+            t = time.perf_counter()
+            ok = await op()
+            latencies.append((time.perf_counter() - t) * 1000)
+            failures += not ok
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"per_s": round(count / elapsed), "p50_ms": round(_pct(latencies, 0.5), 2),
+            "p99_ms": round(_pct(latencies, 0.99), 2), "failed": failures, "count": count}
+
+
+async def ceiling_request_reply(url: str, count: int, inflight: int) -> dict[str, float]:
+    """A trivial responder in another process, driven like an actor."""
+    responder = subprocess.Popen([sys.executable, "-m", "infra.bench_responder", url, "bench.echo"])
+    try:
+        nc = await connect(url, "bench-ceiling")
+        for _ in range(100):
+            try:
+                await nc.request("bench.echo", b"x", timeout=0.2)
+                break
+            except Exception:  # noqa: BLE001 - responder still starting
+                await asyncio.sleep(0.1)
+
+        async def op() -> bool:
+            await nc.request("bench.echo", PLACE, timeout=5)
+            return True
+
+        result = await _drive(count, inflight, op)
+        await nc.close()
+        return result
+    finally:
+        responder.terminate()
+        responder.wait(10)
+
+
+async def ceiling_js_publish(url: str, count: int, inflight: int) -> dict[str, float]:
+    """Plain JetStream publish (one message per publish, same server sync policy)."""
+    nc = await connect(url, "bench-js")
+    js = nc.jetstream()
+    name = f"BENCH_{os.getpid()}"
+    await js.add_stream(StreamConfig(name=name, subjects=[f"bench.{os.getpid()}.>"], storage=StorageType.FILE))
+    try:
+        n = 0
+
+        async def op() -> bool:
+            nonlocal n
+            n += 1
+            await js.publish(f"bench.{os.getpid()}.{n % 1000}", PLACE, timeout=5)
+            return True
+
+        return await _drive(count, inflight, op)
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def bench_nats(url: str, subject: str, count: int, inflight: int) -> dict[str, float]:
+    nc = await connect(url, "bench-nats")
+
+    async def op() -> bool:
+        msg = await nc.request(subject, PLACE, timeout=10)
+        return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
+
+    await _drive(min(2000, count), inflight, op)  # warm-up
+    result = await _drive(count, inflight, op)
+    await nc.close()
+    return result
+
+
+async def bench_http(base: str, count: int, inflight: int, seconds: float) -> dict[str, float]:
+    if shutil.which("wrk"):
+        return _wrk(base, inflight, seconds)
+    connector = aiohttp.TCPConnector(limit=inflight)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def op() -> bool:
+            async with http.post(base + "/orders", data=PLACE, headers={"Content-Type": "application/json"}) as resp:
+                await resp.read()
+                return resp.status == 201
+
+        await _drive(min(2000, count), inflight, op)
+        return {**await _drive(count, inflight, op), "client": "aiohttp (in-process; wrk is faster)"}
+
+
+def _wrk(base: str, connections: int, seconds: float) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write('wrk.method = "POST"\nwrk.body = [[%s]]\nwrk.headers["Content-Type"] = "application/json"\n'
+                  'done = function(summary, latency, requests)\n'
+                  '  io.write(string.format("JSON {\\"p50\\": %%f, \\"p99\\": %%f, \\"non2xx\\": %%d}\\n",'
+                  ' latency:percentile(50)/1000, latency:percentile(99)/1000, summary.errors.status))\nend\n'
+                  % PLACE.decode())
+    subprocess.run(["wrk", "-t2", f"-c{connections}", "-d2s", "-s", lua.name, base + "/orders"], capture_output=True)
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "-s", lua.name, base + "/orders"],
+                         capture_output=True, text=True).stdout
+    os.unlink(lua.name)
+    rate = next(float(line.split()[1]) for line in out.splitlines() if line.startswith("Requests/sec"))
+    stats = json.loads(next(line[5:] for line in out.splitlines() if line.startswith("JSON ")))
+    return {"per_s": round(rate), "p50_ms": round(stats["p50"], 2), "p99_ms": round(stats["p99"], 2),
+            "failed": stats["non2xx"], "client": f"wrk -c{connections}"}
+
+
+@contextlib.asynccontextmanager
+async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
+    """A running system's NATS URL and edge base URL; starts `jetsource up` if none answers."""
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    try:
+        async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
+            if resp.status == 200:
+                yield settings.resolved_nats_url(), base
+                return
+    except aiohttp.ClientError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="jetsource-bench-") as tmp:
+        ports = {k: free_port() for k in ("NATS_PORT", "NATS_MONITOR_PORT", "POSTGRES_PORT", "HTTP_PORT")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")}
+        env.update({f"JETSOURCE_{k}": str(v) for k, v in ports.items()}, JETSOURCE_DATA_DIR=tmp,
+                   JETSOURCE_LOG_LEVEL="WARNING")
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "up"], env=env, stdout=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{ports['HTTP_PORT']}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(600):
+                    try:
+                        async with http.get(base + "/readyz") as resp:
+                            if resp.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            yield f"nats://127.0.0.1:{ports['NATS_PORT']}", base
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+async def bench(settings: Settings, args: argparse.Namespace) -> int:
+    only = set(args.only or ["ceilings", "nats", "http"])
+    results: dict[str, object] = {"inflight": args.inflight}
+    async with _system(settings) as (url, base):
+        if "ceilings" in only:
+            results["ceiling_nats_request_reply"] = await ceiling_request_reply(url, args.count, args.inflight)
+            results["ceiling_jetstream_publish"] = await ceiling_js_publish(url, min(args.count, 10000), args.inflight)
+        if "nats" in only:
+            subject = Context("orders", settings.namespace).command("place")
+            results["nats_orders_cmd_place"] = await bench_nats(url, subject, args.count, args.inflight)
+        if "http" in only:
+            results["http_post_orders"] = await bench_http(base, args.count, args.inflight, seconds=10)
+    for key, value in results.items():
+        print(f"{key:<28} {json.dumps(value)}")
+    return 0
+
