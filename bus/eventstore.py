@@ -91,7 +91,13 @@ class _Pending:
     subject: str
     events: list[NewEvent]
     expected_seq: int | None
+    extra: list[tuple[str, bytes]]
     future: asyncio.Future[AppendResult] = field(repr=False)
+
+    def messages(self) -> list[tuple[str, NewEvent, int | None]]:
+        out = [(self.subject, event, self.expected_seq if i == 0 else None) for i, event in enumerate(self.events)]
+        out += [(subject, NewEvent(data, {}), None) for subject, data in self.extra]
+        return out
 
 
 def _hpub(subject: str, headers: dict[str, str], data: bytes) -> bytes:
@@ -129,15 +135,20 @@ class EventStore:
     # ---- appends -------------------------------------------------------------------------
 
     async def append(
-        self, subject: str, events: Sequence[NewEvent], expected_seq: int | None
+        self,
+        subject: str,
+        events: Sequence[NewEvent],
+        expected_seq: int | None,
+        extra: Sequence[tuple[str, bytes]] = (),
     ) -> AppendResult:
-        """Append one command's events atomically; raises WrongExpectedSequence on conflict."""
+        """Append one command's events atomically (with `extra` messages on other subjects of
+        the stream, e.g. work items); raises WrongExpectedSequence on conflict."""
         if not events:
             raise ValueError("nothing to append")
         if self._committer is None or self._committer.done():
             self._committer = asyncio.get_running_loop().create_task(self._commit_loop())
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(subject, list(events), expected_seq, future))
+        self._queue.append(_Pending(subject, list(events), expected_seq, list(extra), future))
         self._wake.set()
         return await future
 
@@ -173,7 +184,7 @@ class EventStore:
         seen: set[str] = set()
         while self._queue:
             item = self._queue[0]
-            n = len(item.events)
+            n = len(item.events) + len(item.extra)
             # One command per aggregate per batch: the server checks the expected
             # sequence against the stream as it was before the batch.
             if batch and (count + n > self._max_batch or item.subject in seen):
@@ -189,11 +200,7 @@ class EventStore:
             if len(batch) == 1:
                 await self._append_alone(batch[0])
                 return
-            messages = [
-                (item.subject, event, item.expected_seq if i == 0 else None)
-                for item in batch
-                for i, event in enumerate(item.events)
-            ]
+            messages = [m for item in batch for m in item.messages()]
             try:
                 ack = await self._publish_atomic(messages)
             except WrongExpectedSequence:
@@ -208,10 +215,9 @@ class EventStore:
             self.batches_committed += 1
             seq = ack.seq - len(messages) + 1
             for item in batch:
-                n = len(item.events)
                 if not item.future.done():
-                    item.future.set_result(AppendResult(seq, seq + n - 1))
-                seq += n
+                    item.future.set_result(AppendResult(seq, seq + len(item.events) - 1))
+                seq += len(item.events) + len(item.extra)
         except asyncio.CancelledError:
             for item in batch:
                 if not item.future.done():
@@ -220,16 +226,14 @@ class EventStore:
 
     async def _append_alone(self, item: _Pending) -> None:
         try:
-            if len(item.events) == 1:
+            if len(item.events) == 1 and not item.extra:
                 ack = await self._publish_one(item.subject, item.events[0], item.expected_seq)
                 result = AppendResult(ack.seq, ack.seq, ack.duplicate)
             else:
-                messages = [
-                    (item.subject, event, item.expected_seq if i == 0 else None)
-                    for i, event in enumerate(item.events)
-                ]
+                messages = item.messages()
                 ack = await self._publish_atomic(messages)
-                result = AppendResult(ack.seq - len(messages) + 1, ack.seq)
+                first = ack.seq - len(messages) + 1
+                result = AppendResult(first, first + len(item.events) - 1)
         except Exception as exc:  # noqa: BLE001 - delivered to the waiting command
             if not item.future.done():
                 item.future.set_exception(exc)

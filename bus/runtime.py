@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 
 import uuid
@@ -150,6 +151,12 @@ class AggregateSpec(Generic[S, C, E]):
     with_id: Callable[[C, str], C]
     reply: Callable[[str, S, int], msgspec.Struct]
     version: str = "1.0.0"
+    # Stamp or check a decoded command before it is decided (e.g. the time, known types).
+    prepare: Callable[[C], C] | None = None
+    # Messages on other subjects of the same stream, stored in the same atomic batch.
+    outbox: Callable[[S, list[E]], list[tuple[str, bytes]]] | None = None
+    # Best-effort signals after the events are stored (core NATS, never the source of truth).
+    after_commit: Callable[[Client, S, list[E]], Awaitable[None]] | None = None
 
 
 @dataclass(slots=True)
@@ -227,6 +234,11 @@ class Actor(Generic[S, C, E]):
     async def execute(self, command: C, headers: Mapping[str, str] | None) -> msgspec.Struct:
         """Decide and store one command; returns the reply Struct or raises a coded error."""
         meta = CommandMeta.from_headers(headers, self._nuid)
+        body_key = getattr(command, "idempotency_key", None)
+        if body_key and not meta.keyed:
+            meta = dataclasses.replace(meta, command_id=body_key, keyed=True)
+        if self._spec.prepare is not None:
+            command = self._spec.prepare(command)
         aggregate_id = self._spec.aggregate_id(command)
         fresh = False
         if aggregate_id is None:
@@ -255,8 +267,9 @@ class Actor(Generic[S, C, E]):
                 if not events:
                     return self._spec.reply(aggregate_id, entry.state, entry.version)
                 new = self._new_events(aggregate_id, events, meta)
+                extra = self._spec.outbox(entry.state, events) if self._spec.outbox else []
                 try:
-                    result = await self._store.append(subject, new, entry.version)
+                    result = await self._store.append(subject, new, entry.version, extra)
                 except WrongExpectedSequence:
                     self.conflicts += 1
                     entry.loaded = False
@@ -269,6 +282,8 @@ class Actor(Generic[S, C, E]):
                 entry.version = result.last_seq
                 entry.commands[meta.command_id] = result.last_seq
                 self.handled += 1
+                if self._spec.after_commit is not None:
+                    await self._spec.after_commit(self._nc, state, events)
                 return self._spec.reply(aggregate_id, state, result.last_seq)
         raise ConflictError(f"aggregate {aggregate_id} kept changing; gave up after {self._max_retries} retries")
 

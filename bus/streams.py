@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from bus.subjects import Context
 
 
-def event_stream(ctx: Context, *, replicas: int = 1, duplicate_window_s: float = 300.0) -> StreamConfig:
-    """The event stream of a bounded context: the source of truth, never deleted or purged."""
+def event_stream(
+    ctx: Context, *, replicas: int = 1, duplicate_window_s: float = 300.0, with_queue: bool = False
+) -> StreamConfig:
+    """The event stream of a bounded context: the source of truth, never deleted or purged.
+
+    `with_queue` adds the context's work-queue subjects, so work items are stored in the same
+    atomic batch as the events that cause them.
+    """
     return StreamConfig(
         name=ctx.stream,
         description=f"jetsource {ctx.name} events (source of truth)",
-        subjects=[ctx.events_wildcard],
+        subjects=[ctx.events_wildcard, *([ctx.queue_wildcard] if with_queue else [])],
         storage=StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=duplicate_window_s,
@@ -33,3 +39,19 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         if exc.err_code != 10058:  # stream name already in use with a different configuration
             raise
         await js.update_stream(config)
+
+
+async def ensure_work_consumers(js: JetStreamContext, ctx: Context, names: tuple[str, ...], lease_s: float) -> None:
+    """One durable pull consumer per work queue (e.g. per priority); ack wait is the lease."""
+    for name in names:
+        config = ConsumerConfig(
+            durable_name=f"workers_{name}",
+            description=f"jetsource {ctx.name} workers, {name} queue",
+            filter_subject=ctx.queue(name),
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=lease_s,
+            max_deliver=-1,
+            max_ack_pending=100_000,
+        )
+        await js.add_consumer(ctx.stream, config)

@@ -68,6 +68,13 @@ class Context:
     def aggregate_id(self, subject: str) -> str:
         return subject.rsplit(".", 1)[1]
 
+    def queue(self, name: str) -> str:
+        return f"{self._root}.queue.{name}"
+
+    @property
+    def queue_wildcard(self) -> str:
+        return f"{self._root}.queue.>"
+
     def command(self, name: str) -> str:
         return f"{self._root}.cmd.{name}"
 

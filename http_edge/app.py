@@ -39,13 +39,16 @@ class _Written(msgspec.Struct):
     version: int
     seq: int
     order_id: str | None = None
+    task_id: str | None = None
 
 
 _written = msgspec.json.Decoder(_Written)
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)
 ORDERS: web.AppKey[Context] = web.AppKey("orders", Context)
+TASKS: web.AppKey[Context] = web.AppKey("tasks", Context)
 ORDER_EVENTS: web.AppKey[EventStore] = web.AppKey("order_events", EventStore)
+TASK_EVENTS: web.AppKey[EventStore] = web.AppKey("task_events", EventStore)
 CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
 
 
@@ -109,13 +112,15 @@ def _written_response(request: web.Request, reply: bytes, status: int) -> web.Re
     headers = {"ETag": f'"{info.version}"', "X-Stream-Sequence": str(info.seq), "X-Trace-Id": request[TRACE_ID]}
     if status == 201 and info.order_id:
         headers["Location"] = f"/orders/{info.order_id}"
+    if status == 202 and info.task_id:
+        headers["Location"] = f"/tasks/{info.task_id}"
     return web.Response(status=status, body=reply, content_type="application/json", headers=headers)
 
 
-async def _command(request: web.Request, name: str, body: bytes) -> bytes:
+async def _command(request: web.Request, name: str, body: bytes, ctx: web.AppKey[Context] = ORDERS) -> bytes:
     app = request.app
     return await call(
-        app[NATS], app[ORDERS].command(name), body,
+        app[NATS], app[ctx].command(name), body,
         headers=_command_headers(request), timeout=app[CONFIG].request_timeout,
     )
 
@@ -152,10 +157,22 @@ def _transition(name: str) -> Any:
     return handler
 
 
-async def _query(request: web.Request, name: str, query: dict[str, Any]) -> bytes:
+async def _query(request: web.Request, name: str, query: dict[str, Any], ctx: web.AppKey[Context] = ORDERS) -> bytes:
     app = request.app
     timeout = app[CONFIG].request_timeout + (app[CONFIG].read_wait_timeout if query.get("min_seq") else 0)
-    return await call(app[NATS], app[ORDERS].query(name), encode(query), timeout=timeout)
+    return await call(app[NATS], app[ctx].query(name), encode(query), timeout=timeout)
+
+
+def _list_query(request: web.Request, keys: tuple[str, ...]) -> dict[str, Any]:
+    query: dict[str, Any] = {k: request.query[k] for k in keys if k in request.query}
+    if "limit" in request.query:
+        try:
+            query["limit"] = int(request.query["limit"])
+        except ValueError:
+            raise ValidationError("limit must be an integer", field="limit") from None
+    if (min_seq := _min_seq(request)) is not None:
+        query["min_seq"] = min_seq
+    return query
 
 
 async def get_order(request: web.Request) -> web.Response:
@@ -172,17 +189,7 @@ class _Version(msgspec.Struct):
 
 
 async def list_orders(request: web.Request) -> web.Response:
-    query: dict[str, Any] = {}
-    for key in ("status", "customer_id", "cursor"):
-        if key in request.query:
-            query[key] = request.query[key]
-    if "limit" in request.query:
-        try:
-            query["limit"] = int(request.query["limit"])
-        except ValueError:
-            raise ValidationError("limit must be an integer", field="limit") from None
-    if (min_seq := _min_seq(request)) is not None:
-        query["min_seq"] = min_seq
+    query = _list_query(request, ("status", "customer_id", "cursor"))
     return web.Response(body=await _query(request, "list", query), content_type="application/json")
 
 
@@ -213,14 +220,61 @@ def event_out(stored: Any) -> EventOut:
     )
 
 
-async def order_events(request: web.Request) -> web.Response:
-    order_id = request.match_info["order_id"]
-    if not h.valid_token(order_id):
-        raise ValidationError("order id must be 1..64 letters, digits, '-' or '_'", field="order_id")
-    events = await request.app[ORDER_EVENTS].load(request.app[ORDERS].events(order_id))
+async def _history(request: web.Request, id_key: str, ctx: web.AppKey[Context], store: web.AppKey[EventStore]) -> web.Response:
+    aggregate_id = request.match_info[id_key]
+    if not h.valid_token(aggregate_id):
+        raise ValidationError(f"{id_key} must be 1..64 letters, digits, '-' or '_'", field=id_key)
+    events = await request.app[store].load(request.app[ctx].events(aggregate_id))
     if not events:
-        return json_error(404, "not_found", f"order {order_id} has no events")
-    return web.Response(body=encode({"order_id": order_id, "events": [event_out(e) for e in events]}), content_type="application/json")
+        return json_error(404, "not_found", f"{request.app[ctx].name[:-1]} {aggregate_id} has no events")
+    body = {id_key: aggregate_id, "events": [event_out(e) for e in events]}
+    return web.Response(body=encode(body), content_type="application/json")
+
+
+async def order_events(request: web.Request) -> web.Response:
+    return await _history(request, "order_id", ORDERS, ORDER_EVENTS)
+
+
+# ---- task routes ----------------------------------------------------------------------------------
+
+
+async def submit_task(request: web.Request) -> web.Response:
+    reply = await _command(request, "submit", await request.read(), TASKS)
+    return _written_response(request, reply, 202)
+
+
+def _task_command(name: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        body["task_id"] = request.match_info["task_id"]
+        reply = await _command(request, name, encode(body), TASKS)
+        return _written_response(request, reply, 200)
+
+    handler.__name__ = f"{name}_task"
+    return handler
+
+
+async def get_task(request: web.Request) -> web.Response:
+    query: dict[str, Any] = {"task_id": request.match_info["task_id"]}
+    if (min_seq := _min_seq(request)) is not None:
+        query["min_seq"] = min_seq
+    reply = await _query(request, "get", query, TASKS)
+    version = msgspec.json.decode(reply, type=_Version).version
+    return web.Response(body=reply, content_type="application/json", headers={"ETag": f'"{version}"'})
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    query = _list_query(request, ("status", "type", "priority", "cursor"))
+    return web.Response(body=await _query(request, "list", query, TASKS), content_type="application/json")
+
+
+async def task_stats(request: web.Request) -> web.Response:
+    query = _list_query(request, ())
+    return web.Response(body=await _query(request, "stats", query, TASKS), content_type="application/json")
+
+
+async def task_events(request: web.Request) -> web.Response:
+    return await _history(request, "task_id", TASKS, TASK_EVENTS)
 
 
 # ---- operations -----------------------------------------------------------------------------------
@@ -250,7 +304,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=openapi_document(), content_type="application/json")
 
 
-def create_app(nc: Client, orders: Context, config: EdgeConfig) -> web.Application:
+def create_app(nc: Client, orders: Context, tasks: Context, config: EdgeConfig) -> web.Application:
     """Build the edge application around an injected NATS connection."""
     metrics_ = Metrics()
     guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens)
@@ -273,7 +327,9 @@ def create_app(nc: Client, orders: Context, config: EdgeConfig) -> web.Applicati
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[observe, error_middleware, guards.middleware])
     app[NATS] = nc
     app[ORDERS] = orders
+    app[TASKS] = tasks
     app[ORDER_EVENTS] = EventStore(nc, orders.stream, timeout=config.request_timeout)
+    app[TASK_EVENTS] = EventStore(nc, tasks.stream, timeout=config.request_timeout)
     app[CONFIG] = config
     app[METRICS] = metrics_
     app.router.add_post("/orders", place_order)
@@ -284,6 +340,13 @@ def create_app(nc: Client, orders: Context, config: EdgeConfig) -> web.Applicati
     for name in ("confirm", "pay", "ship", "cancel"):
         app.router.add_post(f"/orders/{{order_id}}/{name}", _transition(name))
     app.router.add_get("/orders/{order_id}/events", order_events)
+    app.router.add_post("/tasks", submit_task)
+    app.router.add_get("/tasks", list_tasks)
+    app.router.add_get("/tasks/stats", task_stats)
+    app.router.add_get("/tasks/{task_id}", get_task)
+    app.router.add_post("/tasks/{task_id}/cancel", _task_command("cancel"))
+    app.router.add_post("/tasks/{task_id}/retry", _task_command("retry"))
+    app.router.add_get("/tasks/{task_id}/events", task_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

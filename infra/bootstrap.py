@@ -5,20 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from nats.aio.client import Client
 
+from actors.fulfilment import FulfilmentManager
 from actors.orders.service import order_actor
+from actors.tasks.messages import PRIORITIES
+from actors.tasks.registry import TaskRegistry, build_registry
+from actors.tasks.service import task_actor
+from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import EventStore
 from bus.runtime import Actor
-from bus.streams import ensure_stream, event_stream
+from bus.streams import ensure_stream, ensure_work_consumers, event_stream
 from bus.subjects import Context
 from http_edge.app import EdgeConfig, create_app
 from infra.settings import Settings
 from projections.orders import OrdersProjection
+from projections.tasks import TasksProjection
 from projections.runner import Checkpoints, Projector
 from projections.schema import create_pool, ensure_schema
 from projections.service import QueryService
@@ -28,6 +36,17 @@ log = logging.getLogger(__name__)
 
 def orders_context(settings: Settings) -> Context:
     return Context("orders", settings.namespace)
+
+
+def tasks_context(settings: Settings) -> Context:
+    return Context("tasks", settings.namespace)
+
+
+def _store(settings: Settings, nc: Client, ctx: Context) -> EventStore:
+    return EventStore(
+        nc, ctx.stream, timeout=settings.request_timeout_s,
+        max_batch=settings.append_batch_max, max_inflight_batches=settings.append_batches_inflight,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -45,24 +64,58 @@ async def nats_connection(settings: Settings, name: str) -> AsyncIterator[Client
 async def ensure_streams(nc: Client, settings: Settings) -> None:
     """Create or update every event stream (idempotent)."""
     js = nc.jetstream()
-    for ctx in (orders_context(settings),):
+    for ctx, with_queue in ((orders_context(settings), False), (tasks_context(settings), True)):
         await ensure_stream(js, event_stream(ctx, replicas=settings.stream_replicas,
-                                             duplicate_window_s=settings.duplicate_window_s))
+                                             duplicate_window_s=settings.duplicate_window_s, with_queue=with_queue))
+    await ensure_work_consumers(js, tasks_context(settings), PRIORITIES, settings.task_lease_s)
 
 
 @contextlib.asynccontextmanager
 async def run_orders_actor(settings: Settings, nc: Client) -> AsyncIterator[Actor]:
     ctx = orders_context(settings)
-    store = EventStore(
-        nc, ctx.stream, timeout=settings.request_timeout_s,
-        max_batch=settings.append_batch_max, max_inflight_batches=settings.append_batches_inflight,
-    )
+    store = _store(settings, nc, ctx)
     actor = order_actor(nc, store, ctx, concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries)
     await actor.start()
     try:
         yield actor
     finally:
         await actor.stop()
+
+
+@contextlib.asynccontextmanager
+async def run_tasks_actor(settings: Settings, nc: Client) -> AsyncIterator[Actor]:
+    ctx = tasks_context(settings)
+    known = build_registry(settings.task_modules).names()
+    actor = task_actor(nc, _store(settings, nc, ctx), ctx, known,
+                       concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries)
+    await actor.start()
+    try:
+        yield actor
+    finally:
+        await actor.stop()
+
+
+@contextlib.asynccontextmanager
+async def run_worker(
+    settings: Settings, nc: Client, registry: TaskRegistry | None = None, name: str | None = None
+) -> AsyncIterator[Worker]:
+    """Task workers plus the fulfilment process manager."""
+    worker = Worker(
+        nc, tasks_context(settings), registry or build_registry(settings.task_modules),
+        concurrency=settings.worker_concurrency, lease_s=settings.task_lease_s,
+        name=name or f"{socket.gethostname()}:{os.getpid()}", request_timeout=settings.request_timeout_s,
+    )
+    manager = FulfilmentManager(nc, orders_context(settings), tasks_context(settings), timeout=settings.request_timeout_s)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(worker.run()), loop.create_task(manager.run())]
+    try:
+        yield worker
+    finally:
+        manager.stop()
+        await worker.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager
@@ -73,17 +126,21 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[Project
     pool = await create_pool(dsn, settings.db_schema, max_size=20)
     try:
         checkpoints = Checkpoints(pool)
-        ctx = orders_context(settings)
-        projector = Projector(nc, pool, ctx, OrdersProjection(), checkpoints, batch=settings.projection_batch)
+        projectors = [
+            Projector(nc, pool, orders_context(settings), OrdersProjection(), checkpoints, batch=settings.projection_batch),
+            Projector(nc, pool, tasks_context(settings), TasksProjection(), checkpoints, batch=settings.projection_batch),
+        ]
         queries = QueryService(nc, pool, checkpoints, read_wait_timeout=settings.read_wait_timeout_s)
-        await queries.add_orders(ctx)
-        task = asyncio.get_running_loop().create_task(projector.run())
+        await queries.add_orders(orders_context(settings))
+        await queries.add_tasks(tasks_context(settings))
+        running = [asyncio.get_running_loop().create_task(p.run()) for p in projectors]
         try:
-            yield projector
+            yield projectors[0]
         finally:
-            projector.stop()
+            for projector in projectors:
+                projector.stop()
             await queries.stop()
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(asyncio.gather(*running), 10)
     finally:
         await pool.close()
 
@@ -97,7 +154,7 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
         rate_limit_per_s=settings.rate_limit_per_s,
         api_tokens=tuple(t.strip() for t in settings.api_tokens.split(",") if t.strip()),
     )
-    return create_app(nc, orders_context(settings), config)
+    return create_app(nc, orders_context(settings), tasks_context(settings), config)
 
 
 @contextlib.asynccontextmanager

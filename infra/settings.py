@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(0.0, description="edge requests per second per client IP; 0 = off")
     max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
     api_tokens: str = Field("", description="comma-separated bearer tokens for writes; empty = open")
+    task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
+    worker_concurrency: int = Field(32, description="tasks one worker process runs at once")
+    task_lease_s: float = Field(30.0, description="a running task's lease; its worker renews it every third")
     log_level: str = "INFO"
 
     @property

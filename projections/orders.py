@@ -11,6 +11,7 @@ import asyncpg
 import msgspec
 
 from actors.orders.messages import (
+    FulfilmentFailed,
     GetOrder,
     ItemAdded,
     ItemRemoved,
@@ -143,6 +144,8 @@ class OrdersProjection:
                 row.status = "shipped"
             case OrderCancelled():
                 row.status = "cancelled"
+            case FulfilmentFailed():
+                row.failure = event.reason or "fulfilment failed"
             case _:
                 assert_never(event)
 

@@ -21,9 +21,33 @@ CREATE TABLE IF NOT EXISTS orders (
     updated_at  timestamptz NOT NULL,
     failure     text
 );
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS tracking text;
 CREATE INDEX IF NOT EXISTS orders_by_time ON orders (placed_at DESC, order_id DESC);
 CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, placed_at DESC, order_id DESC);
 CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, placed_at DESC, order_id DESC);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id          text PRIMARY KEY,
+    type             text NOT NULL,
+    status           text NOT NULL,
+    priority         text NOT NULL,
+    payload          jsonb,
+    attempt          integer NOT NULL,
+    max_attempts     integer NOT NULL,
+    run_at           timestamptz NOT NULL,
+    timeout_s        double precision NOT NULL,
+    progress         double precision,
+    progress_message text,
+    result           jsonb,
+    error            text,
+    worker           text,
+    ref              text,
+    submitted_at     timestamptz NOT NULL,
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    version          bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (submitted_at DESC, task_id DESC);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_at DESC, task_id DESC);
 CREATE TABLE IF NOT EXISTS order_lines (
     order_id    text NOT NULL REFERENCES orders (order_id) ON DELETE CASCADE,
     sku         text NOT NULL,

@@ -16,7 +16,8 @@ from bus.codec import Decoder
 from bus.errors import DeadlineError
 from bus.runtime import Concurrency, respond
 from bus.subjects import Context
-from projections import orders
+from actors.tasks.messages import GetTask, ListTasks, TaskStats
+from projections import orders, tasks
 from projections.runner import Checkpoints
 
 
@@ -41,6 +42,17 @@ class QueryService:
                 "list": (Decoder(ListOrders), lambda q: orders.list_orders(self._pool, q)),
             },
             projection="orders",
+        )
+
+    async def add_tasks(self, ctx: Context) -> None:
+        await self._add(
+            ctx,
+            {
+                "get": (Decoder(GetTask), lambda q: tasks.get_task(self._pool, q)),
+                "list": (Decoder(ListTasks), lambda q: tasks.list_tasks(self._pool, q)),
+                "stats": (Decoder(TaskStats), lambda q: tasks.task_stats(self._pool, q)),
+            },
+            projection="tasks",
         )
 
     async def _add(

@@ -20,7 +20,18 @@ from nats.aio.msg import Msg
 
 from bus.runtime import Actor
 from bus.subjects import Context
-from infra.bootstrap import ensure_streams, nats_connection, orders_context, run_edge, run_orders_actor, run_projector
+from actors.tasks.worker import Worker
+from infra.bootstrap import (
+    ensure_streams,
+    nats_connection,
+    orders_context,
+    run_edge,
+    run_orders_actor,
+    run_projector,
+    run_tasks_actor,
+    run_worker,
+    tasks_context,
+)
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from infra.settings import Settings
 from projections.runner import Projector
@@ -75,10 +86,19 @@ class System:
     base: str
     actor: Actor
     projector: Projector
+    stack: contextlib.AsyncExitStack
 
     @property
     def orders(self) -> Context:
         return orders_context(self.settings)
+
+    @property
+    def tasks(self) -> Context:
+        return tasks_context(self.settings)
+
+    async def start_worker(self, name: str = "w1", **overrides: Any) -> Worker:
+        settings = self.settings.model_copy(update=overrides) if overrides else self.settings
+        return await self.stack.enter_async_context(run_worker(settings, self.nc, name=name))
 
     async def request(self, subject: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None) -> Msg:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -88,7 +108,7 @@ class System:
 def make_settings(namespace: str, nats_url: str, database_url: str, **extra: Any) -> Settings:
     return Settings(
         nats_url=nats_url, database_url=database_url, namespace=namespace, db_schema=namespace,
-        http_port=free_port(), _env_file=None, **extra,
+        http_port=free_port(), _env_file=None, task_lease_s=3.0, task_modules="tests.task_types", **extra,
     )
 
 
@@ -99,7 +119,8 @@ async def system(namespace: str, nats_url: str, database_url: str) -> AsyncItera
         nc = await stack.enter_async_context(nats_connection(settings, "test"))
         await ensure_streams(nc, settings)
         actor = await stack.enter_async_context(run_orders_actor(settings, nc))
+        await stack.enter_async_context(run_tasks_actor(settings, nc))
         projector = await stack.enter_async_context(run_projector(settings, nc))
         await stack.enter_async_context(run_edge(settings, nc))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actor, projector)
+        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actor, projector, stack)

@@ -9,6 +9,7 @@ from actors.orders.messages import (
     AddItem,
     CancelOrder,
     ConfirmOrder,
+    FulfilmentFailed,
     ItemAdded,
     ItemRemoved,
     OrderCancelled,
@@ -22,6 +23,7 @@ from actors.orders.messages import (
     OrderStatus,
     PayOrder,
     PlaceOrder,
+    RecordFulfilmentFailure,
     RemoveItem,
     ShipOrder,
 )
@@ -79,6 +81,8 @@ def evolve(state: Order, event: OrderEvent) -> Order:
             return replace(state, status="shipped")
         case OrderCancelled():
             return replace(state, status="cancelled")
+        case FulfilmentFailed():
+            return state
         case _:
             assert_never(event)
 
@@ -147,6 +151,9 @@ def decide(state: Order, command: OrderCommand) -> list[OrderEvent]:
             if state.status in ("shipped", "cancelled"):
                 raise RuleViolationError(f"a {state.status} order cannot be cancelled")
             return [OrderCancelled(order_id=command.order_id, reason=command.reason)]
+        case RecordFulfilmentFailure():
+            _require(state, command.order_id, "paid", "record a fulfilment failure for")
+            return [FulfilmentFailed(order_id=command.order_id, reason=command.reason)]
         case _:
             assert_never(command)
 

@@ -85,7 +85,16 @@ class CancelOrder(Message, frozen=True, kw_only=True, tag="order.cancel"):
     reason: ShortText = ""
 
 
-OrderCommand = PlaceOrder | AddItem | RemoveItem | ConfirmOrder | PayOrder | ShipOrder | CancelOrder
+class RecordFulfilmentFailure(Message, frozen=True, kw_only=True, tag="order.fulfilment_failed"):
+    """orders.cmd.fulfilment_failed (process manager): fulfilment of a paid order gave up."""
+
+    order_id: OrderId
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+OrderCommand = (
+    PlaceOrder | AddItem | RemoveItem | ConfirmOrder | PayOrder | ShipOrder | CancelOrder | RecordFulfilmentFailure
+)
 
 COMMANDS: dict[str, type[OrderCommand]] = {
     "place": PlaceOrder,
@@ -95,6 +104,7 @@ COMMANDS: dict[str, type[OrderCommand]] = {
     "pay": PayOrder,
     "ship": ShipOrder,
     "cancel": CancelOrder,
+    "fulfilment_failed": RecordFulfilmentFailure,
 }
 
 
@@ -156,7 +166,15 @@ class OrderCancelled(Event, frozen=True, kw_only=True, tag="order.cancelled"):
     reason: str = ""
 
 
-OrderEvent = OrderPlaced | ItemAdded | ItemRemoved | OrderConfirmed | OrderPaid | OrderShipped | OrderCancelled
+class FulfilmentFailed(Event, frozen=True, kw_only=True, tag="order.fulfilment_failed"):
+    """Fulfilment of the paid order was dead-lettered; it stays paid and needs attention."""
+
+    reason: str = ""
+
+
+OrderEvent = (
+    OrderPlaced | ItemAdded | ItemRemoved | OrderConfirmed | OrderPaid | OrderShipped | OrderCancelled | FulfilmentFailed
+)
 
 
 # ---- replies and queries ------------------------------------------------------------------------

@@ -38,11 +38,11 @@ def test_stored_event_tags_are_pinned() -> None:
     tags = {t.__struct_config__.tag for t in OrderEvent.__args__}
     assert tags == {
         "order.placed", "order.item_added", "order.item_removed", "order.confirmed",
-        "order.paid", "order.shipped", "order.cancelled",
+        "order.paid", "order.shipped", "order.cancelled", "order.fulfilment_failed",
     }
     raw = msgspec.json.encode(OrderPlaced(order_id="o", customer_id="c", currency="EUR", lines=[]))
     assert raw.startswith(b'{"type":"order.placed","v":1')
 
 
 def test_every_command_subject_has_a_decoder() -> None:
-    assert set(COMMANDS) == {"place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel"}
+    assert set(COMMANDS) == {"place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel", "fulfilment_failed"}

@@ -1,0 +1,124 @@
+"""The fulfilment process manager: links orders and tasks.
+
+A paid order submits one `order.fulfil` task (idempotency key `fulfil:<order_id>`, so redelivered
+or replayed events never submit a second); the task's completion ships the order; its dead
+letter records a `order.fulfilment_failed` event on the order. It consumes both event streams
+through durable consumers and only issues idempotent commands, so at-least-once is enough."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from actors.orders.messages import OrderEvent, OrderPaid
+from actors.tasks.messages import TaskCompleted, TaskDeadLettered, TaskEvent
+from actors.tasks.registry import FULFIL_ORDER
+from bus import subjects as h
+from bus.client import call
+from bus.codec import encode
+from bus.errors import JetsourceError, NotFoundError, RuleViolationError, ValidationError
+from bus.subjects import Context
+
+log = logging.getLogger(__name__)
+DURABLE = "fulfilment_manager"
+_PERMANENT = (RuleViolationError, NotFoundError, ValidationError)
+
+
+class FulfilmentManager:
+    """Reacts to OrderPaid, TaskCompleted and TaskDeadLettered."""
+
+    def __init__(self, nc: Client, orders: Context, tasks: Context, *, timeout: float = 5.0) -> None:
+        self._nc = nc
+        self._orders = orders
+        self._tasks = tasks
+        self._timeout = timeout
+        self._stopping = asyncio.Event()
+        self._order_events = msgspec.json.Decoder(OrderEvent)
+        self._task_events = msgspec.json.Decoder(TaskEvent)
+
+    async def run(self) -> None:
+        await asyncio.gather(
+            self._consume(self._orders, self._on_order_event),
+            self._consume(self._tasks, self._on_task_event),
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _consume(self, ctx: Context, handle: Any) -> None:
+        js = self._nc.jetstream()
+        while not self._stopping.is_set():
+            try:
+                await js.add_consumer(ctx.stream, ConsumerConfig(
+                    durable_name=DURABLE, filter_subject=ctx.events_wildcard, deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1, max_ack_pending=1000,
+                ))
+                sub = await js.pull_subscribe_bind(DURABLE, ctx.stream)
+                try:
+                    while not self._stopping.is_set():
+                        try:
+                            msgs = await sub.fetch(100, timeout=0.5)
+                        except NatsTimeoutError:
+                            continue
+                        for msg in msgs:
+                            try:
+                                await handle(msg.data, msg.headers or {})
+                                await msg.ack()
+                            except _PERMANENT as exc:
+                                log.warning("fulfilment: %s; skipping the event", exc.message)
+                                await msg.ack()
+                            except JetsourceError as exc:
+                                log.warning("fulfilment: %s; will retry", exc.message)
+                                await msg.nak(delay=1.0)
+                finally:
+                    await sub.unsubscribe()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fulfilment manager failed on %s; restarting", ctx.stream)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+
+    async def _command(self, subject: str, body: dict[str, Any], key: str, causation: str | None) -> None:
+        headers = {h.IDEMPOTENCY_KEY: key}
+        if causation:
+            headers[h.CAUSATION_ID] = causation
+        await call(self._nc, subject, encode(body), headers=headers, timeout=self._timeout)
+
+    async def _on_order_event(self, data: bytes, headers: dict[str, str]) -> None:
+        try:
+            event = self._order_events.decode(data)
+        except msgspec.ValidationError:
+            return
+        if isinstance(event, OrderPaid):
+            await self._command(
+                self._tasks.command("submit"),
+                {"type": FULFIL_ORDER, "payload": {"order_id": event.order_id}, "ref": f"order:{event.order_id}"},
+                key=f"fulfil:{event.order_id}", causation=headers.get(h.EV_COMMAND_ID),
+            )
+
+    async def _on_task_event(self, data: bytes, headers: dict[str, str]) -> None:
+        try:
+            event = self._task_events.decode(data)
+        except msgspec.ValidationError:
+            return
+        if not isinstance(event, TaskCompleted | TaskDeadLettered) or event.task_type != FULFIL_ORDER:
+            return
+        if not (event.ref or "").startswith("order:"):
+            return
+        order_id = event.ref.split(":", 1)[1]  # type: ignore[union-attr]
+        if isinstance(event, TaskCompleted):
+            result = event.result if isinstance(event.result, dict) else {}
+            body = {"order_id": order_id, "carrier": result.get("carrier"), "tracking": result.get("tracking")}
+            await self._command(self._orders.command("ship"), body, key=f"ship:{order_id}",
+                                causation=headers.get(h.EV_COMMAND_ID))
+        else:
+            await self._command(self._orders.command("fulfilment_failed"), {"order_id": order_id, "reason": event.error},
+                                key=f"fulfilment-failed:{order_id}:{event.attempt}", causation=headers.get(h.EV_COMMAND_ID))

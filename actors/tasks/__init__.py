@@ -1,0 +1,1 @@
+"""The task context: submit, schedule, run on workers, retry with backoff, dead-letter, cancel."""

@@ -1,0 +1,287 @@
+"""Task commands, events, replies and views. Stored event tags are pinned: history is forever."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+TaskType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+Priority = Literal["high", "normal", "low"]
+TaskStatus = Literal["scheduled", "pending", "running", "retrying", "completed", "dead", "cancelled"]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=30 * 24 * 3600)]
+ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
+    """Base of every task message (`type` is the task type, so the tag field is `kind`)."""
+
+
+class RetryPolicy(Message, frozen=True, kw_only=True):
+    """How failures are retried: exponential backoff base * 2^(attempt-1), capped, with jitter."""
+
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    backoff_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+    backoff_max_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+
+
+# ---- public commands -----------------------------------------------------------------------------
+
+
+class SubmitTask(Message, frozen=True, kw_only=True, tag="task.submit"):
+    """tasks.cmd.submit: queue a task of a registered type (optionally delayed)."""
+
+    type: TaskType
+    payload: Any = None
+    priority: Priority = "normal"
+    delay_s: Seconds | None = None
+    run_at: float | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    retry: RetryPolicy = RetryPolicy()
+    ref: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    task_id: TaskId | None = None
+    at: float = 0.0
+
+
+class CancelTask(Message, frozen=True, kw_only=True, tag="task.cancel"):
+    """tasks.cmd.cancel: a pending task never runs; a running one is signalled to stop."""
+
+    task_id: TaskId
+    reason: ShortText = ""
+    at: float = 0.0
+
+
+class RetryTask(Message, frozen=True, kw_only=True, tag="task.retry"):
+    """tasks.cmd.retry: bring a dead-lettered task back with a fresh set of attempts."""
+
+    task_id: TaskId
+    at: float = 0.0
+
+
+# ---- worker commands -------------------------------------------------------------------------------
+
+
+class StartTask(Message, frozen=True, kw_only=True, tag="task.start"):
+    """tasks.cmd.start (workers): claim an attempt; refused when stale, cancelled or done."""
+
+    task_id: TaskId
+    attempt: int
+    worker: Annotated[str, msgspec.Meta(max_length=100)]
+    at: float = 0.0
+
+
+class ReportProgress(Message, frozen=True, kw_only=True, tag="task.progress"):
+    """tasks.cmd.progress (workers): percent done and a message, also sent live."""
+
+    task_id: TaskId
+    attempt: int
+    percent: Annotated[float, msgspec.Meta(ge=0, le=100)]
+    message: ShortText = ""
+    at: float = 0.0
+
+
+class CompleteTask(Message, frozen=True, kw_only=True, tag="task.complete"):
+    """tasks.cmd.complete (workers): the attempt succeeded with a result."""
+
+    task_id: TaskId
+    attempt: int
+    result: Any = None
+    at: float = 0.0
+
+
+class FailTask(Message, frozen=True, kw_only=True, tag="task.fail"):
+    """tasks.cmd.fail (workers): the attempt failed or timed out."""
+
+    task_id: TaskId
+    attempt: int
+    error: ShortText
+    at: float = 0.0
+
+
+TaskCommand = SubmitTask | CancelTask | RetryTask | StartTask | ReportProgress | CompleteTask | FailTask
+
+COMMANDS: dict[str, type[TaskCommand]] = {
+    "submit": SubmitTask,
+    "cancel": CancelTask,
+    "retry": RetryTask,
+    "start": StartTask,
+    "progress": ReportProgress,
+    "complete": CompleteTask,
+    "fail": FailTask,
+}
+
+
+# ---- events (stored on tasks.events.<task_id>) --------------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of stored task events; `v` is the schema version of the event type."""
+
+    v: int = 1
+    task_id: str
+    at: float
+
+
+class TaskSubmitted(Event, frozen=True, kw_only=True, tag="task.submitted"):
+    """A task was accepted; it runs at run_at or later."""
+
+    task_type: str
+    payload: Any = None
+    priority: Priority
+    run_at: float
+    timeout_s: float
+    retry: RetryPolicy
+    ref: str | None = None
+
+
+class TaskStarted(Event, frozen=True, kw_only=True, tag="task.started"):
+    """A worker claimed an attempt (again, if a previous worker lost its lease)."""
+
+    attempt: int
+    worker: str
+
+
+class TaskProgressed(Event, frozen=True, kw_only=True, tag="task.progressed"):
+    """The handler reported progress."""
+
+    attempt: int
+    percent: float
+    message: str = ""
+
+
+class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
+    """The attempt succeeded."""
+
+    attempt: int
+    task_type: str
+    ref: str | None = None
+    result: Any = None
+
+
+class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
+    """The attempt failed; the next one runs at retry_at."""
+
+    attempt: int
+    error: str
+    retry_at: float
+
+
+class TaskDeadLettered(Event, frozen=True, kw_only=True, tag="task.dead_lettered"):
+    """The last attempt failed; the task waits for a retry command."""
+
+    attempt: int
+    error: str
+    task_type: str
+    ref: str | None = None
+
+
+class TaskCancelled(Event, frozen=True, kw_only=True, tag="task.cancelled"):
+    """The task was cancelled; a running handler is signalled."""
+
+    reason: str = ""
+    was_running: bool = False
+
+
+class TaskRequeued(Event, frozen=True, kw_only=True, tag="task.requeued"):
+    """A dead-lettered task was brought back; attempts up to `limit` are allowed."""
+
+    attempt: int
+    limit: int
+
+
+TaskEvent = (
+    TaskSubmitted | TaskStarted | TaskProgressed | TaskCompleted | TaskFailed | TaskDeadLettered | TaskCancelled | TaskRequeued
+)
+
+
+class Dispatch(msgspec.Struct, frozen=True, kw_only=True, tag="task.dispatch", tag_field="type"):
+    """A unit of work on tasks.queue.<priority>, stored atomically with the event that caused it."""
+
+    task_id: str
+    attempt: int
+    run_at: float
+
+
+# ---- replies and queries ----------------------------------------------------------------------------
+
+
+class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="task.accepted", tag_field="type"):
+    """Reply to a task command: the task's state after it."""
+
+    task_id: str
+    status: TaskStatus
+    task_type: str
+    attempt: int
+    run_at: float
+    timeout_s: float
+    payload: Any = None
+    version: int
+    seq: int
+
+
+class GetTask(Message, frozen=True, kw_only=True, tag="task.get"):
+    """tasks.query.get: one task from the read model."""
+
+    task_id: TaskId
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class ListTasks(Message, frozen=True, kw_only=True, tag="task.list"):
+    """tasks.query.list: tasks newest first, filtered, keyset-paginated."""
+
+    status: TaskStatus | None = None
+    type: TaskType | None = None
+    priority: Priority | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+    cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class TaskStats(Message, frozen=True, kw_only=True, tag="task.stats"):
+    """tasks.query.stats: counts by status and priority, queue depth, oldest waiting."""
+
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class TaskView(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as the read model shows it."""
+
+    task_id: str
+    type: str
+    status: str
+    priority: str
+    payload: Any = None
+    attempt: int
+    max_attempts: int
+    run_at: str
+    timeout_s: float
+    progress: float | None = None
+    progress_message: str | None = None
+    result: Any = None
+    error: str | None = None
+    worker: str | None = None
+    ref: str | None = None
+    submitted_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    version: int
+
+
+class TaskPage(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of tasks and the cursor of the next page (null at the end)."""
+
+    items: list[TaskView]
+    next_cursor: str | None = None
+
+
+class TaskStatsView(msgspec.Struct, frozen=True, kw_only=True):
+    """Queue health at a glance."""
+
+    by_status: dict[str, int]
+    by_priority: dict[str, dict[str, int]]
+    queue_depth: int
+    oldest_waiting_s: float | None = None

@@ -1,0 +1,67 @@
+"""The task actor: `tasks.cmd.*` endpoints. Work items go on `tasks.queue.<priority>` in the same
+atomic batch as the events that cause them; cancel and progress signals go out live."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from nats.aio.client import Client
+
+from actors.tasks import domain
+from actors.tasks.messages import (
+    COMMANDS,
+    SubmitTask,
+    TaskAccepted,
+    TaskCancelled,
+    TaskCommand,
+    TaskEvent,
+    TaskProgressed,
+)
+from bus.codec import encode
+from bus.errors import ValidationError
+from bus.eventstore import EventStore
+from bus.runtime import Actor, AggregateSpec
+from bus.subjects import Context
+
+
+def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain.Task, TaskCommand, TaskEvent]:
+    """The task aggregate as the actor runtime drives it."""
+
+    def prepare(command: TaskCommand) -> TaskCommand:
+        if isinstance(command, SubmitTask) and command.type not in known_types:
+            raise ValidationError(f"unknown task type {command.type!r}; known: {', '.join(sorted(known_types))}",
+                                  field="type")
+        return msgspec.structs.replace(command, at=time.time())
+
+    def outbox(state: domain.Task, events: list[TaskEvent]) -> list[tuple[str, bytes]]:
+        return [(ctx.queue(p), encode(d)) for p, d in domain.dispatches(state, events)]
+
+    async def after_commit(nc: Client, state: domain.Task, events: list[TaskEvent]) -> None:
+        for event in events:
+            if isinstance(event, TaskCancelled) and event.was_running:
+                await nc.publish(ctx.live("cancel", event.task_id), b"")
+            elif isinstance(event, TaskProgressed):
+                await nc.publish(ctx.live("progress", event.task_id), encode(event))
+        if domain.dispatches(state, events):
+            await nc.publish(ctx.live("ready"), b"")
+
+    def reply(task_id: str, state: domain.Task, version: int) -> TaskAccepted:
+        return TaskAccepted(task_id=task_id, status=state.status, task_type=state.task_type, attempt=state.attempt,
+                            run_at=state.run_at, timeout_s=state.timeout_s, payload=state.payload,
+                            version=version, seq=version)
+
+    return AggregateSpec(
+        ctx=ctx, initial=domain.INITIAL, evolve=domain.evolve, decide=domain.decide, event_type=TaskEvent,
+        commands=COMMANDS, aggregate_id=lambda c: c.task_id,
+        with_id=lambda c, task_id: msgspec.structs.replace(c, task_id=task_id),
+        reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit,
+    )
+
+
+def task_actor(nc: Client, store: EventStore, ctx: Context, known_types: frozenset[str], *,
+               concurrency: int, max_retries: int) -> Actor:
+    """Build (not start) the task actor."""
+    return Actor(nc, store, task_spec(ctx, known_types), concurrency=concurrency, max_retries=max_retries)
+
+

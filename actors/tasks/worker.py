@@ -1,0 +1,165 @@
+"""A task worker process: takes the highest-priority runnable task, holds its lease while the
+handler runs, reports progress, and completes or fails it through the task actor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+
+from actors.tasks.messages import PRIORITIES, Dispatch, TaskAccepted
+from actors.tasks.registry import TaskContext, TaskFailure, TaskRegistry
+from bus.client import call
+from bus.codec import encode
+from bus.errors import JetsourceError, NotFoundError, RuleViolationError
+from bus.subjects import Context
+from bus.workqueue import PriorityQueues, WorkItem
+
+log = logging.getLogger(__name__)
+
+_dispatch = msgspec.json.Decoder(Dispatch)
+_accepted = msgspec.json.Decoder(TaskAccepted)
+
+
+class Worker:
+    """Runs task handlers, at most `concurrency` at once."""
+
+    def __init__(
+        self, nc: Client, ctx: Context, registry: TaskRegistry, *, concurrency: int = 16, lease_s: float = 30.0,
+        name: str = "worker", request_timeout: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._ctx = ctx
+        self._registry = registry
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lease_s = lease_s
+        self.name = name
+        self._timeout = request_timeout
+        self._queues = PriorityQueues(nc, ctx.stream, PRIORITIES, timeout=request_timeout)
+        self._ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self.completed = 0
+        self.failed = 0
+
+    async def run(self) -> None:
+        sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
+        try:
+            while not self._stopping.is_set():
+                await self._slots.acquire()
+                try:
+                    item = await self._queues.next()
+                except JetsourceError as exc:
+                    log.warning("worker %s: %s", self.name, exc.message)
+                    item = None
+                if item is None:
+                    self._slots.release()
+                    self._ready.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._ready.wait(), 0.25)
+                    continue
+                task = asyncio.get_running_loop().create_task(self._process(item))
+                self._running.add(task)
+                task.add_done_callback(self._done)
+        finally:
+            await sub.unsubscribe()
+            await self._queues.close()
+
+    async def _on_ready(self, _msg: Any) -> None:
+        self._ready.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def stop(self) -> None:
+        """Stop taking work; let running handlers finish (their leases cover a crash)."""
+        self._stopping.set()
+        self._ready.set()
+        if self._running:
+            await asyncio.wait(self._running, timeout=self._lease_s)
+
+    async def _command(self, name: str, body: dict[str, Any]) -> bytes:
+        return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
+
+    async def _process(self, item: WorkItem) -> None:
+        dispatch = _dispatch.decode(item.data)
+        try:
+            reply = await self._command("start", {"task_id": dispatch.task_id, "attempt": dispatch.attempt, "worker": self.name})
+        except (RuleViolationError, NotFoundError):
+            await item.ack()  # cancelled, finished, or a stale attempt: nothing to run
+            return
+        except JetsourceError as exc:
+            log.warning("could not start %s: %s", dispatch.task_id, exc.message)
+            await item.nak(1.0)
+            return
+        task = _accepted.decode(reply)
+        if task.status != "running":
+            await item.nak(max(0.0, task.run_at - time.time()))  # not yet due: come back then
+            return
+        outcome = await self._execute(item, task)
+        try:
+            if outcome is not None:
+                kind, value = outcome
+                if kind == "complete":
+                    await self._command("complete", {"task_id": task.task_id, "attempt": task.attempt, "result": value})
+                    self.completed += 1
+                else:
+                    await self._command("fail", {"task_id": task.task_id, "attempt": task.attempt, "error": value})
+                    self.failed += 1
+            await item.ack()
+        except (RuleViolationError, NotFoundError):
+            await item.ack()  # cancelled meanwhile, or another worker finished this attempt
+        except JetsourceError as exc:
+            log.warning("could not record the outcome of %s: %s; it will run again", task.task_id, exc.message)
+            await item.nak(1.0)
+
+    async def _execute(self, item: WorkItem, task: TaskAccepted) -> tuple[str, Any] | None:
+        """Run the handler under its timeout, keeping the lease; None when cancelled."""
+        handler = self._registry.get(task.task_type)
+        if handler is None:
+            return ("fail", f"no handler for task type {task.task_type!r} on worker {self.name}")
+
+        async def report(percent: float, message: str) -> None:
+            with contextlib.suppress(JetsourceError):
+                await self._command("progress", {"task_id": task.task_id, "attempt": task.attempt,
+                                                 "percent": percent, "message": message})
+
+        ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
+        run = asyncio.get_running_loop().create_task(handler(ctx))
+        cancelled = asyncio.Event()
+
+        async def on_cancel(_msg: Any) -> None:
+            cancelled.set()
+            run.cancel()
+
+        cancel_sub = await self._nc.subscribe(self._ctx.live("cancel", task.task_id), cb=on_cancel)
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(item))
+        try:
+            async with asyncio.timeout(task.timeout_s):
+                result = await run
+            return ("complete", result)
+        except asyncio.CancelledError:
+            if cancelled.is_set():
+                return None
+            raise
+        except TimeoutError:
+            return ("fail", f"timed out after {task.timeout_s:g}s")
+        except TaskFailure as exc:
+            return ("fail", str(exc) or "failed")
+        except Exception as exc:  # noqa: BLE001 - a handler's crash is the attempt's failure
+            log.exception("task %s (%s) crashed", task.task_id, task.task_type)
+            return ("fail", f"{type(exc).__name__}: {exc}"[:2000])
+        finally:
+            keeper.cancel()
+            await cancel_sub.unsubscribe()
+
+    async def _keep_lease(self, item: WorkItem) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            await item.extend()

@@ -1,0 +1,192 @@
+"""Task scheduling on real JetStream and PostgreSQL: priorities, delays, retries, dead letters,
+cancellation, leases, idempotency, progress."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+from tests.conftest import System
+from tests.task_types import GATES, STARTED, STOPPED
+from tests.integration.test_orders_http import get, post
+
+
+async def submit(system: System, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    status, _, reply = await post(system, "/tasks", body, headers)
+    assert status == 202, reply
+    return reply
+
+
+async def wait_status(system: System, task_id: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, _, view = await get(system, f"/tasks/{task_id}")
+        if code == 200 and view["status"] == status:
+            return view
+        assert time.monotonic() < deadline, f"task {task_id} is {view} not {status}"
+        await asyncio.sleep(0.05)
+
+
+async def events_of(system: System, task_id: str) -> list[dict[str, Any]]:
+    _, _, body = await get(system, f"/tasks/{task_id}/events")
+    return body["events"]
+
+
+async def test_a_submitted_echo_task_runs_and_completes_with_its_result(system: System) -> None:
+    await system.start_worker()
+    reply = await submit(system, {"type": "echo", "payload": {"hello": "world"}})
+    view = await wait_status(system, reply["task_id"], "completed")
+    assert view["result"] == {"hello": "world"} and view["attempt"] == 1 and view["progress"] == 100.0
+
+
+async def test_unknown_types_and_bad_fields_are_rejected_naming_the_field(system: System) -> None:
+    status, _, body = await post(system, "/tasks", {"type": "no.such.type"})
+    assert status == 422 and body["error"]["field"] == "type"
+    status, _, body = await post(system, "/tasks", {"type": "echo", "priority": "urgent"})
+    assert status == 422 and body["error"]["field"] == "priority"
+    status, _, body = await post(system, "/tasks", {"type": "echo", "retry": {"max_attempts": 0}})
+    assert status == 422 and body["error"]["field"] == "retry.max_attempts"
+    assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 0
+
+
+async def test_the_same_idempotency_key_is_one_task(system: System) -> None:
+    a = await submit(system, {"type": "echo", "idempotency_key": "job-7"})
+    b = await submit(system, {"type": "echo", "idempotency_key": "job-7"})
+    c = await submit(system, {"type": "echo"}, {"Idempotency-Key": "job-7"})
+    assert a["task_id"] == b["task_id"] == c["task_id"] and a["version"] == b["version"]
+    # one event and one work item
+    assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 2
+
+
+async def test_a_high_task_behind_many_low_ones_starts_next(system: System) -> None:
+    STARTED.clear()
+    await asyncio.gather(*(submit(system, {"type": "echo", "priority": "low", "payload": {"name": f"low{i}"}})
+                           for i in range(300)))
+    low = await submit(system, {"type": "test.record", "priority": "low", "payload": {"name": "low-last"}})
+    await submit(system, {"type": "test.record", "priority": "high", "payload": {"name": "high"}})
+    await submit(system, {"type": "test.record", "priority": "normal", "payload": {"name": "normal"}})
+    await system.start_worker(worker_concurrency=1)
+    await wait_status(system, low["task_id"], "completed", timeout=60)
+    assert STARTED == ["high", "normal", "low-last"]
+
+
+async def test_a_delayed_task_does_not_start_before_its_time(system: System) -> None:
+    await system.start_worker()
+    t0 = time.time()
+    reply = await submit(system, {"type": "echo", "delay_s": 1.5})
+    assert reply["status"] == "scheduled"
+    view = await wait_status(system, reply["task_id"], "completed")
+    started = next(e for e in await events_of(system, reply["task_id"]) if e["type"] == "task.started")
+    assert started["event"]["at"] >= t0 + 1.5
+    assert view["status"] == "completed"
+
+
+async def test_failures_retry_with_backoff_then_succeed(system: System) -> None:
+    await system.start_worker()
+    reply = await submit(system, {"type": "flaky", "payload": {"fail_times": 2},
+                                  "retry": {"max_attempts": 3, "backoff_s": 0.3, "jitter": 0}})
+    view = await wait_status(system, reply["task_id"], "completed")
+    assert view["attempt"] == 3 and view["result"] == {"succeeded_on_attempt": 3}
+    history = await events_of(system, reply["task_id"])
+    failed = [e["event"] for e in history if e["type"] == "task.failed"]
+    assert [round(f["retry_at"] - f["at"], 3) for f in failed] == [0.3, 0.6]
+    starts = [e["event"]["at"] for e in history if e["type"] == "task.started"]
+    assert starts[1] >= failed[0]["retry_at"] and starts[2] >= failed[1]["retry_at"]
+
+
+async def test_the_last_failure_dead_letters_and_retry_brings_it_back(system: System) -> None:
+    await system.start_worker()
+    reply = await submit(system, {"type": "fail", "payload": {"error": "boom"}, "retry": {"max_attempts": 2, "backoff_s": 0.1}})
+    view = await wait_status(system, reply["task_id"], "dead")
+    assert view["error"] == "boom" and view["attempt"] == 2
+    _, _, dead = await get(system, "/tasks", status="dead")
+    assert [t["task_id"] for t in dead["items"]] == [reply["task_id"]]
+    status, _, again = await post(system, f"/tasks/{reply['task_id']}/retry")
+    assert status == 200 and again["status"] == "pending"
+    view = await wait_status(system, reply["task_id"], "dead")
+    assert view["attempt"] == 4
+    status, _, body = await post(system, f"/tasks/{reply['task_id']}/cancel")
+    assert status == 409
+
+
+async def test_a_timeout_counts_as_a_failed_attempt(system: System) -> None:
+    await system.start_worker()
+    reply = await submit(system, {"type": "sleep", "payload": {"seconds": 5}, "timeout_s": 0.3, "retry": {"max_attempts": 1}})
+    view = await wait_status(system, reply["task_id"], "dead")
+    assert "timed out" in view["error"]
+
+
+async def test_a_cancelled_pending_task_never_runs(system: System) -> None:
+    reply = await submit(system, {"type": "echo", "delay_s": 0.5})
+    status, _, body = await post(system, f"/tasks/{reply['task_id']}/cancel", {"reason": "not needed"})
+    assert status == 200 and body["status"] == "cancelled"
+    await system.start_worker()
+    await asyncio.sleep(1.5)
+    assert not [e for e in await events_of(system, reply["task_id"]) if e["type"] == "task.started"]
+    await wait_status(system, reply["task_id"], "cancelled")
+
+
+async def test_cancelling_a_running_task_stops_its_handler(system: System) -> None:
+    await system.start_worker()
+    reply = await submit(system, {"type": "test.gated", "payload": {"gate": "cancel-me"}})
+    await wait_status(system, reply["task_id"], "running")
+    status, _, body = await post(system, f"/tasks/{reply['task_id']}/cancel")
+    assert status == 200
+    await asyncio.wait_for(STOPPED["cancel-me"].wait(), 5)
+    view = await wait_status(system, reply["task_id"], "cancelled")
+    assert view["finished_at"]
+
+
+async def test_progress_is_visible_in_the_read_model_and_live(system: System) -> None:
+    live: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        live.append(json.loads(msg.data))
+
+    sub = await system.nc.subscribe(system.tasks.live("progress", "*"), cb=collect)
+    await system.start_worker()
+    reply = await submit(system, {"type": "test.gated", "payload": {"gate": "progress"}})
+    deadline = time.monotonic() + 10
+    while True:
+        _, _, view = await get(system, f"/tasks/{reply['task_id']}")
+        if view.get("progress") == 40:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert view["progress_message"] == "almost half" and view["status"] == "running"
+    assert any(p["percent"] == 40 and p["task_id"] == reply["task_id"] for p in live)
+    GATES["progress"].set()
+    await wait_status(system, reply["task_id"], "completed")
+    await sub.unsubscribe()
+
+
+async def test_a_worker_killed_mid_task_loses_its_lease_and_another_completes_it_once(system: System) -> None:
+    from infra.bootstrap import nats_connection, run_worker
+
+    # The first worker's connection dies mid-task: no lease renewals, no outcome.
+    async with contextlib.AsyncExitStack() as doomed:
+        doomed_nc = await doomed.enter_async_context(nats_connection(system.settings, "doomed"))
+        await doomed.enter_async_context(run_worker(system.settings, doomed_nc, name="doomed"))
+        reply = await submit(system, {"type": "test.gated", "payload": {"gate": "kill"}})
+        view = await wait_status(system, reply["task_id"], "running")
+        assert view["worker"] == "doomed"
+        await doomed_nc.close()  # as far as NATS is concerned, the process is gone
+        GATES["kill"].set()
+        await system.start_worker(name="rescuer")
+        view = await wait_status(system, reply["task_id"], "completed", timeout=30)
+        assert view["worker"] == "rescuer"
+        completions = [e for e in await events_of(system, reply["task_id"]) if e["type"] == "task.completed"]
+        assert len(completions) == 1
+
+
+async def test_stats_count_by_status_and_priority(system: System) -> None:
+    await submit(system, {"type": "echo", "priority": "high", "delay_s": 60})
+    await submit(system, {"type": "echo", "priority": "low"})
+    reply = await submit(system, {"type": "echo", "priority": "low"})
+    _, _, stats = await get(system, "/tasks/stats", min_seq=reply["seq"])
+    assert stats["by_status"] == {"scheduled": 1, "pending": 2}
+    assert stats["by_priority"]["low"] == {"pending": 2} and stats["queue_depth"] == 3
+    assert stats["oldest_waiting_s"] is not None

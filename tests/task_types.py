@@ -1,0 +1,34 @@
+"""Task types used by the tests, registered the way users register theirs (`task_modules`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from actors.tasks.registry import TaskContext, TaskRegistry
+
+STARTED: list[str] = []
+GATES: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+STOPPED: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+
+async def record(ctx: TaskContext) -> Any:
+    STARTED.append(ctx.payload["name"])
+
+
+async def gated(ctx: TaskContext) -> Any:
+    """Reports 40%, then waits for its gate; notes when it is cancelled."""
+    gate = ctx.payload["gate"]
+    try:
+        await ctx.progress(40, "almost half")
+        await GATES[gate].wait()
+        return {"by_attempt": ctx.attempt}
+    except asyncio.CancelledError:
+        STOPPED[gate].set()
+        raise
+
+
+def register(registry: TaskRegistry) -> None:
+    registry.register("test.record", record)
+    registry.register("test.gated", gated)
