@@ -20,11 +20,13 @@ async def submit(system: System, body: dict[str, Any], headers: dict[str, str] |
     return reply
 
 
-async def wait_status(system: System, task_id: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+async def wait_status(
+    system: System, task_id: str, status: str, timeout: float = 20.0, attempt: int | None = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         code, _, view = await get(system, f"/tasks/{task_id}")
-        if code == 200 and view["status"] == status:
+        if code == 200 and view["status"] == status and attempt in (None, view["attempt"]):
             return view
         assert time.monotonic() < deadline, f"task {task_id} is {view} not {status}"
         await asyncio.sleep(0.05)
@@ -106,8 +108,8 @@ async def test_the_last_failure_dead_letters_and_retry_brings_it_back(system: Sy
     assert [t["task_id"] for t in dead["items"]] == [reply["task_id"]]
     status, _, again = await post(system, f"/tasks/{reply['task_id']}/retry")
     assert status == 200 and again["status"] == "pending"
-    view = await wait_status(system, reply["task_id"], "dead")
-    assert view["attempt"] == 4
+    view = await wait_status(system, reply["task_id"], "dead", attempt=4)
+    assert view["error"] == "boom"
     status, _, body = await post(system, f"/tasks/{reply['task_id']}/cancel")
     assert status == 409
 
