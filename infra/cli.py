@@ -72,12 +72,26 @@ def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncE
 
 
 def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.bootstrap import run_orders_actor
+    from infra.bootstrap import run_orders_actor, run_tasks_actor
+
+    run = run_orders_actor if args.context == "orders" else run_tasks_actor
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run_orders_actor(settings, nc))
+        await stack.enter_async_context(run(settings, nc))
 
     return _role(settings, f"actor-{args.context}", parts)
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.bootstrap import run_worker
+
+    if args.concurrency:
+        settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
+
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+        await stack.enter_async_context(run_worker(settings, nc))
+
+    return _role(settings, "worker", parts)
 
 
 def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
@@ -182,8 +196,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)").set_defaults(fn=cmd_up)
     a = sub.add_parser("actor", help="run one context's actor (scale out: run more)")
-    a.add_argument("context", choices=["orders"])
+    a.add_argument("context", choices=["orders", "tasks"])
     a.set_defaults(fn=cmd_actor)
+    w = sub.add_parser("worker", help="run task handlers and the fulfilment process manager (scale out: run more)")
+    w.add_argument("--concurrency", type=int, help="tasks at once (default: JETSOURCE_WORKER_CONCURRENCY)")
+    w.set_defaults(fn=cmd_worker)
     sub.add_parser("projector", help="run the projections and the query endpoints").set_defaults(fn=cmd_projector)
     sub.add_parser("edge", help="run the HTTP edge").set_defaults(fn=cmd_edge)
     s = sub.add_parser("send", help="send a command or query and print the reply")
@@ -206,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
-    b.add_argument("--only", choices=["ceilings", "nats", "http"], action="append")
+    b.add_argument("--only", choices=["ceilings", "nats", "http", "tasks"], action="append")
     b.set_defaults(fn=cmd_bench)
     return p
 

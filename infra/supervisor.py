@@ -39,6 +39,8 @@ def role_commands(settings: Settings) -> list[Child]:
     cli = [sys.executable, "-m", "infra.cli"]
     return [
         Child("actor orders", [*cli, "actor", "orders"]),
+        Child("actor tasks", [*cli, "actor", "tasks"]),
+        Child("worker", [*cli, "worker"]),
         Child("projector", [*cli, "projector"]),
         Child("edge", [*cli, "edge"]),
     ]

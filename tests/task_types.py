@@ -6,11 +6,12 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
-from actors.tasks.registry import TaskContext, TaskRegistry
+from actors.tasks.registry import FULFIL_ORDER, TaskContext, TaskFailure, TaskRegistry, fulfil_order
 
 STARTED: list[str] = []
 GATES: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 STOPPED: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+UNFULFILLABLE: set[str] = set()
 
 
 async def record(ctx: TaskContext) -> Any:
@@ -29,6 +30,13 @@ async def gated(ctx: TaskContext) -> Any:
         raise
 
 
+async def fulfil_unless_unfulfillable(ctx: TaskContext) -> Any:
+    if ctx.payload["order_id"] in UNFULFILLABLE:
+        raise TaskFailure("warehouse has no stock")
+    return await fulfil_order(ctx)
+
+
 def register(registry: TaskRegistry) -> None:
     registry.register("test.record", record)
     registry.register("test.gated", gated)
+    registry.register(FULFIL_ORDER, fulfil_unless_unfulfillable)

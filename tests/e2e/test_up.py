@@ -66,7 +66,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(300)
-async def test_up_serves_orders_survives_a_crash_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
+async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("nats", "monitor", "pg", "http")}
     env = _env(tmp_path / "data", ports)
     log = tmp_path / "up.log"
@@ -93,20 +93,38 @@ async def test_up_serves_orders_survives_a_crash_stops_cleanly_and_keeps_data(tm
         bad = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "send", "orders.cmd.pay", "{}")
         assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "validation"
         replayed = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "replay", "orders", oid)
-        assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()] == [
+        assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()][:3] == [
             "order.placed", "order.confirmed", "order.paid"]
 
+        # The fulfilment process manager ships the paid order through a task.
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                async with http.get(f"{base}/orders/{oid}") as resp:
+                    if (await resp.json()).get("status") == "shipped":
+                        break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the paid order was never shipped:\n" + log.read_text())
+
         # A crashed role is restarted by the supervisor.
-        actor = next(p for p in psutil.Process(proc.pid).children() if "actor" in " ".join(p.cmdline()))
+        actor = next(p for p in psutil.Process(proc.pid).children() if "actor tasks" in " ".join(p.cmdline()))
         actor.kill()
         await _wait_ready(base, proc, log)
         async with aiohttp.ClientSession() as http:
             for _ in range(100):
-                async with http.post(f"{base}/orders/{oid}/ship") as resp:
-                    if resp.status == 200:
+                async with http.post(f"{base}/tasks", json={"type": "echo", "payload": [1, 2]}) as resp:
+                    if resp.status == 202:
+                        task_id = (await resp.json())["task_id"]
                         break
                 time.sleep(0.1)
-            assert resp.status == 200
+            assert resp.status == 202
+            for _ in range(300):
+                async with http.get(f"{base}/tasks/{task_id}") as resp:
+                    task = await resp.json()
+                if task.get("status") == "completed":
+                    break
+                time.sleep(0.1)
+            assert task["result"] == [1, 2]
 
         children = _stop(proc)
         assert children and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -121,6 +139,8 @@ async def test_up_serves_orders_survives_a_crash_stops_cleanly_and_keeps_data(tm
                 assert (await resp.json())["status"] == "shipped"
             async with http.get(f"{base}/orders/{oid}/events") as resp:
                 assert len((await resp.json())["events"]) == 4
+            async with http.get(f"{base}/tasks/{task_id}") as resp:
+                assert (await resp.json())["status"] == "completed"
     finally:
         if proc.poll() is None:
             _stop(proc)

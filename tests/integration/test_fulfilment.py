@@ -1,0 +1,76 @@
+"""The process manager: a paid order is fulfilled by one task and shipped; a dead-lettered
+fulfilment is recorded on the order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from actors.fulfilment import DURABLE
+from tests.conftest import System
+from tests.integration.test_orders_http import PLACE, get, post
+from tests.task_types import UNFULFILLABLE
+
+
+async def _paid_order(system: System) -> str:
+    _, _, body = await post(system, "/orders", PLACE)
+    oid = body["order_id"]
+    assert (await post(system, f"/orders/{oid}/confirm"))[0] == 200
+    assert (await post(system, f"/orders/{oid}/pay", {"amount": 300}))[0] == 200
+    return oid
+
+
+async def _wait_order(system: System, oid: str, check: Any, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        _, _, view = await get(system, f"/orders/{oid}")
+        if check(view):
+            return view
+        assert time.monotonic() < deadline, view
+        await asyncio.sleep(0.1)
+
+
+async def _fulfilment_tasks(system: System) -> list[dict[str, Any]]:
+    _, _, page = await get(system, "/tasks", type="order.fulfil")
+    return page["items"]
+
+
+async def test_a_paid_order_is_fulfilled_once_and_shipped_even_when_events_are_replayed(system: System) -> None:
+    await system.start_worker()
+    oid = await _paid_order(system)
+    view = await _wait_order(system, oid, lambda v: v.get("status") == "shipped")
+    assert view["status"] == "shipped"
+    _, _, history = await get(system, f"/orders/{oid}/events")
+    shipped = history["events"][-1]
+    assert shipped["type"] == "order.shipped" and shipped["event"]["tracking"].startswith("JS")
+    # Replay both streams to the process manager from the beginning: nothing new happens.
+    js = system.nc.jetstream()
+    for ctx in (system.orders, system.tasks):
+        await js.delete_consumer(ctx.stream, DURABLE)
+        await js.add_consumer(ctx.stream, ConsumerConfig(
+            durable_name=DURABLE, filter_subject=ctx.events_wildcard, deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT))
+    await asyncio.sleep(2)
+    for ctx in (system.orders, system.tasks):
+        info = await js.consumer_info(ctx.stream, DURABLE)
+        assert info.num_pending == 0
+    tasks = [t for t in await _fulfilment_tasks(system) if t["ref"] == f"order:{oid}"]
+    assert len(tasks) == 1 and tasks[0]["status"] == "completed"
+    _, _, again = await get(system, f"/orders/{oid}/events")
+    assert len(again["events"]) == len(history["events"])
+
+
+async def test_a_dead_lettered_fulfilment_is_recorded_on_the_order(system: System) -> None:
+    await system.start_worker()
+    _, _, body = await post(system, "/orders", PLACE)
+    oid = body["order_id"]
+    UNFULFILLABLE.add(oid)
+    await post(system, f"/orders/{oid}/confirm")
+    await post(system, f"/orders/{oid}/pay", {"amount": 300})
+    view = await _wait_order(system, oid, lambda v: v.get("failure") is not None, timeout=40)
+    assert view["status"] == "paid" and "no stock" in view["failure"]
+    _, _, history = await get(system, f"/orders/{oid}/events")
+    assert history["events"][-1]["type"] == "order.fulfilment_failed"
