@@ -86,7 +86,7 @@ def evolve(state: Task, event: TaskEvent) -> Task:
         case TaskFailed():
             return replace(state, status="retrying", attempt=event.attempt + 1, run_at=event.retry_at)
         case TaskDeadLettered():
-            return replace(state, status="dead")
+            return replace(state, status="dead", attempt=event.attempt)
         case TaskCancelled():
             return replace(state, status="cancelled")
         case TaskRequeued():
