@@ -13,7 +13,6 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from bus.errors import UnavailableError
 
-_NEXT = msgspec.json.encode({"batch": 1, "no_wait": True})
 
 
 class WorkItem:
@@ -59,25 +58,36 @@ class PriorityQueues:
         self._inbox = nc.new_inbox()
         self._sub: Any = None
 
-    async def next(self) -> WorkItem | None:
+    async def take(self, n: int) -> list[WorkItem]:
+        """Up to n items, highest priority first: all of the first queue's that fit, then the
+        next queue's. Callers start everything they take at once, so strictness holds."""
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._inbox)
+        items: list[WorkItem] = []
         for queue, api in self._apis:
-            await self._nc.publish(api, _NEXT, reply=self._inbox)
-            while True:
+            want = n - len(items)
+            if want <= 0:
+                break
+            await self._nc.publish(api, b'{"batch":%d,"no_wait":true}' % want, reply=self._inbox)
+            got = 0
+            while got < want:
                 try:
                     msg = await self._sub.next_msg(self._timeout)
                 except NatsTimeoutError:
                     raise UnavailableError("JetStream did not answer a pull request in time") from None
                 status = (msg.headers or {}).get("Status")
                 if status is None:
-                    return WorkItem(self._nc, msg, queue)
-                if status in ("404", "408"):
-                    break  # this queue is empty: try the next priority
-                if status == "503":
+                    items.append(WorkItem(self._nc, msg, queue))
+                    got += 1
+                elif status in ("404", "408"):
+                    break  # the queue had fewer than we asked for: on to the next priority
+                elif status == "503":
                     raise UnavailableError("JetStream is not answering")
-                # anything else (e.g. a late status of an earlier pull): keep reading
-        return None
+        return items
+
+    async def next(self) -> WorkItem | None:
+        items = await self.take(1)
+        return items[0] if items else None
 
     async def close(self) -> None:
         if self._sub is not None:

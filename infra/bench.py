@@ -148,6 +148,64 @@ def _wrk(base: str, connections: int, seconds: float) -> dict[str, float]:
             "failed": stats["non2xx"], "client": f"wrk -c{connections}"}
 
 
+async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict[str, object]:
+    """No-op tasks submitted and completed end to end; then submit-to-start latency when idle.
+
+    Completion and start are observed live on the task event subjects (core NATS sees every
+    event JetStream stores), so the figure excludes read-model lag.
+    """
+    nc = await connect(url, "bench-tasks")
+    completed = 0
+    all_done = asyncio.Event()
+    started_at: dict[str, float] = {}
+    started_event: dict[str, asyncio.Event] = {}
+
+    async def on_event(msg: object) -> None:
+        nonlocal completed
+        data = msg.data  # type: ignore[attr-defined]
+        if b'"task.completed"' in data:
+            completed += 1
+            if completed >= count:
+                all_done.set()
+        elif b'"task.started"' in data:
+            task_id = msg.subject.rsplit(".", 1)[1]  # type: ignore[attr-defined]
+            if task_id in started_event:
+                started_at[task_id] = time.perf_counter()
+                started_event[task_id].set()
+
+    sub = await nc.subscribe(ctx.events("*"), cb=on_event)
+    body = json.dumps({"type": "echo", "payload": None, "priority": "normal"}).encode()
+    subject = ctx.command("submit")
+
+    async def op() -> bool:
+        msg = await nc.request(subject, body, timeout=10)
+        return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
+
+    start = time.perf_counter()
+    submitted = await _drive(count, inflight, op)
+    try:
+        await asyncio.wait_for(all_done.wait(), 120)
+    except TimeoutError:
+        pass
+    elapsed = time.perf_counter() - start
+    throughput = {"tasks": count, "completed": completed, "per_s": round(completed / elapsed),
+                  "submit_per_s": submitted["per_s"], "submit_p99_ms": submitted["p99_ms"]}
+    await asyncio.sleep(1.0)
+    latencies = []
+    for _ in range(200):
+        t = time.perf_counter()
+        reply = json.loads((await nc.request(subject, body, timeout=10)).data)
+        started_event[reply["task_id"]] = event = asyncio.Event()
+        await asyncio.wait_for(event.wait(), 10)
+        latencies.append((started_at[reply["task_id"]] - t) * 1000)
+        await asyncio.sleep(0.01)
+    latencies.sort()
+    await sub.unsubscribe()
+    await nc.close()
+    return {**throughput, "idle_submit_to_start_p50_ms": round(_pct(latencies, 0.5), 2),
+            "idle_submit_to_start_p99_ms": round(_pct(latencies, 0.99), 2)}
+
+
 @contextlib.asynccontextmanager
 async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
     """A running system's NATS URL and edge base URL; starts `jetsource up` if none answers."""
@@ -184,7 +242,7 @@ async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
 
 
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
-    only = set(args.only or ["ceilings", "nats", "http"])
+    only = set(args.only or ["ceilings", "nats", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
     async with _system(settings) as (url, base):
         if "ceilings" in only:
@@ -195,6 +253,9 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             results["nats_orders_cmd_place"] = await bench_nats(url, subject, args.count, args.inflight)
         if "http" in only:
             results["http_post_orders"] = await bench_http(base, args.count, args.inflight, seconds=10)
+        if "tasks" in only:
+            results["tasks_noop_end_to_end"] = await bench_tasks(
+                url, Context("tasks", settings.namespace), args.count, args.inflight)
     for key, value in results.items():
         print(f"{key:<28} {json.dumps(value)}")
     return 0

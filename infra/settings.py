@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
     api_tokens: str = Field("", description="comma-separated bearer tokens for writes; empty = open")
     task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
-    worker_concurrency: int = Field(32, description="tasks one worker process runs at once")
+    worker_concurrency: int = Field(256, description="tasks one worker process runs at once (asyncio: cheap while they await I/O)")
     task_lease_s: float = Field(30.0, description="a running task's lease; its worker renews it every third")
     log_level: str = "INFO"
 

@@ -27,7 +27,7 @@ _accepted = msgspec.json.Decoder(TaskAccepted)
 
 
 class Worker:
-    """Runs task handlers, at most `concurrency` at once."""
+    """Runs task handlers, at most `concurrency` at once; one pull fills every free slot."""
 
     def __init__(
         self, nc: Client, ctx: Context, registry: TaskRegistry, *, concurrency: int = 16, lease_s: float = 30.0,
@@ -36,7 +36,8 @@ class Worker:
         self._nc = nc
         self._ctx = ctx
         self._registry = registry
-        self._slots = asyncio.Semaphore(concurrency)
+        self._free = concurrency
+        self._slot_freed = asyncio.Event()
         self._lease_s = lease_s
         self.name = name
         self._timeout = request_timeout
@@ -51,21 +52,24 @@ class Worker:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
         try:
             while not self._stopping.is_set():
-                await self._slots.acquire()
+                while self._free == 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
                 try:
-                    item = await self._queues.next()
+                    items = await self._queues.take(self._free)
                 except JetsourceError as exc:
                     log.warning("worker %s: %s", self.name, exc.message)
-                    item = None
-                if item is None:
-                    self._slots.release()
+                    items = []
+                self._free -= len(items)
+                if not items:
                     self._ready.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._ready.wait(), 0.25)
                     continue
-                task = asyncio.get_running_loop().create_task(self._process(item))
-                self._running.add(task)
-                task.add_done_callback(self._done)
+                for item in items:
+                    task = asyncio.get_running_loop().create_task(self._process(item))
+                    self._running.add(task)
+                    task.add_done_callback(self._done)
         finally:
             await sub.unsubscribe()
             await self._queues.close()
@@ -75,7 +79,8 @@ class Worker:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._slots.release()
+        self._free += 1
+        self._slot_freed.set()
 
     async def stop(self) -> None:
         """Stop taking work; let running handlers finish (their leases cover a crash)."""
