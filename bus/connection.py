@@ -16,13 +16,17 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
     async def on_error(exc: Exception) -> None:
         log.warning("nats error (%s): %s", name, exc)
 
+    holder: list[Client] = []
+
     async def on_disconnect() -> None:
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return  # our own drain/close, not an outage
         log.warning("nats disconnected (%s)", name)
 
     async def on_reconnect() -> None:
         log.info("nats reconnected (%s)", name)
 
-    return await nats.connect(
+    nc = await nats.connect(
         servers=url.split(","),
         name=name,
         connect_timeout=connect_timeout,
@@ -35,3 +39,5 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    holder.append(nc)
+    return nc
