@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError
 
 from actors.orders.messages import OrderEvent, OrderPaid
 from actors.tasks.messages import TaskCompleted, TaskDeadLettered, TaskEvent
@@ -56,27 +57,27 @@ class FulfilmentManager:
         js = self._nc.jetstream()
         while not self._stopping.is_set():
             try:
-                await js.add_consumer(ctx.stream, ConsumerConfig(
+                config = ConsumerConfig(
                     durable_name=DURABLE, filter_subject=ctx.events_wildcard, deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1, max_ack_pending=1000,
-                ))
+                    ack_policy=AckPolicy.ALL, ack_wait=5, max_deliver=-1, max_ack_pending=10_000,
+                )
+                try:
+                    await js.add_consumer(ctx.stream, config)
+                except BadRequestError:
+                    # An older, incompatible definition: start over. Every command this
+                    # manager sends is idempotent, so replaying the stream is safe.
+                    await js.delete_consumer(ctx.stream, DURABLE)
+                    await js.add_consumer(ctx.stream, config)
                 sub = await js.pull_subscribe_bind(DURABLE, ctx.stream)
                 try:
                     while not self._stopping.is_set():
                         try:
-                            msgs = await sub.fetch(100, timeout=0.5)
+                            msgs = await sub.fetch(500, timeout=0.5)
                         except NatsTimeoutError:
                             continue
-                        for msg in msgs:
-                            try:
-                                await handle(msg.data, msg.headers or {})
-                                await msg.ack()
-                            except _PERMANENT as exc:
-                                log.warning("fulfilment: %s; skipping the event", exc.message)
-                                await msg.ack()
-                            except JetsourceError as exc:
-                                log.warning("fulfilment: %s; will retry", exc.message)
-                                await msg.nak(delay=1.0)
+                        await self._handle_batch(msgs, handle)
+                        if len(msgs) < 500:
+                            await asyncio.sleep(0.05)  # a trickle: gather more per fetch
                 finally:
                     await sub.unsubscribe()
             except asyncio.CancelledError:
@@ -86,6 +87,25 @@ class FulfilmentManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), 1.0)
 
+    async def _handle_batch(self, msgs: list[Any], handle: Any) -> None:
+        """Handle in order; one ack (ack-all) covers everything handled. On a transient failure
+        the rest of the batch is left for redelivery."""
+        done = None
+        for msg in msgs:
+            try:
+                await handle(msg.data, msg.headers or {})
+            except _PERMANENT as exc:
+                log.warning("fulfilment: %s; skipping the event", exc.message)
+            except JetsourceError as exc:
+                log.warning("fulfilment: %s; will retry", exc.message)
+                if done is not None:
+                    await done.ack()
+                await msg.nak(delay=1.0)
+                return
+            done = msg
+        if done is not None:
+            await done.ack()
+
     async def _command(self, subject: str, body: dict[str, Any], key: str, causation: str | None) -> None:
         headers = {h.IDEMPOTENCY_KEY: key}
         if causation:
@@ -93,6 +113,8 @@ class FulfilmentManager:
         await call(self._nc, subject, encode(body), headers=headers, timeout=self._timeout)
 
     async def _on_order_event(self, data: bytes, headers: dict[str, str]) -> None:
+        if b'"order.paid"' not in data:
+            return  # cheap pre-filter: most order events are not payments
         try:
             event = self._order_events.decode(data)
         except msgspec.ValidationError:
@@ -105,6 +127,8 @@ class FulfilmentManager:
             )
 
     async def _on_task_event(self, data: bytes, headers: dict[str, str]) -> None:
+        if FULFIL_ORDER.encode() not in data:
+            return
         try:
             event = self._task_events.decode(data)
         except msgspec.ValidationError:

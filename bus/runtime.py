@@ -321,9 +321,13 @@ class Actor(Generic[S, C, E]):
         return entry
 
     def _evict(self) -> None:
-        for key in list(self._cache)[: len(self._cache) - self._cache_size]:
-            if not self._cache[key].lock.locked():
-                del self._cache[key]
+        # Oldest first; an entry in use (its lock held) goes back to the end instead.
+        for _ in range(len(self._cache)):
+            if len(self._cache) <= self._cache_size:
+                return
+            key, entry = self._cache.popitem(last=False)
+            if entry.lock.locked():
+                self._cache[key] = entry
 
     async def _catch_up(self, entry: _Entry[S], subject: str) -> None:
         """Fold the events stored after the cached version into the cached state."""

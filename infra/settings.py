@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     read_wait_timeout_s: float = Field(2.0, description="longest a read waits for the projection to catch up")
     max_body_bytes: int = 64 * 1024
     projection_batch: int = 500
+    projector_nice: int = Field(10, description="`jetsource up` runs the projector at this nice level (0 = same as others)")
     rate_limit_per_s: float = Field(0.0, description="edge requests per second per client IP; 0 = off")
     max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
     api_tokens: str = Field("", description="comma-separated bearer tokens for writes; empty = open")

@@ -24,24 +24,34 @@ class Child:
 
     name: str
     args: list[str]
+    nice: int = 0
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.args, env=env, preexec_fn=_die_with_parent)
+        nice = self.nice
+
+        def prepare() -> None:
+            _die_with_parent()
+            if nice:
+                os.nice(nice)
+
+        self.proc = subprocess.Popen(self.args, env=env, preexec_fn=prepare)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
 
 def role_commands(settings: Settings) -> list[Child]:
     cli = [sys.executable, "-m", "infra.cli"]
+    # The projector is eventually consistent by design: on a shared machine it yields the CPU
+    # to the request path under load and catches up when the load drops.
     return [
         Child("actor orders", [*cli, "actor", "orders"]),
         Child("actor tasks", [*cli, "actor", "tasks"]),
         Child("worker", [*cli, "worker"]),
-        Child("projector", [*cli, "projector"]),
+        Child("projector", [*cli, "projector"], nice=settings.projector_nice),
         Child("edge", [*cli, "edge"]),
     ]
 

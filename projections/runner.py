@@ -20,6 +20,7 @@ from bus.eventstore import StoredEvent
 from bus.subjects import Context
 
 log = logging.getLogger(__name__)
+LINGER_S = 0.01
 
 
 class Rewound(Exception):
@@ -225,6 +226,10 @@ class Projector:
                 await self._checkpoints.advanced(self._projection.name, last_seq)
             if msgs:
                 await msgs[-1].ack()
+            if len(msgs) < self._batch:
+                # Streaming in a trickle: let a few more events gather so each transaction
+                # (and each fetch) carries more of them. Bounds read-your-writes delay.
+                await asyncio.sleep(LINGER_S)
 
     def stop(self) -> None:
         self._stopping.set()

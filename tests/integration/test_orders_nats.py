@@ -17,3 +17,21 @@ async def test_place_order_over_nats_stores_an_event_and_replies_with_the_versio
     assert b"error" not in reply.data
     info = await system.nc.jetstream().stream_info(system.orders.stream)
     assert info.state.messages == 1
+
+
+async def test_the_state_cache_stays_bounded_and_evicted_orders_reload_from_the_stream(system: System) -> None:
+    from actors.orders.service import order_spec
+    from bus.eventstore import EventStore
+    from bus.runtime import Actor
+
+    actor = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders), cache_size=3)
+    from actors.orders.messages import AddItem, PlaceOrder
+
+    ids = []
+    for i in range(10):
+        reply = await actor.execute(PlaceOrder(customer_id=f"c{i}", currency="EUR"), None)
+        ids.append(reply.order_id)
+    assert len(actor._cache) == 3  # noqa: SLF001
+    reply = await actor.execute(AddItem(order_id=ids[0], sku="x", quantity=2, unit_price=5), None)
+    assert reply.total == 10 and reply.status == "placed"
+    await actor.stop()
