@@ -125,6 +125,11 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                     break
                 time.sleep(0.1)
             assert task["result"] == [1, 2]
+            # A delayed task is stored, not held in memory: it survives the full stop below.
+            run_at = time.time() + 6
+            async with http.post(f"{base}/tasks", json={"type": "echo", "payload": "later", "run_at": run_at}) as resp:
+                assert resp.status == 202
+                delayed_id = (await resp.json())["task_id"]
 
         children = _stop(proc)
         assert children and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -141,6 +146,16 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                 assert len((await resp.json())["events"]) == 4
             async with http.get(f"{base}/tasks/{task_id}") as resp:
                 assert (await resp.json())["status"] == "completed"
+            for _ in range(300):
+                async with http.get(f"{base}/tasks/{delayed_id}") as resp:
+                    delayed = await resp.json()
+                if delayed.get("status") == "completed":
+                    break
+                time.sleep(0.1)
+            assert delayed["status"] == "completed" and delayed["result"] == "later"
+            async with http.get(f"{base}/tasks/{delayed_id}/events") as resp:
+                started = next(e for e in (await resp.json())["events"] if e["type"] == "task.started")
+            assert started["event"]["at"] >= run_at
     finally:
         if proc.poll() is None:
             _stop(proc)
