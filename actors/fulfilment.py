@@ -2,8 +2,10 @@
 
 A paid order submits one `order.fulfil` task (idempotency key `fulfil:<order_id>`, so redelivered
 or replayed events never submit a second); the task's completion ships the order; its dead
-letter records a `order.fulfilment_failed` event on the order. It consumes both event streams
-through durable consumers and only issues idempotent commands, so at-least-once is enough."""
+letter records a `order.fulfilment_failed` event on the order. It consumes the outbox subjects
+(`orders.outbox.paid`, `tasks.outbox.ended`: copies of those events stored atomically with them)
+through durable consumers, so the server filters out every other event, and it only issues
+idempotent commands, so at-least-once is enough."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class FulfilmentManager:
         while not self._stopping.is_set():
             try:
                 config = ConsumerConfig(
-                    durable_name=DURABLE, filter_subject=ctx.events_wildcard, deliver_policy=DeliverPolicy.ALL,
+                    durable_name=DURABLE, filter_subject=ctx.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
                     ack_policy=AckPolicy.ALL, ack_wait=5, max_deliver=-1, max_ack_pending=10_000,
                 )
                 try:
@@ -76,8 +78,6 @@ class FulfilmentManager:
                         except NatsTimeoutError:
                             continue
                         await self._handle_batch(msgs, handle)
-                        if len(msgs) < 500:
-                            await asyncio.sleep(0.05)  # a trickle: gather more per fetch
                 finally:
                     await sub.unsubscribe()
             except asyncio.CancelledError:
@@ -113,8 +113,6 @@ class FulfilmentManager:
         await call(self._nc, subject, encode(body), headers=headers, timeout=self._timeout)
 
     async def _on_order_event(self, data: bytes, headers: dict[str, str]) -> None:
-        if b'"order.paid"' not in data:
-            return  # cheap pre-filter: most order events are not payments
         try:
             event = self._order_events.decode(data)
         except msgspec.ValidationError:
@@ -127,8 +125,6 @@ class FulfilmentManager:
             )
 
     async def _on_task_event(self, data: bytes, headers: dict[str, str]) -> None:
-        if FULFIL_ORDER.encode() not in data:
-            return
         try:
             event = self._task_events.decode(data)
         except msgspec.ValidationError:

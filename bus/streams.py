@@ -14,13 +14,14 @@ def event_stream(
 ) -> StreamConfig:
     """The event stream of a bounded context: the source of truth, never deleted or purged.
 
-    `with_queue` adds the context's work-queue subjects, so work items are stored in the same
-    atomic batch as the events that cause them.
+    Besides `<ctx>.events.>` it holds `<ctx>.outbox.>` (notifications for other contexts) and,
+    `with_queue`, `<ctx>.queue.>` (work items): both are stored in the same atomic batch as the
+    events that cause them, so consumers can filter on them server-side.
     """
     return StreamConfig(
         name=ctx.stream,
         description=f"jetsource {ctx.name} events (source of truth)",
-        subjects=[ctx.events_wildcard, *([ctx.queue_wildcard] if with_queue else [])],
+        subjects=[ctx.events_wildcard, ctx.outbox_wildcard, *([ctx.queue_wildcard] if with_queue else [])],
         storage=StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=duplicate_window_s,

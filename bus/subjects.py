@@ -75,6 +75,13 @@ class Context:
     def queue_wildcard(self) -> str:
         return f"{self._root}.queue.>"
 
+    def outbox(self, name: str) -> str:
+        return f"{self._root}.outbox.{name}"
+
+    @property
+    def outbox_wildcard(self) -> str:
+        return f"{self._root}.outbox.>"
+
     def command(self, name: str) -> str:
         return f"{self._root}.cmd.{name}"
 

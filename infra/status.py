@@ -10,6 +10,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
 from bus.connection import connect
+from bus.subjects import Context
 from infra.bootstrap import orders_context
 from infra.settings import Settings
 from projections.orders import OrdersProjection
@@ -34,6 +35,14 @@ async def _discover(nc: object, timeout: float = 0.5) -> list[dict[str, object]]
     finally:
         await sub.unsubscribe()
     return found
+
+
+async def last_event_seq(nc: object, ctx: Context) -> int:
+    """The sequence of the newest event (the stream also holds outbox and queue messages)."""
+    try:
+        return int((await nc.jetstream().get_last_msg(ctx.stream, ctx.events_wildcard)).seq)  # type: ignore[attr-defined]
+    except NotFoundError:
+        return 0
 
 
 async def status(settings: Settings) -> int:
@@ -77,7 +86,7 @@ async def rebuild(settings: Settings) -> int:
     nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild")
     try:
         ctx = orders_context(settings)
-        target = (await nc.jetstream().stream_info(ctx.stream)).state.last_seq
+        target = await last_event_seq(nc, ctx)
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = 'orders' FOR UPDATE")
             await conn.execute("TRUNCATE " + ", ".join(READ_MODELS["orders"]))

@@ -6,7 +6,8 @@ import msgspec
 from nats.aio.client import Client
 
 from actors.orders import domain
-from actors.orders.messages import COMMANDS, OrderAccepted, OrderCommand, OrderEvent, PlaceOrder
+from actors.orders.messages import COMMANDS, OrderAccepted, OrderCommand, OrderEvent, OrderPaid, PlaceOrder
+from bus.codec import encode
 from bus.eventstore import EventStore
 from bus.runtime import Actor, AggregateSpec
 from bus.subjects import Context
@@ -27,6 +28,11 @@ def _reply(order_id: str, state: domain.Order, version: int) -> OrderAccepted:
 
 def order_spec(ctx: Context) -> AggregateSpec[domain.Order, OrderCommand, OrderEvent]:
     """The order aggregate as the actor runtime drives it."""
+
+    def outbox(state: domain.Order, events: list[OrderEvent]) -> list[tuple[str, bytes]]:
+        # A payment is news for other contexts (fulfilment): published with the event, atomically.
+        return [(ctx.outbox("paid"), encode(e)) for e in events if isinstance(e, OrderPaid)]
+
     return AggregateSpec(
         ctx=ctx,
         initial=domain.INITIAL,
@@ -37,6 +43,7 @@ def order_spec(ctx: Context) -> AggregateSpec[domain.Order, OrderCommand, OrderE
         aggregate_id=_aggregate_id,
         with_id=_with_id,
         reply=_reply,
+        outbox=outbox,
     )
 
 

@@ -15,6 +15,8 @@ from actors.tasks.messages import (
     TaskAccepted,
     TaskCancelled,
     TaskCommand,
+    TaskCompleted,
+    TaskDeadLettered,
     TaskEvent,
     TaskProgressed,
 )
@@ -35,7 +37,11 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
         return msgspec.structs.replace(command, at=time.time())
 
     def outbox(state: domain.Task, events: list[TaskEvent]) -> list[tuple[str, bytes]]:
-        return [(ctx.queue(p), encode(d)) for p, d in domain.dispatches(state, events)]
+        work = [(ctx.queue(p), encode(d)) for p, d in domain.dispatches(state, events)]
+        # Tasks submitted with a `ref` (a process manager's) report how they ended.
+        ended = [(ctx.outbox("ended"), encode(e)) for e in events
+                 if isinstance(e, TaskCompleted | TaskDeadLettered) and e.ref]
+        return work + ended
 
     async def after_commit(nc: Client, state: domain.Task, events: list[TaskEvent]) -> None:
         for event in events:

@@ -51,7 +51,7 @@ async def test_a_paid_order_is_fulfilled_once_and_shipped_even_when_events_are_r
     for ctx in (system.orders, system.tasks):
         await js.delete_consumer(ctx.stream, DURABLE)
         await js.add_consumer(ctx.stream, ConsumerConfig(
-            durable_name=DURABLE, filter_subject=ctx.events_wildcard, deliver_policy=DeliverPolicy.ALL,
+            durable_name=DURABLE, filter_subject=ctx.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.ALL))
     await asyncio.sleep(2)
     for ctx in (system.orders, system.tasks):
