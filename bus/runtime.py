@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -159,12 +160,12 @@ class AggregateSpec(Generic[S, C, E]):
     after_commit: Callable[[Client, S, list[E]], Awaitable[None]] | None = None
 
 
-@dataclass(slots=True)
-class _Entry(Generic[S]):
-    state: S
+class _Entry(msgspec.Struct, gc=False):
+    """A cached aggregate. Untracked by the cyclic GC: the cache is large and cycle-free."""
+
+    state: Any
     version: int
-    commands: dict[str, int] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    commands: dict[str, int] = {}
     loaded: bool = False
 
 
@@ -186,7 +187,9 @@ class Actor(Generic[S, C, E]):
         self._spec = spec
         self._concurrency = Concurrency(concurrency)
         self._max_retries = max_retries
-        self._cache: collections.OrderedDict[str, _Entry[S]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        # Per-aggregate locks exist only while an aggregate has commands in flight.
+        self._locks: dict[str, asyncio.Lock] = {}
         self._cache_size = cache_size
         self._event_decoder = msgspec.json.Decoder(spec.event_type)
         self._nuid = NUID()
@@ -250,7 +253,7 @@ class Actor(Generic[S, C, E]):
         subject = self._spec.ctx.events(aggregate_id)
         for attempt in range(self._max_retries + 1):
             entry = self._entry(aggregate_id, fresh)
-            async with entry.lock:
+            async with self._lock(aggregate_id):
                 if not entry.loaded:
                     await self._catch_up(entry, subject)
                 seen = entry.commands.get(meta.command_id)
@@ -309,12 +312,24 @@ class Actor(Generic[S, C, E]):
             out.append(NewEvent(encode(event), headers))
         return out
 
-    def _entry(self, aggregate_id: str, fresh: bool) -> _Entry[S]:
+    @contextlib.asynccontextmanager
+    async def _lock(self, aggregate_id: str) -> AsyncIterator[None]:
+        lock = self._locks.get(aggregate_id)
+        if lock is None:
+            lock = self._locks[aggregate_id] = asyncio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock._waiters:  # noqa: SLF001 - drop idle locks
+                self._locks.pop(aggregate_id, None)
+
+    def _entry(self, aggregate_id: str, fresh: bool) -> _Entry:
         entry = self._cache.get(aggregate_id)
         if entry is not None:
             self._cache.move_to_end(aggregate_id)
             return entry
-        entry = _Entry(state=self._spec.initial, version=0, loaded=fresh)
+        entry = _Entry(state=self._spec.initial, version=0, commands={}, loaded=fresh)
         self._cache[aggregate_id] = entry
         if len(self._cache) > self._cache_size:
             self._evict()
@@ -326,10 +341,10 @@ class Actor(Generic[S, C, E]):
             if len(self._cache) <= self._cache_size:
                 return
             key, entry = self._cache.popitem(last=False)
-            if entry.lock.locked():
+            if key in self._locks:
                 self._cache[key] = entry
 
-    async def _catch_up(self, entry: _Entry[S], subject: str) -> None:
+    async def _catch_up(self, entry: _Entry, subject: str) -> None:
         """Fold the events stored after the cached version into the cached state."""
         state = entry.state
         for stored in await self._store.load(subject, after_seq=entry.version):
@@ -343,7 +358,7 @@ class Actor(Generic[S, C, E]):
 
     async def load(self, aggregate_id: str) -> tuple[S, int]:
         """The current state and version of an aggregate, straight from the stream."""
-        entry: _Entry[S] = _Entry(state=self._spec.initial, version=0)
+        entry = _Entry(state=self._spec.initial, version=0, commands={})
         await self._catch_up(entry, self._spec.ctx.events(aggregate_id))
         return entry.state, entry.version
 

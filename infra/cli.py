@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -63,6 +64,9 @@ def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncE
             nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}"))
             await ensure_streams(nc, settings)
             await parts(nc, stack)
+            # Everything alive now (modules, clients) lives as long as the process: keep it
+            # out of the cyclic GC's full collections, which otherwise rescan it every time.
+            gc.freeze()
             log.info("%s ready", name)
             await _until_signalled()
             log.info("%s draining", name)

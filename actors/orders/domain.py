@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import msgspec
+from msgspec.structs import replace
 from typing import assert_never
 
 from actors.orders.messages import (
@@ -32,16 +33,19 @@ from bus.errors import NotFoundError, RuleViolationError, ValidationError
 MAX_LINES = 200
 
 
-@dataclass(frozen=True, slots=True)
-class Order:
-    """The state of one order as folded from its events."""
+class Order(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The state of one order as folded from its events.
+
+    Not tracked by the cyclic GC (no cycles possible): actors cache up to 100k of these, and
+    tracked caches made full collections pause the actor for 100+ ms.
+    """
 
     order_id: str = ""
     exists: bool = False
     status: OrderStatus = "placed"
     customer_id: str = ""
     currency: str = ""
-    lines: dict[str, OrderLine] = field(default_factory=dict)
+    lines: dict[str, OrderLine] = {}
 
     @property
     def total(self) -> int:

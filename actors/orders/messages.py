@@ -16,7 +16,7 @@ ShortText = Annotated[str, msgspec.Meta(max_length=200)]
 OrderStatus = Literal["placed", "confirmed", "paid", "shipped", "cancelled"]
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """Base of every order message."""
 
 
@@ -111,7 +111,7 @@ COMMANDS: dict[str, type[OrderCommand]] = {
 # ---- events (stored on orders.events.<order_id>) ------------------------------------------------
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Base of stored order events; `v` is the schema version of the event type."""
 
     v: int = 1

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+import msgspec
+from msgspec.structs import replace
 from typing import Any, assert_never
 
 from actors.tasks.messages import (
@@ -35,9 +36,8 @@ from bus.errors import NotFoundError, RuleViolationError, ValidationError
 FINAL: frozenset[str] = frozenset({"completed", "dead", "cancelled"})
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
-    """The state of one task as folded from its events."""
+class Task(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The state of one task as folded from its events (untracked by the cyclic GC, see Order)."""
 
     task_id: str = ""
     exists: bool = False

@@ -15,7 +15,7 @@ ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False, tag_field="kind"):
     """Base of every task message (`type` is the task type, so the tag field is `kind`)."""
 
 
@@ -118,7 +118,7 @@ COMMANDS: dict[str, type[TaskCommand]] = {
 # ---- events (stored on tasks.events.<task_id>) --------------------------------------------------------
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Base of stored task events; `v` is the schema version of the event type."""
 
     v: int = 1
