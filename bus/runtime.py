@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -21,12 +20,12 @@ from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
-from nats.nuid import NUID
 
 from bus import subjects as h
 from bus.codec import Decoder, encode
 from bus.errors import ConflictError, InternalError, JetsourceError, PreconditionFailedError, ValidationError
 from bus.eventstore import EventStore, NewEvent, WrongExpectedSequence
+from bus.ids import IdSource
 from bus.subjects import Context
 
 log = logging.getLogger(__name__)
@@ -115,8 +114,12 @@ class CommandMeta:
     causation_id: str | None
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str] | None, nuid: NUID) -> CommandMeta:
-        hdrs = headers or {}
+    def from_headers(cls, headers: Mapping[str, str] | None, ids: IdSource) -> CommandMeta:
+        if not headers:
+            trace_id = ids.next()
+            return cls(command_id=ids.next(), keyed=False, expected_version=None, trace_id=trace_id,
+                       correlation_id=trace_id, causation_id=None)
+        hdrs = headers
         key = hdrs.get(h.IDEMPOTENCY_KEY)
         if key is not None and not (0 < len(key) <= 200):
             raise ValidationError("Idempotency-Key must be 1..200 characters", field=h.IDEMPOTENCY_KEY)
@@ -127,9 +130,9 @@ class CommandMeta:
                 expected = int(expected_raw.strip().strip('"'))
             except ValueError:
                 raise ValidationError("Expected-Version must be an integer", field=h.EXPECTED_VERSION) from None
-        trace_id = hdrs.get(h.TRACE_ID) or nuid.next().decode()
+        trace_id = hdrs.get(h.TRACE_ID) or ids.next()
         return cls(
-            command_id=key or nuid.next().decode(),
+            command_id=key or ids.next(),
             keyed=key is not None,
             expected_version=expected,
             trace_id=trace_id,
@@ -192,7 +195,7 @@ class Actor(Generic[S, C, E]):
         self._locks: dict[str, asyncio.Lock] = {}
         self._cache_size = cache_size
         self._event_decoder = msgspec.json.Decoder(spec.event_type)
-        self._nuid = NUID()
+        self._ids = IdSource()
         self._service: Service | None = None
         self.handled = 0
         self.conflicts = 0
@@ -236,7 +239,7 @@ class Actor(Generic[S, C, E]):
 
     async def execute(self, command: C, headers: Mapping[str, str] | None) -> msgspec.Struct:
         """Decide and store one command; returns the reply Struct or raises a coded error."""
-        meta = CommandMeta.from_headers(headers, self._nuid)
+        meta = CommandMeta.from_headers(headers, self._ids)
         body_key = getattr(command, "idempotency_key", None)
         if body_key and not meta.keyed:
             meta = dataclasses.replace(meta, command_id=body_key, keyed=True)
@@ -253,46 +256,64 @@ class Actor(Generic[S, C, E]):
         subject = self._spec.ctx.events(aggregate_id)
         for attempt in range(self._max_retries + 1):
             entry = self._entry(aggregate_id, fresh)
-            async with self._lock(aggregate_id):
-                if not entry.loaded:
-                    await self._catch_up(entry, subject)
-                seen = entry.commands.get(meta.command_id)
-                if seen is not None:
-                    return self._spec.reply(aggregate_id, entry.state, seen)
-                if meta.expected_version is not None and meta.expected_version != entry.version:
-                    if attempt == 0:
-                        await self._catch_up(entry, subject)
-                    if meta.expected_version != entry.version:
-                        raise PreconditionFailedError(
-                            f"expected version {meta.expected_version}, but the aggregate is at {entry.version}"
-                        )
-                events = self._spec.decide(entry.state, command)
-                if not events:
-                    return self._spec.reply(aggregate_id, entry.state, entry.version)
-                new = self._new_events(aggregate_id, events, meta)
-                extra = self._spec.outbox(entry.state, events) if self._spec.outbox else []
+            if fresh:
+                # A just-generated id is known to nobody else: no ordering to enforce.
+                reply = await self._attempt(aggregate_id, subject, entry, command, meta, attempt)
+            else:
+                lock = self._locks.get(aggregate_id)
+                if lock is None:
+                    lock = self._locks[aggregate_id] = asyncio.Lock()
                 try:
-                    result = await self._store.append(subject, new, entry.version, extra)
-                except WrongExpectedSequence:
-                    self.conflicts += 1
-                    entry.loaded = False
-                    fresh = False
-                    continue
-                state = entry.state
-                for event in events:
-                    state = self._spec.evolve(state, event)
-                entry.state = state
-                entry.version = result.last_seq
-                entry.commands[meta.command_id] = result.last_seq
-                self.handled += 1
-                if self._spec.after_commit is not None:
-                    await self._spec.after_commit(self._nc, state, events)
-                return self._spec.reply(aggregate_id, state, result.last_seq)
+                    async with lock:
+                        reply = await self._attempt(aggregate_id, subject, entry, command, meta, attempt)
+                finally:
+                    if not lock.locked() and not lock._waiters:  # noqa: SLF001 - drop idle locks
+                        self._locks.pop(aggregate_id, None)
+            if reply is not None:
+                return reply
+            self.conflicts += 1
+            fresh = False
         raise ConflictError(f"aggregate {aggregate_id} kept changing; gave up after {self._max_retries} retries")
 
+    async def _attempt(
+        self, aggregate_id: str, subject: str, entry: _Entry, command: C, meta: CommandMeta, attempt: int
+    ) -> msgspec.Struct | None:
+        """One try: None when a concurrent writer got there first (reload and retry)."""
+        if not entry.loaded:
+            await self._catch_up(entry, subject)
+        seen = entry.commands.get(meta.command_id)
+        if seen is not None:
+            return self._spec.reply(aggregate_id, entry.state, seen)
+        if meta.expected_version is not None and meta.expected_version != entry.version:
+            if attempt == 0:
+                await self._catch_up(entry, subject)
+            if meta.expected_version != entry.version:
+                raise PreconditionFailedError(
+                    f"expected version {meta.expected_version}, but the aggregate is at {entry.version}"
+                )
+        events = self._spec.decide(entry.state, command)
+        if not events:
+            return self._spec.reply(aggregate_id, entry.state, entry.version)
+        new = self._new_events(aggregate_id, events, meta)
+        extra = self._spec.outbox(entry.state, events) if self._spec.outbox else ()
+        try:
+            result = await self._store.append(subject, new, entry.version, extra)
+        except WrongExpectedSequence:
+            entry.loaded = False
+            return None
+        state = entry.state
+        for event in events:
+            state = self._spec.evolve(state, event)
+        entry.state = state
+        entry.version = result.last_seq
+        entry.commands[meta.command_id] = result.last_seq
+        self.handled += 1
+        if self._spec.after_commit is not None:
+            await self._spec.after_commit(self._nc, state, events)
+        return self._spec.reply(aggregate_id, state, result.last_seq)
+
     def _new_id(self) -> str:
-        # NUIDs are unique, URL- and subject-safe, and far cheaper than uuid4 (os.urandom).
-        return self._nuid.next().decode()
+        return self._ids.next()
 
     def _new_events(self, aggregate_id: str, events: list[E], meta: CommandMeta) -> list[NewEvent]:
         now = datetime.now(UTC).isoformat()
@@ -304,6 +325,8 @@ class Actor(Generic[S, C, E]):
         }
         if meta.causation_id:
             base[h.EV_CAUSATION_ID] = meta.causation_id
+        if len(events) == 1 and not meta.keyed:
+            return [NewEvent(encode(events[0]), base)]
         out = []
         for i, event in enumerate(events):
             headers = dict(base)
@@ -311,18 +334,6 @@ class Actor(Generic[S, C, E]):
                 headers[h.MSG_ID] = f"{aggregate_id}:{meta.command_id}:{i}"
             out.append(NewEvent(encode(event), headers))
         return out
-
-    @contextlib.asynccontextmanager
-    async def _lock(self, aggregate_id: str) -> AsyncIterator[None]:
-        lock = self._locks.get(aggregate_id)
-        if lock is None:
-            lock = self._locks[aggregate_id] = asyncio.Lock()
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and not lock._waiters:  # noqa: SLF001 - drop idle locks
-                self._locks.pop(aggregate_id, None)
 
     def _entry(self, aggregate_id: str, fresh: bool) -> _Entry:
         entry = self._cache.get(aggregate_id)

@@ -9,7 +9,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client
-from nats.nuid import NUID
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bus import subjects as h
@@ -17,6 +16,7 @@ from bus.client import call
 from bus.codec import encode
 from bus.errors import MalformedError, UnavailableError, ValidationError
 from bus.eventstore import EventStore
+from bus.ids import IdSource
 from bus.subjects import Context
 from http_edge.errors import error_middleware, json_error
 from http_edge.guards import Guards
@@ -354,11 +354,11 @@ def create_app(nc: Client, orders: Context, tasks: Context, config: EdgeConfig) 
     return app
 
 
-_nuid = NUID()
+_ids = IdSource()
 
 
 def _trace_id() -> str:
-    return _nuid.next().decode()
+    return _ids.next()
 
 
 __all__ = ["EdgeConfig", "create_app"]
