@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from bus.codec import encode
@@ -12,8 +10,6 @@ from bus.errors import JetsourceError
 from bus.runtime import ErrorBody, ErrorReply
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _HTTP_CODES = {
     400: "malformed",
@@ -39,18 +35,16 @@ def error_response(exc: JetsourceError) -> web.Response:
     return json_error(exc.status, exc.code, exc.message, exc.field, headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except JetsourceError as exc:
+def to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The edge's one catch-all: any failure becomes a JSON error response."""
+    if isinstance(exc, JetsourceError):
         return error_response(exc)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            return exc  # redirects and the like pass through as responses
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return json_error(exc.status, code, message or exc.reason, headers={k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
-    except Exception:
-        log.exception("unexpected failure on %s %s", request.method, request.path)
-        return json_error(500, "internal", "internal error; see the edge log")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return json_error(exc.status, code, message or exc.reason, headers=headers)
+    log.error("unexpected failure on %s %s", request.method, request.path, exc_info=exc)
+    return json_error(500, "internal", "internal error; see the edge log")

@@ -1,12 +1,11 @@
 """Admission control at the edge: bearer auth for writes, per-client rate limits, and a bound
-on requests in flight (503 + Retry-After instead of queueing without end)."""
+on requests in flight (503 + Retry-After instead of queueing without end). Applied by the
+edge's middleware (`http_edge.app`)."""
 
 from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from bus.errors import RateLimitedError, UnavailableError
@@ -28,7 +27,7 @@ class Guards:
 
     def __init__(self, max_inflight: int, rate_per_s: float, tokens: tuple[str, ...]) -> None:
         self._max_inflight = max_inflight
-        self._inflight = 0
+        self.inflight = 0
         self._rate = rate_per_s
         self._burst = max(rate_per_s, 1.0)
         self._buckets: dict[str, _Bucket] = {}
@@ -56,21 +55,15 @@ class Guards:
             raise RateLimitedError(f"more than {self._rate:g} requests per second from {client}")
         bucket.tokens -= 1
 
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    def admit(self, request: web.Request) -> web.Response | None:
+        """None to let the request in (count it as in flight), else the refusal."""
         if request.path in _OPEN_PATHS:
-            return await handler(request)
+            return None
         if not self._authorized(request):
             return json_error(401, "unauthorized", "writes need 'Authorization: Bearer <token>'",
                               headers={"WWW-Authenticate": "Bearer"})
         if self._rate > 0:
             self._admit_rate(request.remote or "unknown")
-        if self._inflight >= self._max_inflight:
-            raise UnavailableError(f"overloaded: {self._inflight} requests in flight")
-        self._inflight += 1
-        try:
-            return await handler(request)
-        finally:
-            self._inflight -= 1
+        if self.inflight >= self._max_inflight:
+            raise UnavailableError(f"overloaded: {self.inflight} requests in flight")
+        return None

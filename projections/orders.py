@@ -113,6 +113,8 @@ class OrdersProjection:
             row.updated_at = at
             touched.add(event.order_id)
         changed = [rows[i] for i in touched]
+        if not changed:
+            return
         await conn.execute(_UPSERT_ORDERS, *map(list, zip(*(
             (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure)
             for r in changed

@@ -111,6 +111,8 @@ class TasksProjection:
             row.version = stored.seq
             touched.add(event.task_id)
         changed = [rows[i] for i in touched]
+        if not changed:
+            return
         columns = list(zip(*(
             (r.task_id, r.type, r.status, r.priority, r.payload, r.attempt, r.max_attempts, r.run_at, r.timeout_s,
              r.progress, r.progress_message, r.result, r.error, r.worker, r.ref, r.submitted_at, r.started_at,
