@@ -17,9 +17,11 @@ from actors.orders.messages import (
     PlaceOrder,
     ShipOrder,
 )
+from actors.tasks.messages import CancelTask, SubmitTask, TaskAccepted, TaskPage, TaskStatsView, TaskView
 from bus.runtime import ErrorReply
 
-_TYPES = [PlaceOrder, AddItem, PayOrder, ShipOrder, CancelOrder, OrderAccepted, OrderView, OrderPage, ErrorReply]
+_TYPES = [PlaceOrder, AddItem, PayOrder, ShipOrder, CancelOrder, OrderAccepted, OrderView, OrderPage, ErrorReply,
+          SubmitTask, CancelTask, TaskAccepted, TaskView, TaskPage, TaskStatsView]
 
 
 def _ref(t: type) -> dict[str, str]:
@@ -95,6 +97,49 @@ def openapi_document() -> bytes:
             "get": {"summary": "The order's event history, from JetStream", "parameters": [_ID],
                     "responses": {"200": {"description": "events in order"}, **_errors(404, 422)}}
         },
+        "/tasks": {
+            "post": {
+                "summary": "Submit a task (type, payload, priority, delay_s | run_at, timeout_s, retry)",
+                "parameters": _WRITE_HEADERS[:1],
+                "requestBody": {"required": True, "content": _json(SubmitTask)},
+                "responses": {"202": {"description": "accepted; Location is the task", "content": _json(TaskAccepted)},
+                              **_errors(400, 413, 422, 429, 503, 504)},
+            },
+            "get": {
+                "summary": "List tasks (newest first, keyset pagination)",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"type": "string"}},
+                    {"name": "type", "in": "query", "schema": {"type": "string"}},
+                    {"name": "priority", "in": "query", "schema": {"type": "string", "enum": ["high", "normal", "low"]}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    _MIN_SEQ,
+                ],
+                "responses": {"200": {"description": "a page", "content": _json(TaskPage)}, **_errors(422, 503, 504)},
+            },
+        },
+        "/tasks/stats": {"get": {"summary": "Counts by status and priority, queue depth, oldest waiting",
+                                 "responses": {"200": {"description": "stats", "content": _json(TaskStatsView)}}}},
+        "/tasks/{task_id}": {"get": {
+            "summary": "One task from the read model (status, attempt, progress, result, error)",
+            "parameters": [{**_ID, "name": "task_id"}, _MIN_SEQ],
+            "responses": {"200": {"description": "the task", "content": _json(TaskView)}, **_errors(404, 422, 503, 504)},
+        }},
+        "/tasks/{task_id}/cancel": {"post": {
+            "summary": "Cancel: a pending task never runs; a running one is signalled",
+            "parameters": [{**_ID, "name": "task_id"}, *_WRITE_HEADERS[:1]],
+            "requestBody": {"required": False, "content": _json(CancelTask)},
+            "responses": {"200": {"description": "cancelled", "content": _json(TaskAccepted)}, **_errors(404, 409, 422)},
+        }},
+        "/tasks/{task_id}/retry": {"post": {
+            "summary": "Bring a dead-lettered task back",
+            "parameters": [{**_ID, "name": "task_id"}, *_WRITE_HEADERS[:1]],
+            "responses": {"200": {"description": "requeued", "content": _json(TaskAccepted)}, **_errors(404, 409, 422)},
+        }},
+        "/tasks/{task_id}/events": {"get": {
+            "summary": "The task's event history, from JetStream", "parameters": [{**_ID, "name": "task_id"}],
+            "responses": {"200": {"description": "events in order"}, **_errors(404, 422)},
+        }},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"summary": "Readiness (NATS and JetStream reachable)",
                             "responses": {"200": {"description": "ready"}, **_errors(503)}}},

@@ -9,6 +9,7 @@ import json
 import time
 from typing import Any
 
+from infra.embedded import free_port
 from tests.conftest import System
 from tests.task_types import GATES, STARTED, STOPPED
 from tests.integration.test_orders_http import get, post
@@ -192,3 +193,33 @@ async def test_stats_count_by_status_and_priority(system: System) -> None:
     assert stats["by_status"] == {"scheduled": 1, "pending": 2}
     assert stats["by_priority"]["low"] == {"pending": 2} and stats["queue_depth"] == 3
     assert stats["oldest_waiting_s"] is not None
+
+
+async def test_the_http_request_type_calls_out_and_fails_on_server_errors(system: System) -> None:
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"got": await request.json()})
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_post("/ok", ok)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await system.start_worker()
+        good = await submit(system, {"type": "http.request", "payload": {
+            "method": "POST", "url": f"http://127.0.0.1:{port}/ok", "json": {"n": 1}}})
+        bad = await submit(system, {"type": "http.request", "payload": {"url": f"http://127.0.0.1:{port}/broken"},
+                                    "retry": {"max_attempts": 1}})
+        view = await wait_status(system, good["task_id"], "completed")
+        assert view["result"]["status"] == 200 and json.loads(view["result"]["body"]) == {"got": {"n": 1}}
+        view = await wait_status(system, bad["task_id"], "dead")
+        assert view["error"] == "server answered 503"
+    finally:
+        await runner.cleanup()
