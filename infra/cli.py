@@ -186,7 +186,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from infra.status import rebuild
 
     _setup_logging(settings, "rebuild")
-    return _run(lambda: rebuild(settings))
+    return _run(lambda: rebuild(settings, args.only))
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -223,7 +223,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="services, streams and projection lag").set_defaults(fn=cmd_status)
     pr = sub.add_parser("projections", help="projection maintenance")
     prs = pr.add_subparsers(dest="action", required=True)
-    prs.add_parser("rebuild", help="rebuild read models from the streams").set_defaults(fn=cmd_rebuild)
+    rb = prs.add_parser("rebuild", help="rebuild read models from the streams")
+    rb.add_argument("--only", choices=["orders", "tasks"])
+    rb.set_defaults(fn=cmd_rebuild)
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)

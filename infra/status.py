@@ -4,27 +4,54 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 
 import msgspec
+from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
+from actors.fulfilment import DURABLE as FULFILMENT_DURABLE
+from actors.tasks.messages import PRIORITIES
 from bus.connection import connect
 from bus.subjects import Context
-from infra.bootstrap import orders_context
+from infra.bootstrap import orders_context, tasks_context
 from infra.settings import Settings
 from projections.orders import OrdersProjection
-from projections.runner import Checkpoints, Projector
+from projections.runner import Checkpoints, Projection, Projector
 from projections.schema import create_pool, ensure_schema
+from projections.tasks import TasksProjection
 
-READ_MODELS = {"orders": ("orders", "order_lines")}
+
+@dataclass(frozen=True)
+class ReadModel:
+    """A projection, the stream it folds and the tables it owns."""
+
+    ctx: Context
+    projection: Projection
+    tables: tuple[str, ...]
 
 
-async def _discover(nc: object, timeout: float = 0.5) -> list[dict[str, object]]:
+def read_models(settings: Settings) -> list[ReadModel]:
+    return [
+        ReadModel(orders_context(settings), OrdersProjection(), ("orders", "order_lines")),
+        ReadModel(tasks_context(settings), TasksProjection(), ("tasks",)),
+    ]
+
+
+async def last_event_seq(nc: Client, ctx: Context) -> int:
+    """The sequence of the newest event (the stream also holds outbox and queue messages)."""
+    try:
+        return int((await nc.jetstream().get_last_msg(ctx.stream, ctx.events_wildcard)).seq)
+    except NotFoundError:
+        return 0
+
+
+async def _discover(nc: Client, timeout: float = 0.5) -> list[dict[str, object]]:
     """Every NATS micro service instance answering $SRV.INFO."""
-    inbox = nc.new_inbox()  # type: ignore[attr-defined]
-    sub = await nc.subscribe(inbox)  # type: ignore[attr-defined]
-    await nc.publish("$SRV.INFO", b"", reply=inbox)  # type: ignore[attr-defined]
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish("$SRV.INFO", b"", reply=inbox)
     found = []
     try:
         while True:
@@ -37,12 +64,13 @@ async def _discover(nc: object, timeout: float = 0.5) -> list[dict[str, object]]
     return found
 
 
-async def last_event_seq(nc: object, ctx: Context) -> int:
-    """The sequence of the newest event (the stream also holds outbox and queue messages)."""
+async def _consumer_line(nc: Client, stream: str, durable: str, label: str) -> str:
     try:
-        return int((await nc.jetstream().get_last_msg(ctx.stream, ctx.events_wildcard)).seq)  # type: ignore[attr-defined]
+        info = await nc.jetstream().consumer_info(stream, durable)
     except NotFoundError:
-        return 0
+        return f"  {label:<26} (no consumer yet)"
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    return f"  {label:<26} pending={info.num_pending or 0} in_flight={info.num_ack_pending or 0} acked_through={floor}"
 
 
 async def status(settings: Settings) -> int:
@@ -51,65 +79,72 @@ async def status(settings: Settings) -> int:
         js = nc.jetstream()
         services = await _discover(nc)
         print("services:")
-        for svc in sorted(services, key=lambda s: (s["name"], s["id"])):  # type: ignore[index]
-            endpoints = ", ".join(e["subject"] for e in svc.get("endpoints", []))  # type: ignore[union-attr]
-            print(f"  {svc['name']:<22} {svc['id']}  {endpoints}")
+        for svc in sorted(services, key=lambda s: (str(s["name"]), str(s["id"]))):
+            endpoints = ", ".join(str(e["subject"]) for e in svc.get("endpoints", []))  # type: ignore[attr-defined]
+            print(f"  {svc['name']:<26} {svc['id']}  {endpoints}")
         if not services:
             print("  (none answering)")
+        code = 0
         print("streams:")
-        ctx = orders_context(settings)
-        try:
-            info = await js.stream_info(ctx.stream)
-            print(f"  {ctx.stream:<22} messages={info.state.messages} last_seq={info.state.last_seq} "
-                  f"replicas={info.config.num_replicas}")
-        except NotFoundError:
-            print(f"  {ctx.stream:<22} missing (run `jetsource up` once)")
-            return 1
-        print("projections:")
-        try:
-            consumer = await js.consumer_info(ctx.stream, ctx.consumer("orders"))
-            lag = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
-            floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
-            print(f"  orders                 applied_through={floor} lag={lag}")
-        except NotFoundError:
-            print("  orders                 no consumer yet (projector never ran)")
-        return 0
+        for model in read_models(settings):
+            try:
+                info = await js.stream_info(model.ctx.stream)
+                print(f"  {model.ctx.stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
+                      f"replicas={info.config.num_replicas}")
+            except NotFoundError:
+                print(f"  {model.ctx.stream:<26} missing (run `jetsource up` once)")
+                code = 1
+        print("projections (lag = events not yet applied):")
+        for model in read_models(settings):
+            durable = model.ctx.consumer(model.projection.name)
+            print(await _consumer_line(nc, model.ctx.stream, durable, model.projection.name))
+        print("work queues:")
+        tasks = tasks_context(settings)
+        for priority in PRIORITIES:
+            print(await _consumer_line(nc, tasks.stream, f"workers_{priority}", f"tasks {priority}"))
+        print("process manager:")
+        for ctx in (orders_context(settings), tasks):
+            print(await _consumer_line(nc, ctx.stream, FULFILMENT_DURABLE, f"fulfilment <- {ctx.stream}"))
+        return code
     finally:
         await nc.close()
 
 
-async def rebuild(settings: Settings) -> int:
-    """Empty the read models and re-fold them from the streams, printing progress."""
+async def rebuild(settings: Settings, only: str | None = None) -> int:
+    """Empty read models and re-fold them from the streams, printing progress."""
     dsn = settings.resolved_database_url()
     await ensure_schema(dsn, settings.db_schema)
     pool = await create_pool(dsn, settings.db_schema)
     nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild")
     try:
-        ctx = orders_context(settings)
-        target = await last_event_seq(nc, ctx)
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = 'orders' FOR UPDATE")
-            await conn.execute("TRUNCATE " + ", ".join(READ_MODELS["orders"]))
-            await conn.execute(
-                "INSERT INTO projection_checkpoints (name, last_seq) VALUES ('orders', 0) "
-                "ON CONFLICT (name) DO UPDATE SET last_seq = 0, updated_at = now()"
-            )
-        print(json.dumps({"projection": "orders", "rebuilding_to_seq": target}), flush=True)
-        # If a projector is running it rewinds and does the work; otherwise this one does.
-        checkpoints = Checkpoints(pool)
-        projector = Projector(nc, pool, ctx, OrdersProjection(), checkpoints, batch=settings.projection_batch)
-        task = asyncio.get_running_loop().create_task(projector.run())
-        try:
-            while True:
-                done = await checkpoints.get("orders")
-                print(json.dumps({"projection": "orders", "applied_through": done, "target": target,
-                                  "percent": round(100 * done / target, 1) if target else 100.0}), flush=True)
-                if done >= target:
-                    break
-                await asyncio.sleep(0.5)
-        finally:
-            projector.stop()
-            await task
+        for model in read_models(settings):
+            name = model.projection.name
+            if only and name != only:
+                continue
+            target = await last_event_seq(nc, model.ctx)
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name)
+                await conn.execute("TRUNCATE " + ", ".join(model.tables))
+                await conn.execute(
+                    "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) "
+                    "ON CONFLICT (name) DO UPDATE SET last_seq = 0, updated_at = now()", name,
+                )
+            print(json.dumps({"projection": name, "rebuilding_to_seq": target}), flush=True)
+            # If a projector is running it rewinds and does the work; otherwise this one does.
+            checkpoints = Checkpoints(pool)
+            projector = Projector(nc, pool, model.ctx, model.projection, checkpoints, batch=settings.projection_batch)
+            task = asyncio.get_running_loop().create_task(projector.run())
+            try:
+                while True:
+                    done = await checkpoints.get(name)
+                    print(json.dumps({"projection": name, "applied_through": done, "target": target,
+                                      "percent": round(100 * done / target, 1) if target else 100.0}), flush=True)
+                    if done >= target:
+                        break
+                    await asyncio.sleep(0.5)
+            finally:
+                projector.stop()
+                await task
         return 0
     finally:
         await nc.close()
