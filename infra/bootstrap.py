@@ -71,10 +71,7 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def run_orders_actor(settings: Settings, nc: Client) -> AsyncIterator[Actor]:
-    ctx = orders_context(settings)
-    store = _store(settings, nc, ctx)
-    actor = order_actor(nc, store, ctx, concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries)
+async def _running(actor: Actor) -> AsyncIterator[Actor]:
     await actor.start()
     try:
         yield actor
@@ -82,17 +79,17 @@ async def run_orders_actor(settings: Settings, nc: Client) -> AsyncIterator[Acto
         await actor.stop()
 
 
-@contextlib.asynccontextmanager
-async def run_tasks_actor(settings: Settings, nc: Client) -> AsyncIterator[Actor]:
+def run_orders_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncContextManager[Actor]:
+    ctx = orders_context(settings)
+    return _running(order_actor(nc, _store(settings, nc, ctx), ctx, concurrency=settings.actor_concurrency,
+                                max_retries=settings.actor_max_retries))
+
+
+def run_tasks_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncContextManager[Actor]:
     ctx = tasks_context(settings)
     known = build_registry(settings.task_modules).names()
-    actor = task_actor(nc, _store(settings, nc, ctx), ctx, known,
-                       concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries)
-    await actor.start()
-    try:
-        yield actor
-    finally:
-        await actor.stop()
+    return _running(task_actor(nc, _store(settings, nc, ctx), ctx, known, concurrency=settings.actor_concurrency,
+                               max_retries=settings.actor_max_retries))
 
 
 @contextlib.asynccontextmanager
