@@ -75,7 +75,7 @@ class FulfilmentManager:
                     while not self._stopping.is_set():
                         try:
                             msgs = await sub.fetch(500, timeout=0.5)
-                        except NatsTimeoutError:
+                        except (NatsTimeoutError, TimeoutError):
                             continue
                         await self._handle_batch(msgs, handle)
                 finally:

@@ -256,19 +256,17 @@ class Actor(Generic[S, C, E]):
         subject = self._spec.ctx.events(aggregate_id)
         for attempt in range(self._max_retries + 1):
             entry = self._entry(aggregate_id, fresh)
-            if fresh:
-                # A just-generated id is known to nobody else: no ordering to enforce.
-                reply = await self._attempt(aggregate_id, subject, entry, command, meta, attempt)
-            else:
-                lock = self._locks.get(aggregate_id)
-                if lock is None:
-                    lock = self._locks[aggregate_id] = asyncio.Lock()
-                try:
-                    async with lock:
-                        reply = await self._attempt(aggregate_id, subject, entry, command, meta, attempt)
-                finally:
-                    if not lock.locked() and not lock._waiters:  # noqa: SLF001 - drop idle locks
-                        self._locks.pop(aggregate_id, None)
+            # Even a just-created aggregate is locked while its first events are stored: a
+            # follow-up command (a worker starting a just-submitted task) must see them.
+            lock = self._locks.get(aggregate_id)
+            if lock is None:
+                lock = self._locks[aggregate_id] = asyncio.Lock()
+            try:
+                async with lock:
+                    reply = await self._attempt(aggregate_id, subject, entry, command, meta, attempt)
+            finally:
+                if not lock.locked() and not lock._waiters:  # noqa: SLF001 - drop idle locks
+                    self._locks.pop(aggregate_id, None)
             if reply is not None:
                 return reply
             self.conflicts += 1

@@ -156,6 +156,7 @@ async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict
     """
     nc = await connect(url, "bench-tasks")
     completed = 0
+    measuring_latency = False
     all_done = asyncio.Event()
     started_at: dict[str, float] = {}
     started_event: dict[str, asyncio.Event] = {}
@@ -167,10 +168,10 @@ async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict
             completed += 1
             if completed >= count:
                 all_done.set()
-        elif b'"task.started"' in data:
+        elif measuring_latency and b'"task.started"' in data:
             task_id = msg.subject.rsplit(".", 1)[1]  # type: ignore[attr-defined]
+            started_at.setdefault(task_id, time.perf_counter())  # may arrive before the submit reply
             if task_id in started_event:
-                started_at[task_id] = time.perf_counter()
                 started_event[task_id].set()
 
     sub = await nc.subscribe(ctx.events("*"), cb=on_event)
@@ -191,12 +192,14 @@ async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict
     throughput = {"tasks": count, "completed": completed, "per_s": round(completed / elapsed),
                   "submit_per_s": submitted["per_s"], "submit_p99_ms": submitted["p99_ms"]}
     await asyncio.sleep(1.0)
+    measuring_latency = True
     latencies = []
     for _ in range(200):
         t = time.perf_counter()
         reply = json.loads((await nc.request(subject, body, timeout=10)).data)
         started_event[reply["task_id"]] = event = asyncio.Event()
-        await asyncio.wait_for(event.wait(), 10)
+        if reply["task_id"] not in started_at:
+            await asyncio.wait_for(event.wait(), 10)
         latencies.append((started_at[reply["task_id"]] - t) * 1000)
         await asyncio.sleep(0.01)
     latencies.sort()

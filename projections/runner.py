@@ -179,7 +179,7 @@ class Projector:
         while not self._stopping.is_set():
             try:
                 msgs = await sub.fetch(self._batch, timeout=0.5)
-            except NatsTimeoutError:
+            except (NatsTimeoutError, TimeoutError):
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
                 if await self._checkpoints.get(self._projection.name) < self.checkpoint:
                     raise Rewound("checkpoint was reset") from None

@@ -45,11 +45,16 @@ class Worker:
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        # Handlers at work, by task id: for cancel signals and lease renewal.
+        self._handlers: dict[str, tuple[asyncio.Task[Any], WorkItem]] = {}
+        self._cancelled: set[str] = set()
         self.completed = 0
         self.failed = 0
 
     async def run(self) -> None:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
+        cancels = await self._nc.subscribe(self._ctx.live("cancel", "*"), cb=self._on_cancel)
+        leases = asyncio.get_running_loop().create_task(self._keep_leases())
         try:
             while not self._stopping.is_set():
                 while self._free == 0:
@@ -71,11 +76,27 @@ class Worker:
                     self._running.add(task)
                     task.add_done_callback(self._done)
         finally:
+            leases.cancel()
             await sub.unsubscribe()
+            await cancels.unsubscribe()
             await self._queues.close()
 
     async def _on_ready(self, _msg: Any) -> None:
         self._ready.set()
+
+    async def _on_cancel(self, msg: Any) -> None:
+        task_id = msg.subject.rsplit(".", 1)[1]
+        running = self._handlers.get(task_id)
+        if running is not None:
+            self._cancelled.add(task_id)
+            running[0].cancel()
+
+    async def _keep_leases(self) -> None:
+        """Renew the lease (ack wait) of every running task, three times per lease."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            for _, item in list(self._handlers.values()):
+                await item.extend()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -137,20 +158,13 @@ class Worker:
 
         ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
         run = asyncio.get_running_loop().create_task(handler(ctx))
-        cancelled = asyncio.Event()
-
-        async def on_cancel(_msg: Any) -> None:
-            cancelled.set()
-            run.cancel()
-
-        cancel_sub = await self._nc.subscribe(self._ctx.live("cancel", task.task_id), cb=on_cancel)
-        keeper = asyncio.get_running_loop().create_task(self._keep_lease(item))
+        self._handlers[task.task_id] = (run, item)
         try:
             async with asyncio.timeout(task.timeout_s):
                 result = await run
             return ("complete", result)
         except asyncio.CancelledError:
-            if cancelled.is_set():
+            if task.task_id in self._cancelled:
                 return None
             raise
         except TimeoutError:
@@ -161,10 +175,5 @@ class Worker:
             log.exception("task %s (%s) crashed", task.task_id, task.task_type)
             return ("fail", f"{type(exc).__name__}: {exc}"[:2000])
         finally:
-            keeper.cancel()
-            await cancel_sub.unsubscribe()
-
-    async def _keep_lease(self, item: WorkItem) -> None:
-        while True:
-            await asyncio.sleep(self._lease_s / 3)
-            await item.extend()
+            self._handlers.pop(task.task_id, None)
+            self._cancelled.discard(task.task_id)

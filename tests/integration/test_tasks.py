@@ -223,3 +223,17 @@ async def test_the_http_request_type_calls_out_and_fails_on_server_errors(system
         assert view["error"] == "server answered 503"
     finally:
         await runner.cleanup()
+
+
+async def test_no_task_is_lost_when_workers_start_them_as_fast_as_they_are_submitted(system: System) -> None:
+    # Regression: a start racing the submit's own cache update once acked the work item away.
+    await system.start_worker()
+    replies = await asyncio.gather(*(submit(system, {"type": "echo", "payload": i}) for i in range(400)))
+    last = max(r["seq"] for r in replies)
+    deadline = time.monotonic() + 60
+    while True:
+        _, _, stats = await get(system, "/tasks/stats", min_seq=last)
+        if stats["by_status"].get("completed") == 400:
+            break
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.2)
