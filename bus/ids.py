@@ -9,6 +9,7 @@ import itertools
 import os
 import secrets
 import string
+import weakref
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -16,17 +17,17 @@ _ALPHABET = string.ascii_letters + string.digits
 class IdSource:
     """Unique ids for this process (the prefix is re-drawn after a fork)."""
 
-    __slots__ = ("_pid", "_prefix", "_counter")
+    __slots__ = ("_prefix", "_counter", "__weakref__")
 
     def __init__(self) -> None:
         self._reset()
+        # getpid() is a system call: re-draw the prefix in a forked child instead of checking.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (lambda s: s and s._reset())(ref()))
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
         self._prefix = "".join(secrets.choice(_ALPHABET) for _ in range(12))
         self._counter = itertools.count(secrets.randbelow(16**6))
 
     def next(self) -> str:
-        if os.getpid() != self._pid:
-            self._reset()
         return f"{self._prefix}{next(self._counter):010x}"
