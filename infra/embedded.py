@@ -100,13 +100,13 @@ class EmbeddedNats:
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
         conf.write_text(self.config())
-        log = open(self.dir / "nats-server.log", "ab")
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
+        with open(self.dir / "nats-server.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         wait_for_port(self.port, timeout, self.proc, "nats-server")
 
     def stop(self) -> None:
@@ -171,10 +171,10 @@ class EmbeddedPostgres:
         ]
         if not self.durable:
             args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        log = open(self.pgdata.parent / "postgres.log", "ab")
-        self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, user=self.user, preexec_fn=_die_with_parent
-        )
+        with open(self.pgdata.parent / "postgres.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, user=self.user, preexec_fn=_die_with_parent
+            )
         wait_for_port(self.port, timeout, self.proc, "postgres")
         self._wait_ready(timeout)
 
