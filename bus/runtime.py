@@ -51,6 +51,19 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorBody
 
 
+class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One outcome in a batch reply: the command's reply, or why it was refused."""
+
+    accepted: msgspec.Raw | None = None
+    refused: ErrorBody | None = None
+
+
+class BatchReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Reply to a `<command>_batch` request, in request order."""
+
+    results: list[BatchItem]
+
+
 def error_reply(exc: JetsourceError) -> tuple[bytes, dict[str, str]]:
     """Encode a coded error as a NATS micro error reply."""
     body = encode(ErrorReply(error=ErrorBody(code=exc.code, message=exc.message, field=exc.field)))
@@ -161,6 +174,8 @@ class AggregateSpec(Generic[S, C, E]):
     outbox: Callable[[S, list[E]], list[tuple[str, bytes]]] | None = None
     # Best-effort signals after the events are stored (core NATS, never the source of truth).
     after_commit: Callable[[Client, S, list[E]], Awaitable[None]] | None = None
+    # Commands that also get a `<name>_batch` endpoint: {"items": [...]} -> {"results": [...]}.
+    batchable: tuple[str, ...] = ()
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -219,6 +234,16 @@ class Actor(Generic[S, C, E]):
                     metadata={"kind": "command"},
                 )
             )
+        for name in self._spec.batchable:
+            await service.add_endpoint(
+                EndpointConfig(
+                    name=f"{name}_batch",
+                    subject=ctx.command(f"{name}_batch"),
+                    queue_group=ctx.queue_group,
+                    handler=self._batch_endpoint(self._spec.commands[name]),
+                    metadata={"kind": "command batch"},
+                )
+            )
         self._service = service
         return service
 
@@ -232,6 +257,33 @@ class Actor(Generic[S, C, E]):
     def _endpoint(self, decoder: Decoder[Any]) -> Callable[[Request], Awaitable[None]]:
         async def serve(request: Request) -> None:
             await respond(request, lambda: self.execute(decoder.decode(request.data), request.headers))
+
+        return self._concurrency.wrap(serve)
+
+    def _batch_endpoint(self, command_type: type) -> Callable[[Request], Awaitable[None]]:
+        """Many commands in one request (workers starting what one pull gave them). Each item
+        is executed as if sent alone; per-item outcomes come back in order."""
+        decoder = Decoder(msgspec.defstruct("CommandBatch", [("items", list[command_type])], kw_only=True))  # type: ignore[valid-type]
+
+        async def run(request: Request) -> BatchReply:
+            batch = decoder.decode(request.data)
+            # Keys and expected versions address one aggregate: never shared by a batch.
+            headers = {k: v for k, v in (request.headers or {}).items()
+                       if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID)}
+            outcomes = await asyncio.gather(*(self.execute(c, headers) for c in batch.items), return_exceptions=True)
+            results: list[BatchItem] = []
+            for outcome in outcomes:
+                if isinstance(outcome, JetsourceError):
+                    results.append(BatchItem(refused=ErrorBody(code=outcome.code, message=outcome.message,
+                                                                field=outcome.field)))
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    results.append(BatchItem(accepted=msgspec.Raw(encode(outcome))))
+            return BatchReply(results=results)
+
+        async def serve(request: Request) -> None:
+            await respond(request, lambda: run(request))
 
         return self._concurrency.wrap(serve)
 

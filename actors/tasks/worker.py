@@ -17,13 +17,25 @@ from actors.tasks.registry import TaskContext, TaskFailure, TaskRegistry
 from bus.client import call
 from bus.codec import encode
 from bus.errors import JetsourceError, NotFoundError, RuleViolationError
+from bus.runtime import ErrorBody
 from bus.subjects import Context
 from bus.workqueue import PriorityQueues, WorkItem
 
 log = logging.getLogger(__name__)
 
 _dispatch = msgspec.json.Decoder(Dispatch)
-_accepted = msgspec.json.Decoder(TaskAccepted)
+class _Started(msgspec.Struct, frozen=True):
+    accepted: TaskAccepted | None = None
+    refused: ErrorBody | None = None
+
+
+class _StartReply(msgspec.Struct, frozen=True):
+    """The worker's view of a `tasks.cmd.start_batch` reply (a BatchReply of TaskAccepted)."""
+
+    results: list[_Started]
+
+
+_batch = msgspec.json.Decoder(_StartReply)
 
 
 class Worker:
@@ -71,10 +83,7 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._ready.wait(), 0.25)
                     continue
-                for item in items:
-                    task = asyncio.get_running_loop().create_task(self._process(item))
-                    self._running.add(task)
-                    task.add_done_callback(self._done)
+                self._spawn(self._start(items))
         finally:
             leases.cancel()
             await sub.unsubscribe()
@@ -98,8 +107,12 @@ class Worker:
             for _, item in list(self._handlers.values()):
                 await item.extend()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _release(self, _task: Any = None) -> None:
         self._free += 1
         self._slot_freed.set()
 
@@ -113,21 +126,42 @@ class Worker:
     async def _command(self, name: str, body: dict[str, Any]) -> bytes:
         return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
 
-    async def _process(self, item: WorkItem) -> None:
-        dispatch = _dispatch.decode(item.data)
+    async def _start(self, items: list[WorkItem]) -> None:
+        """Claim everything one pull gave us with one request, then run what was granted."""
+        settled = 0  # items whose slot is accounted for (released, or held by a running handler)
         try:
-            reply = await self._command("start", {"task_id": dispatch.task_id, "attempt": dispatch.attempt, "worker": self.name})
-        except (RuleViolationError, NotFoundError):
-            await item.ack()  # cancelled, finished, or a stale attempt: nothing to run
-            return
-        except JetsourceError as exc:
-            log.warning("could not start %s: %s", dispatch.task_id, exc.message)
-            await item.nak(1.0)
-            return
-        task = _accepted.decode(reply)
-        if task.status != "running":
-            await item.nak(max(0.0, task.run_at - time.time()))  # not yet due: come back then
-            return
+            dispatches = [_dispatch.decode(item.data) for item in items]
+            body = {"items": [{"task_id": d.task_id, "attempt": d.attempt, "worker": self.name} for d in dispatches]}
+            try:
+                results = _batch.decode(await self._command("start_batch", body)).results
+            except JetsourceError as exc:
+                log.warning("could not start %d tasks: %s", len(items), exc.message)
+                for item in items:
+                    await item.nak(1.0)
+                return
+            for item, result in zip(items, results, strict=True):
+                if result.refused is not None:
+                    if result.refused.code in ("rule_violation", "not_found"):
+                        await item.ack()  # cancelled, finished, or a stale attempt: nothing to run
+                    else:
+                        await item.nak(1.0)
+                elif (task := result.accepted) is None or task.status != "running":
+                    # not yet due: come back then
+                    await item.nak(max(0.0, task.run_at - time.time()) if task else 1.0)
+                else:
+                    run = asyncio.get_running_loop().create_task(self._run(item, task))
+                    self._running.add(run)
+                    run.add_done_callback(self._running.discard)
+                    run.add_done_callback(self._release)
+                    settled += 1
+                    continue
+                self._release()
+                settled += 1
+        finally:
+            for _ in range(len(items) - settled):
+                self._release()
+
+    async def _run(self, item: WorkItem, task: TaskAccepted) -> None:
         outcome = await self._execute(item, task)
         try:
             if outcome is not None:
