@@ -16,7 +16,7 @@ from actors.tasks.messages import PRIORITIES, Dispatch, TaskAccepted
 from actors.tasks.registry import TaskContext, TaskFailure, TaskRegistry
 from bus.client import call
 from bus.codec import encode
-from bus.errors import JetsourceError, NotFoundError, RuleViolationError
+from bus.errors import JetsourceError, NotFoundError, RuleViolationError, UnavailableError, from_code
 from bus.runtime import ErrorBody
 from bus.subjects import Context
 from bus.workqueue import PriorityQueues, WorkItem
@@ -60,6 +60,8 @@ class Worker:
         # Handlers at work, by task id: for cancel signals and lease renewal.
         self._handlers: dict[str, tuple[asyncio.Task[Any], WorkItem]] = {}
         self._cancelled: set[str] = set()
+        self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._reporter: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
 
@@ -167,7 +169,7 @@ class Worker:
             if outcome is not None:
                 kind, value = outcome
                 if kind == "complete":
-                    await self._command("complete", {"task_id": task.task_id, "attempt": task.attempt, "result": value})
+                    await self._complete({"task_id": task.task_id, "attempt": task.attempt, "result": value})
                     self.completed += 1
                 else:
                     await self._command("fail", {"task_id": task.task_id, "attempt": task.attempt, "error": value})
@@ -178,6 +180,34 @@ class Worker:
         except JetsourceError as exc:
             log.warning("could not record the outcome of %s: %s; it will run again", task.task_id, exc.message)
             await item.nak(1.0)
+
+    async def _complete(self, body: dict[str, Any]) -> None:
+        """Report a completion; concurrent ones share one `complete_batch` request (group commit:
+        while one batch is in flight the next gathers, no timer)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._completions.append((body, future))
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.get_running_loop().create_task(self._report_completions())
+        await future
+
+    async def _report_completions(self) -> None:
+        while self._completions:
+            batch, self._completions = self._completions, []
+            try:
+                results = _batch.decode(await self._command("complete_batch", {"items": [b for b, _ in batch]})).results
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting handler run
+                err = exc if isinstance(exc, JetsourceError) else UnavailableError(f"complete_batch failed: {exc}")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if result.refused is not None:
+                    future.set_exception(from_code(result.refused.code, result.refused.message, result.refused.field))
+                else:
+                    future.set_result(None)
 
     async def _execute(self, item: WorkItem, task: TaskAccepted) -> tuple[str, Any] | None:
         """Run the handler under its timeout, keeping the lease; None when cancelled."""
