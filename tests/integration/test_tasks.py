@@ -237,3 +237,17 @@ async def test_no_task_is_lost_when_workers_start_them_as_fast_as_they_are_submi
             break
         assert time.monotonic() < deadline, stats
         await asyncio.sleep(0.2)
+
+
+async def test_a_start_batch_answers_each_item_in_order(system: System) -> None:
+    task = await submit(system, {"type": "echo"})
+    body = {"items": [{"task_id": task["task_id"], "attempt": 1, "worker": "w"},
+                      {"task_id": "no-such-task", "attempt": 1, "worker": "w"},
+                      {"task_id": task["task_id"], "attempt": 7, "worker": "w"}]}
+    reply = await system.request(system.tasks.command("start_batch"), body, headers={"Idempotency-Key": "ignored"})
+    results = json.loads(reply.data)["results"]
+    assert results[0]["accepted"]["status"] == "running"
+    assert results[1]["refused"]["code"] == "not_found"
+    assert results[2]["refused"]["code"] == "rule_violation"
+    bad = await system.request(system.tasks.command("start_batch"), {"items": [{"task_id": 5}]})
+    assert bad.headers and bad.headers["Nats-Service-Error-Code"] == "422"
