@@ -148,8 +148,13 @@ def _wrk(base: str, connections: int, seconds: float) -> dict[str, float]:
             "failed": stats["non2xx"], "client": f"wrk -c{connections}"}
 
 
-async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict[str, object]:
+async def bench_tasks(
+    url: str, ctx: Context, count: int, inflight: int, batch: int = 1
+) -> dict[str, object]:
     """No-op tasks submitted and completed end to end; then submit-to-start latency when idle.
+
+    With batch > 1 the producer submits through `tasks.cmd.submit_batch`, `batch` tasks a
+    request, and the latency part is skipped.
 
     Completion and start are observed live on the task event subjects (core NATS sees every
     event JetStream stores), so the figure excludes read-model lag.
@@ -175,15 +180,21 @@ async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict
                 started_event[task_id].set()
 
     sub = await nc.subscribe(ctx.events("*"), cb=on_event)
-    body = json.dumps({"type": "echo", "payload": None, "priority": "normal"}).encode()
+    one = {"type": "echo", "payload": None, "priority": "normal"}
+    body = json.dumps(one).encode()
     subject = ctx.command("submit")
+    batch_body = json.dumps({"items": [one] * batch}).encode()
 
     async def op() -> bool:
+        if batch > 1:
+            msg = await nc.request(ctx.command("submit_batch"), batch_body, timeout=30)
+            return b'"refused"' not in msg.data and not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
         msg = await nc.request(subject, body, timeout=10)
         return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
 
     start = time.perf_counter()
-    submitted = await _drive(count, inflight, op)
+    submitted = await _drive(count // batch, inflight, op)
+    submitted["per_s"] = submitted["per_s"] * batch
     try:
         await asyncio.wait_for(all_done.wait(), 120)
     except TimeoutError:
@@ -191,6 +202,10 @@ async def bench_tasks(url: str, ctx: Context, count: int, inflight: int) -> dict
     elapsed = time.perf_counter() - start
     throughput = {"tasks": count, "completed": completed, "per_s": round(completed / elapsed),
                   "submit_per_s": submitted["per_s"], "submit_p99_ms": submitted["p99_ms"]}
+    if batch > 1:
+        await sub.unsubscribe()
+        await nc.close()
+        return {**throughput, "submitted_in_batches_of": batch, "requests_in_flight": inflight}
     await asyncio.sleep(1.0)
     measuring_latency = True
     latencies = []
@@ -257,8 +272,10 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
         if "http" in only:
             results["http_post_orders"] = await bench_http(base, args.count, args.inflight, seconds=10)
         if "tasks" in only:
-            results["tasks_noop_end_to_end"] = await bench_tasks(
-                url, Context("tasks", settings.namespace), args.count, args.inflight)
+            tasks = Context("tasks", settings.namespace)
+            results["tasks_noop_end_to_end"] = await bench_tasks(url, tasks, args.count, args.inflight)
+            results["tasks_noop_batched_submit"] = await bench_tasks(
+                url, tasks, args.count, max(1, args.inflight // 8), batch=100)
     for key, value in results.items():
         print(f"{key:<28} {json.dumps(value)}")
     return 0

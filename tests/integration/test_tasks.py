@@ -251,3 +251,23 @@ async def test_a_start_batch_answers_each_item_in_order(system: System) -> None:
     assert results[2]["refused"]["code"] == "rule_violation"
     bad = await system.request(system.tasks.command("start_batch"), {"items": [{"task_id": 5}]})
     assert bad.headers and bad.headers["Nats-Service-Error-Code"] == "422"
+
+
+async def test_a_submit_batch_queues_each_task_and_keeps_per_item_idempotency(system: System) -> None:
+    await system.start_worker()
+    items = [{"type": "echo", "payload": i, "idempotency_key": f"bulk-{i}"} for i in range(50)]
+    items.append({"type": "no.such.type"})
+    reply = await system.request(system.tasks.command("submit_batch"), {"items": items})
+    results = json.loads(reply.data)["results"]
+    assert [r.get("accepted", {}).get("status") for r in results[:50]] == ["pending"] * 50
+    assert results[50]["refused"]["field"] == "type"
+    again = json.loads((await system.request(system.tasks.command("submit_batch"), {"items": items[:50]})).data)
+    assert [r["accepted"]["task_id"] for r in again["results"]] == [r["accepted"]["task_id"] for r in results[:50]]
+    last = max(r["accepted"]["seq"] for r in results[:50])
+    deadline = time.monotonic() + 30
+    while True:
+        _, _, stats = await get(system, "/tasks/stats", min_seq=last)
+        if stats["by_status"].get("completed") == 50:
+            break
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.2)
