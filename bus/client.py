@@ -8,7 +8,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from bus import subjects as h
-from bus.errors import DeadlineError, JetsourceError, UnavailableError, from_code
+from bus.errors import DeadlineError, UnavailableError, from_code
 from bus.runtime import ErrorReply
 
 _error_decoder = msgspec.json.Decoder(ErrorReply)
@@ -40,5 +40,3 @@ async def call(
     raise_for_error(msg.data, msg.headers)
     return msg.data
 
-
-__all__ = ["JetsourceError", "call", "raise_for_error"]

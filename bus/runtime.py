@@ -212,8 +212,6 @@ class Actor(Generic[S, C, E]):
         self._event_decoder = msgspec.json.Decoder(spec.event_type)
         self._ids = IdSource()
         self._service: Service | None = None
-        self.handled = 0
-        self.conflicts = 0
 
     async def start(self) -> Service:
         ctx = self._spec.ctx
@@ -321,7 +319,6 @@ class Actor(Generic[S, C, E]):
                     self._locks.pop(aggregate_id, None)
             if reply is not None:
                 return reply
-            self.conflicts += 1
             fresh = False
         raise ConflictError(f"aggregate {aggregate_id} kept changing; gave up after {self._max_retries} retries")
 
@@ -357,7 +354,6 @@ class Actor(Generic[S, C, E]):
         entry.state = state
         entry.version = result.last_seq
         entry.commands[meta.command_id] = result.last_seq
-        self.handled += 1
         if self._spec.after_commit is not None:
             await self._spec.after_commit(self._nc, state, events)
         return self._spec.reply(aggregate_id, state, result.last_seq)

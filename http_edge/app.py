@@ -185,17 +185,22 @@ def _list_query(request: web.Request, keys: tuple[str, ...]) -> dict[str, Any]:
     return query
 
 
-async def get_order(request: web.Request) -> web.Response:
-    query: dict[str, Any] = {"order_id": request.match_info["order_id"]}
+class _Version(msgspec.Struct):
+    version: int
+
+
+async def _get_one(request: web.Request, id_key: str, ctx: web.AppKey[Context]) -> web.Response:
+    """One aggregate's read-model view, with its version as the ETag."""
+    query: dict[str, Any] = {id_key: request.match_info[id_key]}
     if (min_seq := _min_seq(request)) is not None:
         query["min_seq"] = min_seq
-    reply = await _query(request, "get", query)
+    reply = await _query(request, "get", query, ctx)
     version = msgspec.json.decode(reply, type=_Version).version
     return web.Response(body=reply, content_type="application/json", headers={"ETag": f'"{version}"'})
 
 
-class _Version(msgspec.Struct):
-    version: int
+async def get_order(request: web.Request) -> web.Response:
+    return await _get_one(request, "order_id", ORDERS)
 
 
 async def list_orders(request: web.Request) -> web.Response:
@@ -265,12 +270,7 @@ def _task_command(name: str) -> Any:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    query: dict[str, Any] = {"task_id": request.match_info["task_id"]}
-    if (min_seq := _min_seq(request)) is not None:
-        query["min_seq"] = min_seq
-    reply = await _query(request, "get", query, TASKS)
-    version = msgspec.json.decode(reply, type=_Version).version
-    return web.Response(body=reply, content_type="application/json", headers={"ETag": f'"{version}"'})
+    return await _get_one(request, "task_id", TASKS)
 
 
 async def list_tasks(request: web.Request) -> web.Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import assert_never
@@ -26,9 +25,10 @@ from actors.orders.messages import (
     OrderShipped,
     OrderView,
 )
-from bus.errors import NotFoundError, ValidationError
+from bus.errors import NotFoundError
 from bus.eventstore import StoredEvent
 from bus.subjects import EV_TIME
+from projections.paging import keyset_page
 
 
 @dataclass(slots=True)
@@ -159,18 +159,6 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 
 
-def _encode_cursor(placed_at: datetime, order_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{_iso(placed_at)}|{order_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        placed, order_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(placed), order_id
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError("cursor is not one this service issued", field="cursor") from None
-
-
 async def _lines(conn: asyncpg.Connection, ids: list[str]) -> dict[str, list[OrderLine]]:
     out: dict[str, list[OrderLine]] = {i: [] for i in ids}
     for r in await conn.fetch(
@@ -197,28 +185,10 @@ async def get_order(pool: asyncpg.Pool, query: GetOrder) -> OrderView:
 
 
 async def list_orders(pool: asyncpg.Pool, query: ListOrders) -> OrderPage:
-    where, args = [], []
-    if query.status is not None:
-        args.append(query.status)
-        where.append(f"status = ${len(args)}")
-    if query.customer_id is not None:
-        args.append(query.customer_id)
-        where.append(f"customer_id = ${len(args)}")
-    if query.cursor is not None:
-        placed_at, order_id = _decode_cursor(query.cursor)
-        args += [placed_at, order_id]
-        where.append(f"(placed_at, order_id) < (${len(args) - 1}, ${len(args)})")
-    args.append(query.limit + 1)
-    sql = (
-        "SELECT * FROM orders"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + f" ORDER BY placed_at DESC, order_id DESC LIMIT ${len(args)}"
-    )
     async with pool.acquire() as conn:
-        rows = await conn.fetch(sql, *args)
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
+        rows, cursor = await keyset_page(
+            conn, "SELECT * FROM orders", (("status", query.status), ("customer_id", query.customer_id)),
+            time_column="placed_at", id_column="order_id", cursor=query.cursor, limit=query.limit,
+        )
         lines = await _lines(conn, [r["order_id"] for r in rows])
-    items = [_view(r, lines[r["order_id"]]) for r in rows]
-    cursor = _encode_cursor(rows[-1]["placed_at"], rows[-1]["order_id"]) if more and rows else None
-    return OrderPage(items=items, next_cursor=cursor)
+    return OrderPage(items=[_view(r, lines[r["order_id"]]) for r in rows], next_cursor=cursor)

@@ -93,7 +93,6 @@ class Projector:
         self._checkpoints = checkpoints
         self._batch = batch
         self._stopping = asyncio.Event()
-        self.applied = 0
         self.checkpoint = 0
 
     @property
@@ -222,7 +221,6 @@ class Projector:
                         self._projection.name, last_seq,
                     )
                 self.checkpoint = last_seq
-                self.applied += len(batch)
                 await self._checkpoints.advanced(self._projection.name, last_seq)
             if msgs:
                 await msgs[-1].ack()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, assert_never
@@ -27,8 +26,9 @@ from actors.tasks.messages import (
     TaskSubmitted,
     TaskView,
 )
-from bus.errors import NotFoundError, ValidationError
+from bus.errors import NotFoundError
 from bus.eventstore import StoredEvent
+from projections.paging import keyset_page
 
 _COLUMNS = ("task_id", "type", "status", "priority", "payload", "attempt", "max_attempts", "run_at", "timeout_s",
             "progress", "progress_message", "result", "error", "worker", "ref", "submitted_at", "started_at",
@@ -177,27 +177,10 @@ async def get_task(pool: asyncpg.Pool, query: GetTask) -> TaskView:
 
 
 async def list_tasks(pool: asyncpg.Pool, query: ListTasks) -> TaskPage:
-    where, args = [], []
-    for column, value in (("status", query.status), ("type", query.type), ("priority", query.priority)):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} = ${len(args)}")
-    if query.cursor is not None:
-        try:
-            at, task_id = base64.urlsafe_b64decode(query.cursor.encode()).decode().split("|", 1)
-            args += [datetime.fromisoformat(at), task_id]
-        except (ValueError, UnicodeDecodeError):
-            raise ValidationError("cursor is not one this service issued", field="cursor") from None
-        where.append(f"(submitted_at, task_id) < (${len(args) - 1}, ${len(args)})")
-    args.append(query.limit + 1)
-    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + \
-        f" ORDER BY submitted_at DESC, task_id DESC LIMIT ${len(args)}"
-    rows = await pool.fetch(sql, *args)
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    cursor = None
-    if more and rows:
-        cursor = base64.urlsafe_b64encode(f"{_iso(rows[-1]['submitted_at'])}|{rows[-1]['task_id']}".encode()).decode()
+    rows, cursor = await keyset_page(
+        pool, _SELECT, (("status", query.status), ("type", query.type), ("priority", query.priority)),
+        time_column="submitted_at", id_column="task_id", cursor=query.cursor, limit=query.limit,
+    )
     return TaskPage(items=[_view(r) for r in rows], next_cursor=cursor)
 
 

@@ -62,8 +62,6 @@ class Worker:
         self._cancelled: set[str] = set()
         self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._reporter: asyncio.Task[None] | None = None
-        self.completed = 0
-        self.failed = 0
 
     async def run(self) -> None:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
@@ -170,10 +168,8 @@ class Worker:
                 kind, value = outcome
                 if kind == "complete":
                     await self._complete({"task_id": task.task_id, "attempt": task.attempt, "result": value})
-                    self.completed += 1
                 else:
                     await self._command("fail", {"task_id": task.task_id, "attempt": task.attempt, "error": value})
-                    self.failed += 1
             await item.ack()
         except (RuleViolationError, NotFoundError):
             await item.ack()  # cancelled meanwhile, or another worker finished this attempt

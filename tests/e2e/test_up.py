@@ -3,6 +3,7 @@ the CLI, stopped with SIGTERM, started again with its data intact."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -50,8 +51,20 @@ async def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeo
                                 return
             except aiohttp.ClientError:
                 pass
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     raise AssertionError("jetsource up did not become ready:\n" + log.read_text())
+
+
+async def _poll_status(http: aiohttp.ClientSession, url: str, status: str, log: Path, timeout: float = 30) -> dict:
+    """GET url until its JSON has this status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(url) as resp:
+            body = await resp.json()
+        if body.get("status") == status:
+            return body
+        assert time.monotonic() < deadline, f"{url} never became {status}: {body}\n{log.read_text()}"
+        await asyncio.sleep(0.1)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> list[int]:
@@ -101,13 +114,7 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
 
         # The fulfilment process manager ships the paid order through a task.
         async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                async with http.get(f"{base}/orders/{oid}") as resp:
-                    if (await resp.json()).get("status") == "shipped":
-                        break
-                time.sleep(0.1)
-            else:
-                raise AssertionError("the paid order was never shipped:\n" + log.read_text())
+            await _poll_status(http, f"{base}/orders/{oid}", "shipped", log)
 
         # A crashed role is restarted by the supervisor.
         actor = next(p for p in psutil.Process(proc.pid).children() if "actor tasks" in " ".join(p.cmdline()))
@@ -119,14 +126,9 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                     if resp.status == 202:
                         task_id = (await resp.json())["task_id"]
                         break
-                time.sleep(0.1)
+                await asyncio.sleep(0.1)
             assert resp.status == 202
-            for _ in range(300):
-                async with http.get(f"{base}/tasks/{task_id}") as resp:
-                    task = await resp.json()
-                if task.get("status") == "completed":
-                    break
-                time.sleep(0.1)
+            task = await _poll_status(http, f"{base}/tasks/{task_id}", "completed", log)
             assert task["result"] == [1, 2]
             # A delayed task is stored, not held in memory: it survives the full stop below.
             run_at = time.time() + 6
@@ -149,13 +151,8 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                 assert len((await resp.json())["events"]) == 4
             async with http.get(f"{base}/tasks/{task_id}") as resp:
                 assert (await resp.json())["status"] == "completed"
-            for _ in range(300):
-                async with http.get(f"{base}/tasks/{delayed_id}") as resp:
-                    delayed = await resp.json()
-                if delayed.get("status") == "completed":
-                    break
-                time.sleep(0.1)
-            assert delayed["status"] == "completed" and delayed["result"] == "later"
+            delayed = await _poll_status(http, f"{base}/tasks/{delayed_id}", "completed", log)
+            assert delayed["result"] == "later"
             async with http.get(f"{base}/tasks/{delayed_id}/events") as resp:
                 started = next(e for e in (await resp.json())["events"] if e["type"] == "task.started")
             assert started["event"]["at"] >= run_at

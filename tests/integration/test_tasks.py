@@ -33,6 +33,17 @@ async def wait_status(
         await asyncio.sleep(0.05)
 
 
+async def wait_completed(system: System, count: int, min_seq: int, timeout: float = 30.0) -> None:
+    """Until the read model counts `count` completed tasks (having applied `min_seq` first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, _, stats = await get(system, "/tasks/stats", min_seq=min_seq)
+        if stats["by_status"].get("completed") == count:
+            return
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.2)
+
+
 async def events_of(system: System, task_id: str) -> list[dict[str, Any]]:
     _, _, body = await get(system, f"/tasks/{task_id}/events")
     return body["events"]
@@ -229,14 +240,7 @@ async def test_no_task_is_lost_when_workers_start_them_as_fast_as_they_are_submi
     # Regression: a start racing the submit's own cache update once acked the work item away.
     await system.start_worker()
     replies = await asyncio.gather(*(submit(system, {"type": "echo", "payload": i}) for i in range(400)))
-    last = max(r["seq"] for r in replies)
-    deadline = time.monotonic() + 60
-    while True:
-        _, _, stats = await get(system, "/tasks/stats", min_seq=last)
-        if stats["by_status"].get("completed") == 400:
-            break
-        assert time.monotonic() < deadline, stats
-        await asyncio.sleep(0.2)
+    await wait_completed(system, 400, max(r["seq"] for r in replies), timeout=60)
 
 
 async def test_a_start_batch_answers_each_item_in_order(system: System) -> None:
@@ -263,11 +267,4 @@ async def test_a_submit_batch_queues_each_task_and_keeps_per_item_idempotency(sy
     assert results[50]["refused"]["field"] == "type"
     again = json.loads((await system.request(system.tasks.command("submit_batch"), {"items": items[:50]})).data)
     assert [r["accepted"]["task_id"] for r in again["results"]] == [r["accepted"]["task_id"] for r in results[:50]]
-    last = max(r["accepted"]["seq"] for r in results[:50])
-    deadline = time.monotonic() + 30
-    while True:
-        _, _, stats = await get(system, "/tasks/stats", min_seq=last)
-        if stats["by_status"].get("completed") == 50:
-            break
-        assert time.monotonic() < deadline, stats
-        await asyncio.sleep(0.2)
+    await wait_completed(system, 50, max(r["accepted"]["seq"] for r in results[:50]))
