@@ -259,6 +259,31 @@ async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
             proc.wait(60)
 
 
+async def settle(url: str, settings: Settings, limit_s: float = 180.0) -> float:
+    """Wait until the projections have applied everything stored, so that a phase does not
+    compete with the projector catching up on the phase before it; returns the seconds waited."""
+    from infra.status import read_models
+
+    nc = await connect(url, "bench-settle")
+    js = nc.jetstream()
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < limit_s:
+            busy = 0
+            for model in read_models(settings):
+                try:
+                    info = await js.consumer_info(model.ctx.stream, model.ctx.consumer(model.projection.name))
+                except Exception:  # noqa: BLE001 - no projector consumer yet: nothing to wait for
+                    continue
+                busy += (info.num_pending or 0) + (info.num_ack_pending or 0)
+            if not busy:
+                break
+            await asyncio.sleep(0.2)
+        return round(time.perf_counter() - start, 1)
+    finally:
+        await nc.close()
+
+
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
     only = set(args.only or ["ceilings", "nats", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
@@ -268,12 +293,21 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             results["ceiling_jetstream_publish"] = await ceiling_js_publish(url, min(args.count, 10000), args.inflight)
         if "nats" in only:
             subject = Context("orders", settings.namespace).command("place")
+            await settle(url, settings)
             results["nats_orders_cmd_place"] = await bench_nats(url, subject, args.count, args.inflight)
+            # What `nats bench service request --clients N` users see with more callers: the
+            # group commit gets fuller batches per fsync.
+            await settle(url, settings)
+            results[f"nats_orders_cmd_place_x{4 * args.inflight}"] = await bench_nats(
+                url, subject, args.count, 4 * args.inflight)
         if "http" in only:
+            await settle(url, settings)
             results["http_post_orders"] = await bench_http(base, args.count, args.inflight, seconds=10)
         if "tasks" in only:
             tasks = Context("tasks", settings.namespace)
+            await settle(url, settings)
             results["tasks_noop_end_to_end"] = await bench_tasks(url, tasks, args.count, args.inflight)
+            await settle(url, settings)
             results["tasks_noop_batched_submit"] = await bench_tasks(
                 url, tasks, args.count, max(1, args.inflight // 8), batch=100)
     for key, value in results.items():
