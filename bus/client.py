@@ -8,6 +8,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from bus import subjects as h
+from bus.connection import request
 from bus.errors import DeadlineError, UnavailableError, from_code
 from bus.runtime import ErrorReply
 
@@ -30,7 +31,7 @@ async def call(
 ) -> bytes:
     """Request-reply to a service; returns the success body or raises a coded error."""
     try:
-        msg = await nc.request(subject, body, timeout=timeout, headers=headers or None)
+        msg = await request(nc, subject, body, timeout=timeout, headers=headers or None)
     except NoRespondersError:
         raise UnavailableError(f"no service answers {subject}") from None
     except NatsTimeoutError:

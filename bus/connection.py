@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.nuid import NUID
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +46,40 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
     )
     holder.append(nc)
     return nc
+
+
+_tokens = NUID()
+
+
+def _expire(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(NatsTimeoutError())
+
+
+async def request(
+    nc: Client, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None
+) -> Msg:
+    """`nc.request` through the client's own reply multiplexer, without its per-call costs.
+
+    Profiling the edge showed nats-py's request spending ~10 % of the process on a token drawn
+    from os.urandom, `asyncio.wait_for` and a done-callback per call. Here the token is a NUID
+    (22 characters, unique in this process; nats-py's own tokens are 26, so they never meet) and
+    the timeout is one timer handle. Raises what `nc.request` raises.
+    """
+    if not nc._resp_sub_prefix:  # noqa: SLF001 - the client's reply multiplexer, see above
+        await nc._init_request_sub()  # noqa: SLF001
+    token = _tokens.next().decode()
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Msg] = loop.create_future()
+    pending = nc._resp_map  # noqa: SLF001
+    pending[token] = future
+    timer = loop.call_later(timeout, _expire, future)
+    try:
+        await nc.publish(subject, payload, reply=nc._resp_sub_prefix.decode() + token, headers=headers)  # noqa: SLF001
+        msg = await future
+    finally:
+        timer.cancel()
+        pending.pop(token, None)
+    if msg.headers and msg.headers.get("Status") == "503":
+        raise NoRespondersError
+    return msg

@@ -26,6 +26,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
 from bus import subjects as h
+from bus.connection import request
 from bus.errors import DeadlineError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ class EventStore:
 
     async def _request(self, subject: str, data: bytes, headers: dict[str, str]) -> _PubAck:
         try:
-            msg = await self._nc.request(subject, data, timeout=self._timeout, headers=headers)
+            msg = await request(self._nc, subject, data, timeout=self._timeout, headers=headers)
         except NatsTimeoutError:
             raise DeadlineError("the event store did not acknowledge in time; outcome unknown") from None
         except NoRespondersError:

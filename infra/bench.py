@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from nats.js.api import StorageType, StreamConfig
 
-from bus.connection import connect
+from bus.connection import connect, request
 from bus.subjects import Context
 from infra.embedded import free_port
 from infra.settings import Settings
@@ -65,13 +65,13 @@ async def ceiling_request_reply(url: str, count: int, inflight: int) -> dict[str
         nc = await connect(url, "bench-ceiling")
         for _ in range(100):
             try:
-                await nc.request("bench.echo", b"x", timeout=0.2)
+                await request(nc, "bench.echo", b"x", timeout=0.2)
                 break
             except Exception:  # noqa: BLE001 - responder still starting
                 await asyncio.sleep(0.1)
 
         async def op() -> bool:
-            await nc.request("bench.echo", PLACE, timeout=5)
+            await request(nc, "bench.echo", PLACE, timeout=5)
             return True
 
         result = await _drive(count, inflight, op)
@@ -107,7 +107,7 @@ async def bench_nats(url: str, subject: str, count: int, inflight: int) -> dict[
     nc = await connect(url, "bench-nats")
 
     async def op() -> bool:
-        msg = await nc.request(subject, PLACE, timeout=10)
+        msg = await request(nc, subject, PLACE, timeout=10)
         return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
 
     await _drive(min(2000, count), inflight, op)  # warm-up
@@ -187,9 +187,9 @@ async def bench_tasks(
 
     async def op() -> bool:
         if batch > 1:
-            msg = await nc.request(ctx.command("submit_batch"), batch_body, timeout=30)
+            msg = await request(nc, ctx.command("submit_batch"), batch_body, timeout=30)
             return b'"refused"' not in msg.data and not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
-        msg = await nc.request(subject, body, timeout=10)
+        msg = await request(nc, subject, body, timeout=10)
         return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
 
     start = time.perf_counter()
@@ -211,7 +211,7 @@ async def bench_tasks(
     latencies = []
     for _ in range(200):
         t = time.perf_counter()
-        reply = json.loads((await nc.request(subject, body, timeout=10)).data)
+        reply = json.loads((await request(nc, subject, body, timeout=10)).data)
         started_event[reply["task_id"]] = event = asyncio.Event()
         if reply["task_id"] not in started_at:
             await asyncio.wait_for(event.wait(), 10)

@@ -1,0 +1,48 @@
+"""The lean request-reply path (`bus.connection.request`, used by `call`, the event store and the
+edge) against a real nats-server: replies reach their own caller, and failures map as before."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bus.client import call
+from bus.connection import request
+from bus.errors import DeadlineError, UnavailableError
+from tests.conftest import System
+
+
+async def test_concurrent_requests_each_get_their_own_reply(system: System) -> None:
+    subject = f"{system.settings.namespace}.echo"
+
+    async def echo(msg: object) -> None:
+        await msg.respond(b"re:" + msg.data)  # type: ignore[attr-defined]
+
+    sub = await system.nc.subscribe(subject, cb=echo)
+    try:
+        replies = await asyncio.gather(*(request(system.nc, subject, b"%d" % i, timeout=5) for i in range(200)))
+        assert [r.data for r in replies] == [b"re:%d" % i for i in range(200)]
+        assert not system.nc._resp_map  # noqa: SLF001 - nothing left behind per call
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_subject_nobody_serves_is_unavailable_at_once(system: System) -> None:
+    with pytest.raises(UnavailableError):
+        await call(system.nc, f"{system.settings.namespace}.nobody", b"{}", timeout=5)
+
+
+async def test_a_service_that_never_answers_is_a_deadline_and_leaves_nothing_behind(system: System) -> None:
+    subject = f"{system.settings.namespace}.silent"
+
+    async def swallow(_msg: object) -> None:
+        return None
+
+    sub = await system.nc.subscribe(subject, cb=swallow)
+    try:
+        with pytest.raises(DeadlineError):
+            await call(system.nc, subject, b"{}", timeout=0.2)
+        assert not system.nc._resp_map  # noqa: SLF001
+    finally:
+        await sub.unsubscribe()
