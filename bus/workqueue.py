@@ -4,15 +4,11 @@ work item is decided at one boundary: `WorkItem`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 
-from bus.errors import UnavailableError
-
+from bus.pull import Puller
 
 
 class WorkItem:
@@ -44,45 +40,22 @@ class WorkItem:
 
 
 class PriorityQueues:
-    """Takes the next item from the first non-empty queue, in priority order.
-
-    Pull responses carry the stored message's own subject, not the reply inbox, so they come
-    through a dedicated inbox subscription rather than the client's request multiplexer. One
-    caller at a time.
-    """
+    """Takes the next items from the first non-empty queue, in priority order (one durable pull
+    consumer per queue, each pulled through its own `Puller`). One caller at a time."""
 
     def __init__(self, nc: Client, stream: str, queues: tuple[str, ...], *, timeout: float = 5.0) -> None:
         self._nc = nc
-        self._apis = [(q, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.workers_{q}") for q in queues]
-        self._timeout = timeout
-        self._inbox = nc.new_inbox()
-        self._sub: Any = None
+        self._pullers = [(q, Puller(nc, stream, f"workers_{q}", timeout=timeout)) for q in queues]
 
     async def take(self, n: int) -> list[WorkItem]:
         """Up to n items, highest priority first: all of the first queue's that fit, then the
         next queue's. Callers start everything they take at once, so strictness holds."""
-        if self._sub is None:
-            self._sub = await self._nc.subscribe(self._inbox)
         items: list[WorkItem] = []
-        for queue, api in self._apis:
+        for queue, puller in self._pullers:
             want = n - len(items)
             if want <= 0:
                 break
-            await self._nc.publish(api, b'{"batch":%d,"no_wait":true}' % want, reply=self._inbox)
-            got = 0
-            while got < want:
-                try:
-                    msg = await self._sub.next_msg(self._timeout)
-                except NatsTimeoutError:
-                    raise UnavailableError("JetStream did not answer a pull request in time") from None
-                status = (msg.headers or {}).get("Status")
-                if status is None:
-                    items.append(WorkItem(self._nc, msg, queue))
-                    got += 1
-                elif status in ("404", "408"):
-                    break  # the queue had fewer than we asked for: on to the next priority
-                elif status == "503":
-                    raise UnavailableError("JetStream is not answering")
+            items += [WorkItem(self._nc, msg, queue) for msg in await puller.pull(want)]
         return items
 
     async def next(self) -> WorkItem | None:
@@ -90,6 +63,5 @@ class PriorityQueues:
         return items[0] if items else None
 
     async def close(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for _, puller in self._pullers:
+            await puller.close()

@@ -12,11 +12,11 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from bus.eventstore import StoredEvent
+from bus.pull import Puller
 from bus.subjects import Context
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Projector:
     def durable(self) -> str:
         return self._ctx.consumer(self._projection.name)
 
-    async def _bind(self) -> Any:
+    async def _bind(self) -> Puller:
         js = self._nc.jetstream()
         await self._pool.execute(
             "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
@@ -129,7 +129,7 @@ class Projector:
                     max_deliver=-1,
                 ),
             )
-        return await js.pull_subscribe_bind(self.durable, self._ctx.stream)
+        return Puller(self._nc, self._ctx.stream, self.durable)
 
     async def run(self) -> None:
         """Consume until stop() is called; failures back off and retry (nothing is skipped).
@@ -163,7 +163,7 @@ class Projector:
                 try:
                     await self._consume(sub)
                 finally:
-                    await sub.unsubscribe()
+                    await sub.close()
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -174,14 +174,13 @@ class Projector:
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _consume(self, sub: Any) -> None:
+    async def _consume(self, sub: Puller) -> None:
         while not self._stopping.is_set():
-            try:
-                msgs = await sub.fetch(self._batch, timeout=0.5)
-            except (NatsTimeoutError, TimeoutError):
+            msgs = await sub.pull(self._batch, wait_s=0.5)
+            if not msgs:
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
                 if await self._checkpoints.get(self._projection.name) < self.checkpoint:
-                    raise Rewound("checkpoint was reset") from None
+                    raise Rewound("checkpoint was reset")
                 continue
             batch: list[tuple[StoredEvent, Any]] = []
             last_seq = self.checkpoint
