@@ -16,7 +16,6 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
@@ -27,6 +26,7 @@ from bus import subjects as h
 from bus.client import call
 from bus.codec import encode
 from bus.errors import JetsourceError, NotFoundError, RuleViolationError, ValidationError
+from bus.pull import Puller
 from bus.subjects import Context
 
 log = logging.getLogger(__name__)
@@ -70,16 +70,14 @@ class FulfilmentManager:
                     # manager sends is idempotent, so replaying the stream is safe.
                     await js.delete_consumer(ctx.stream, DURABLE)
                     await js.add_consumer(ctx.stream, config)
-                sub = await js.pull_subscribe_bind(DURABLE, ctx.stream)
+                puller = Puller(self._nc, ctx.stream, DURABLE)
                 try:
                     while not self._stopping.is_set():
-                        try:
-                            msgs = await sub.fetch(500, timeout=0.5)
-                        except (NatsTimeoutError, TimeoutError):
-                            continue
-                        await self._handle_batch(msgs, handle)
+                        msgs = await puller.pull(500, wait_s=0.5)
+                        if msgs:
+                            await self._handle_batch(msgs, handle)
                 finally:
-                    await sub.unsubscribe()
+                    await puller.close()
             except asyncio.CancelledError:
                 raise
             except Exception:

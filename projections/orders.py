@@ -118,13 +118,13 @@ class OrdersProjection:
         await conn.execute(_UPSERT_ORDERS, *map(list, zip(*(
             (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure)
             for r in changed
-        ))))
+        ), strict=True)))
         stale = [i for i in touched if i not in placed_here]
         if stale:
             await conn.execute("DELETE FROM order_lines WHERE order_id = ANY($1::text[])", stale)
         lines = [(r.order_id, sku, q, p) for r in changed for sku, (q, p) in r.lines.items()]
         if lines:
-            await conn.execute(_INSERT_LINES, *map(list, zip(*lines)))
+            await conn.execute(_INSERT_LINES, *map(list, zip(*lines, strict=True)))
 
     @staticmethod
     def _fold(row: _Row, event: OrderEvent) -> None:

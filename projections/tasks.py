@@ -36,7 +36,7 @@ _COLUMNS = ("task_id", "type", "status", "priority", "payload", "attempt", "max_
 _TYPES = ("text", "text", "text", "text", "jsonb", "int", "int", "timestamptz", "float8", "float8", "text", "jsonb",
           "text", "text", "text", "timestamptz", "timestamptz", "timestamptz", "bigint")
 _ARRAYS = ", ".join(f"${i}::{'text' if t == 'jsonb' else t}[]" for i, t in enumerate(_TYPES, 1))
-_SELECTED = ", ".join(f"{c}::jsonb" if t == "jsonb" else c for c, t in zip(_COLUMNS, _TYPES))
+_SELECTED = ", ".join(f"{c}::jsonb" if t == "jsonb" else c for c, t in zip(_COLUMNS, _TYPES, strict=True))
 _UPSERT = (
     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) SELECT {_SELECTED} FROM unnest({_ARRAYS}) AS u({', '.join(_COLUMNS)}) "
     f"ON CONFLICT (task_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS[1:])}"
@@ -118,7 +118,7 @@ class TasksProjection:
              r.progress, r.progress_message, r.result, r.error, r.worker, r.ref, r.submitted_at, r.started_at,
              r.finished_at, r.version)
             for r in changed
-        )))
+        ), strict=True))
         await conn.execute(_UPSERT, *map(list, columns))
 
     @staticmethod
