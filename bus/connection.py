@@ -68,6 +68,8 @@ async def request(
     """
     if not nc._resp_sub_prefix:  # noqa: SLF001 - the client's reply multiplexer, see above
         await nc._init_request_sub()  # noqa: SLF001
+    prefix = nc._resp_sub_prefix  # noqa: SLF001
+    assert prefix is not None
     token = _tokens.next().decode()
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Msg] = loop.create_future()
@@ -75,7 +77,7 @@ async def request(
     pending[token] = future
     timer = loop.call_later(timeout, _expire, future)
     try:
-        await nc.publish(subject, payload, reply=nc._resp_sub_prefix.decode() + token, headers=headers)  # noqa: SLF001
+        await nc.publish(subject, payload, reply=prefix.decode() + token, headers=headers)
         msg = await future
     finally:
         timer.cancel()

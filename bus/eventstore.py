@@ -342,7 +342,7 @@ class EventStore:
         if from_seq is not None:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1))
         elif since is not None:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since.isoformat())
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         js = self._nc.jetstream()

@@ -23,7 +23,13 @@ class IdSource:
         self._reset()
         # getpid() is a system call: re-draw the prefix in a forked child instead of checking.
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (lambda s: s and s._reset())(ref()))
+
+        def redraw() -> None:
+            source = ref()
+            if source is not None:
+                source._reset()
+
+        os.register_at_fork(after_in_child=redraw)
 
     def _reset(self) -> None:
         self._prefix = "".join(secrets.choice(_ALPHABET) for _ in range(12))

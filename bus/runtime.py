@@ -10,7 +10,7 @@ import dataclasses
 import logging
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -97,7 +97,7 @@ class Concurrency:
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def wrap(self, handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+    def wrap(self, handler: Callable[[Request], Coroutine[Any, Any, None]]) -> Callable[[Request], Awaitable[None]]:
         async def spawn(request: Request) -> None:
             await self._slots.acquire()
             task = asyncio.get_running_loop().create_task(handler(request))
@@ -261,7 +261,8 @@ class Actor(Generic[S, C, E]):
     def _batch_endpoint(self, command_type: type) -> Callable[[Request], Awaitable[None]]:
         """Many commands in one request (workers starting what one pull gave them). Each item
         is executed as if sent alone; per-item outcomes come back in order."""
-        decoder = Decoder(msgspec.defstruct("CommandBatch", [("items", list[command_type])], kw_only=True))  # type: ignore[valid-type]
+        batch_type = msgspec.defstruct("CommandBatch", [("items", list[command_type])], kw_only=True)  # type: ignore[valid-type]
+        decoder: Decoder[Any] = Decoder(batch_type)
 
         async def run(request: Request) -> BatchReply:
             batch = decoder.decode(request.data)

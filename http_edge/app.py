@@ -325,6 +325,7 @@ def create_app(nc: Client, orders: Context, tasks: Context, config: EdgeConfig) 
         trace_id = request.headers.get("X-Trace-Id") or request.headers.get("X-Request-Id") or _trace_id()
         request[TRACE_ID] = trace_id
         start = time.perf_counter()
+        response: web.StreamResponse | None
         try:
             response = guards.admit(request)
             if response is None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from nats.js.api import StorageType, StreamConfig
@@ -58,7 +58,7 @@ async def _drive(count: int, inflight: int, op: Callable[[], Awaitable[bool]]) -
             "p99_ms": round(_pct(latencies, 0.99), 2), "failed": failures, "count": count}
 
 
-async def ceiling_request_reply(url: str, count: int, inflight: int) -> dict[str, float]:
+async def ceiling_request_reply(url: str, count: int, inflight: int) -> Mapping[str, object]:
     """A trivial responder in another process, driven like an actor."""
     responder = subprocess.Popen([sys.executable, "-m", "infra.bench_responder", url, "bench.echo"])
     try:
@@ -82,7 +82,7 @@ async def ceiling_request_reply(url: str, count: int, inflight: int) -> dict[str
         responder.wait(10)
 
 
-async def ceiling_js_publish(url: str, count: int, inflight: int) -> dict[str, float]:
+async def ceiling_js_publish(url: str, count: int, inflight: int) -> Mapping[str, object]:
     """Plain JetStream publish (one message per publish, same server sync policy)."""
     nc = await connect(url, "bench-js")
     js = nc.jetstream()
@@ -103,7 +103,7 @@ async def ceiling_js_publish(url: str, count: int, inflight: int) -> dict[str, f
         await nc.close()
 
 
-async def bench_nats(url: str, subject: str, count: int, inflight: int) -> dict[str, float]:
+async def bench_nats(url: str, subject: str, count: int, inflight: int) -> Mapping[str, object]:
     nc = await connect(url, "bench-nats")
 
     async def op() -> bool:
@@ -116,7 +116,7 @@ async def bench_nats(url: str, subject: str, count: int, inflight: int) -> dict[
     return result
 
 
-async def bench_http(base: str, count: int, inflight: int, seconds: float) -> dict[str, float]:
+async def bench_http(base: str, count: int, inflight: int, seconds: float) -> Mapping[str, object]:
     if shutil.which("wrk"):
         return _wrk(base, inflight, seconds)
     connector = aiohttp.TCPConnector(limit=inflight)
@@ -131,7 +131,7 @@ async def bench_http(base: str, count: int, inflight: int, seconds: float) -> di
         return {**await _drive(count, inflight, op), "client": "aiohttp (in-process; wrk is faster)"}
 
 
-def _wrk(base: str, connections: int, seconds: float) -> dict[str, float]:
+def _wrk(base: str, connections: int, seconds: float) -> Mapping[str, object]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write('wrk.method = "POST"\nwrk.body = [[%s]]\nwrk.headers["Content-Type"] = "application/json"\n'
                   'done = function(summary, latency, requests)\n'
@@ -150,7 +150,7 @@ def _wrk(base: str, connections: int, seconds: float) -> dict[str, float]:
 
 async def bench_tasks(
     url: str, ctx: Context, count: int, inflight: int, batch: int = 1
-) -> dict[str, object]:
+) -> Mapping[str, object]:
     """No-op tasks submitted and completed end to end; then submit-to-start latency when idle.
 
     With batch > 1 the producer submits through `tasks.cmd.submit_batch`, `batch` tasks a

@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +27,7 @@ def _setup_logging(settings: Settings, role: str) -> None:
     )
 
 
-def _run(main: Callable[[], Awaitable[int]]) -> int:
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         import uvloop
 

@@ -42,7 +42,7 @@ def read_models(settings: Settings) -> list[ReadModel]:
 async def last_event_seq(nc: Client, ctx: Context) -> int:
     """The sequence of the newest event (the stream also holds outbox and queue messages)."""
     try:
-        return int((await nc.jetstream().get_last_msg(ctx.stream, ctx.events_wildcard)).seq)
+        return int((await nc.jetstream().get_last_msg(ctx.stream, ctx.events_wildcard)).seq or 0)
     except NotFoundError:
         return 0
 

@@ -204,13 +204,12 @@ class Projector:
                 async with self._pool.acquire() as conn, conn.transaction():
                     # The stored checkpoint, locked, is the authority: a concurrent projector
                     # may have moved it on (skip what it applied) or a rebuild reset it.
-                    stored = await conn.fetchval(
+                    applied = int(await conn.fetchval(
                         "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self._projection.name
-                    )
-                    stored = int(stored or 0)
-                    if stored < self.checkpoint:
-                        raise Rewound(f"checkpoint went back from {self.checkpoint} to {stored}")
-                    batch = [(e, ev) for e, ev in batch if e.seq > stored]
+                    ) or 0)
+                    if applied < self.checkpoint:
+                        raise Rewound(f"checkpoint went back from {self.checkpoint} to {applied}")
+                    batch = [(e, ev) for e, ev in batch if e.seq > applied]
                     if batch:
                         await self._projection.apply(conn, batch)
                     await conn.execute(

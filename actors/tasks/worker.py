@@ -58,7 +58,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         # Handlers at work, by task id: for cancel signals and lease renewal.
-        self._handlers: dict[str, tuple[asyncio.Task[Any], WorkItem]] = {}
+        self._handlers: dict[str, tuple[asyncio.Future[Any], WorkItem]] = {}
         self._cancelled: set[str] = set()
         self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._reporter: asyncio.Task[None] | None = None
@@ -217,7 +217,7 @@ class Worker:
                                                  "percent": percent, "message": message})
 
         ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
-        run = asyncio.get_running_loop().create_task(handler(ctx))
+        run = asyncio.ensure_future(handler(ctx))  # handlers may return any awaitable
         self._handlers[task.task_id] = (run, item)
         try:
             async with asyncio.timeout(task.timeout_s):

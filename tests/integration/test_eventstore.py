@@ -4,6 +4,7 @@ commands, and when the batch is rejected only the stale writer fails."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 from bus.eventstore import EventStore, NewEvent, WrongExpectedSequence
 from bus.streams import ensure_stream, event_stream
@@ -41,4 +42,25 @@ async def test_a_rejected_batch_is_retried_per_command_so_only_the_stale_writer_
     assert [e.data for e in await store.load(ctx.events("c"))] == [b'{"n":3}', b'{"n":4}']
     info = await system.nc.jetstream().stream_info(ctx.stream)
     assert info.state.messages == 1 + 3 + 20
+    await store.close()
+
+
+async def test_a_stream_read_starts_at_a_sequence_or_at_a_time(system: System) -> None:
+    ctx = Context("ledger", system.settings.namespace)
+    await ensure_stream(system.nc.jetstream(), event_stream(ctx))
+    store = EventStore(system.nc, ctx.stream)
+    for n in range(3):
+        await store.append(ctx.events(f"e{n}"), _event(n), 0)
+    await asyncio.sleep(0.05)
+    cut = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    for n in range(3, 5):
+        await store.append(ctx.events(f"e{n}"), _event(n), 0)
+
+    everything = [e.data async for e in store.read(ctx.events_wildcard)]
+    from_third = [e.seq async for e in store.read(ctx.events_wildcard, from_seq=3)]
+    since_cut = [e.data async for e in store.read(ctx.events_wildcard, since=cut)]
+    assert everything == [b'{"n":%d}' % n for n in range(5)]
+    assert from_third == [3, 4, 5]
+    assert since_cut == [b'{"n":3}', b'{"n":4}']
     await store.close()

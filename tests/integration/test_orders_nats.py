@@ -25,13 +25,14 @@ async def test_the_state_cache_stays_bounded_and_evicted_orders_reload_from_the_
     from bus.runtime import Actor
 
     actor = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders), cache_size=3)
-    from actors.orders.messages import AddItem, PlaceOrder
+    from actors.orders.messages import AddItem, OrderAccepted, PlaceOrder
 
     ids = []
     for i in range(10):
-        reply = await actor.execute(PlaceOrder(customer_id=f"c{i}", currency="EUR"), None)
-        ids.append(reply.order_id)
+        placed = await actor.execute(PlaceOrder(customer_id=f"c{i}", currency="EUR"), None)
+        assert isinstance(placed, OrderAccepted)
+        ids.append(placed.order_id)
     assert len(actor._cache) == 3  # noqa: SLF001
     reply = await actor.execute(AddItem(order_id=ids[0], sku="x", quantity=2, unit_price=5), None)
-    assert reply.total == 10 and reply.status == "placed"
+    assert isinstance(reply, OrderAccepted) and reply.total == 10 and reply.status == "placed"
     await actor.stop()

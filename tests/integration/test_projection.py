@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -11,7 +12,7 @@ from tests.conftest import System
 from tests.integration.test_orders_http import PLACE, get, post
 
 
-async def _orders(system: System, seq: int) -> dict[str, object]:
+async def _orders(system: System, seq: int) -> dict[str, tuple[Any, ...]]:
     _, _, page = await get(system, "/orders", limit=500, min_seq=seq)
     return {o["order_id"]: (o["status"], o["total"], o["version"], o["lines"]) for o in page["items"]}
 
