@@ -12,6 +12,10 @@ Priority = Literal["high", "normal", "low"]
 TaskStatus = Literal["scheduled", "pending", "running", "retrying", "completed", "dead", "cancelled"]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=30 * 24 * 3600)]
 ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
+# When the actor took the command: it stamps every command (the decider stays pure and
+# replayable), so a value a caller sends is replaced. `readOnly` tells OpenAPI readers so.
+StampedAt = Annotated[float, msgspec.Meta(extra_json_schema={
+    "readOnly": True, "description": "set by the task actor (seconds since the epoch); a value sent is replaced"})]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 
@@ -44,7 +48,7 @@ class SubmitTask(Message, frozen=True, kw_only=True, tag="task.submit"):
     ref: Annotated[str, msgspec.Meta(max_length=200)] | None = None
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     task_id: TaskId | None = None
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 class CancelTask(Message, frozen=True, kw_only=True, tag="task.cancel"):
@@ -52,14 +56,14 @@ class CancelTask(Message, frozen=True, kw_only=True, tag="task.cancel"):
 
     task_id: TaskId
     reason: ShortText = ""
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 class RetryTask(Message, frozen=True, kw_only=True, tag="task.retry"):
     """tasks.cmd.retry: bring a dead-lettered task back with a fresh set of attempts."""
 
     task_id: TaskId
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 # ---- worker commands -------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ class StartTask(Message, frozen=True, kw_only=True, tag="task.start"):
     task_id: TaskId
     attempt: int
     worker: Annotated[str, msgspec.Meta(max_length=100)]
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 class ReportProgress(Message, frozen=True, kw_only=True, tag="task.progress"):
@@ -81,7 +85,7 @@ class ReportProgress(Message, frozen=True, kw_only=True, tag="task.progress"):
     attempt: int
     percent: Annotated[float, msgspec.Meta(ge=0, le=100)]
     message: ShortText = ""
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 class CompleteTask(Message, frozen=True, kw_only=True, tag="task.complete"):
@@ -90,7 +94,7 @@ class CompleteTask(Message, frozen=True, kw_only=True, tag="task.complete"):
     task_id: TaskId
     attempt: int
     result: Any = None
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 class FailTask(Message, frozen=True, kw_only=True, tag="task.fail"):
@@ -99,7 +103,7 @@ class FailTask(Message, frozen=True, kw_only=True, tag="task.fail"):
     task_id: TaskId
     attempt: int
     error: ShortText
-    at: float = 0.0
+    at: StampedAt = 0.0
 
 
 TaskCommand = SubmitTask | CancelTask | RetryTask | StartTask | ReportProgress | CompleteTask | FailTask

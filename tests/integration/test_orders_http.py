@@ -139,6 +139,8 @@ async def test_operations_endpoints(system: System) -> None:
     assert (await get(system, "/readyz"))[0] == 200
     status, _, doc = await get(system, "/openapi.json")
     assert status == 200 and "/orders/{order_id}/pay" in doc["paths"] and "PlaceOrder" in doc["components"]["schemas"]
+    # The time the actor stamps on task commands is documented as not the caller's to set.
+    assert doc["components"]["schemas"]["SubmitTask"]["properties"]["at"]["readOnly"] is True
     async with system.http.get(system.base + "/metrics") as resp:
         assert resp.status == 200 and "jetsource_http_requests" in await resp.text()
     status, _, body = await get(system, "/nowhere")

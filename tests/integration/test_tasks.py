@@ -66,6 +66,13 @@ async def test_unknown_types_and_bad_fields_are_rejected_naming_the_field(system
     assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 0
 
 
+async def test_a_caller_cannot_set_the_time_the_actor_stamps(system: System) -> None:
+    t0 = time.time()
+    reply = await submit(system, {"type": "echo", "at": 1.0, "delay_s": 3600})
+    submitted = (await events_of(system, reply["task_id"]))[0]["event"]
+    assert submitted["at"] >= t0 and submitted["run_at"] >= t0 + 3600  # not 1.0 + 3600
+
+
 async def test_the_same_idempotency_key_is_one_task(system: System) -> None:
     a = await submit(system, {"type": "echo", "idempotency_key": "job-7"})
     b = await submit(system, {"type": "echo", "idempotency_key": "job-7"})
