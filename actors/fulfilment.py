@@ -86,20 +86,33 @@ class FulfilmentManager:
                     await asyncio.wait_for(self._stopping.wait(), 1.0)
 
     async def _handle_batch(self, msgs: list[Any], handle: Any) -> None:
-        """Handle in order; one ack (ack-all) covers everything handled. On a transient failure
-        the rest of the batch is left for redelivery."""
+        """Handle in order; one cumulative ack covers everything handled.
+
+        A transient failure is retried in place, the message's lease kept alive, until it is
+        handled or the manager stops: the consumer acks cumulatively (ack-all), so moving on to
+        later events would acknowledge this one unhandled the moment a later one succeeds.
+        """
         done = None
         for msg in msgs:
-            try:
-                await handle(msg.data, msg.headers or {})
-            except _PERMANENT as exc:
-                log.warning("fulfilment: %s; skipping the event", exc.message)
-            except JetsourceError as exc:
-                log.warning("fulfilment: %s; will retry", exc.message)
-                if done is not None:
-                    await done.ack()
-                await msg.nak(delay=1.0)
-                return
+            backoff = 0.2
+            while True:
+                try:
+                    await handle(msg.data, msg.headers or {})
+                    break
+                except _PERMANENT as exc:
+                    log.warning("fulfilment: %s; skipping the event", exc.message)
+                    break
+                except JetsourceError as exc:
+                    log.warning("fulfilment: %s; retrying in %.1fs", exc.message, backoff)
+                    if done is not None:
+                        await done.ack()
+                        done = None
+                    await msg.in_progress()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), backoff)
+                    if self._stopping.is_set():
+                        return  # unacked: redelivered to whichever manager runs next
+                    backoff = min(backoff * 2, 2.0)  # well inside the 5 s ack wait
             done = msg
         if done is not None:
             await done.ack()

@@ -4,12 +4,15 @@ fulfilment is recorded on the order."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from actors.fulfilment import DURABLE
+from actors.fulfilment import DURABLE, FulfilmentManager
+from bus.eventstore import EventStore
+from infra.bootstrap import ensure_streams, run_tasks_actor, tasks_context
 from tests.conftest import System
 from tests.integration.test_orders_http import PLACE, get, post
 from tests.task_types import UNFULFILLABLE
@@ -74,3 +77,29 @@ async def test_a_dead_lettered_fulfilment_is_recorded_on_the_order(system: Syste
     assert view["status"] == "paid" and "no stock" in view["failure"]
     _, _, history = await get(system, f"/orders/{oid}/events")
     assert history["events"][-1]["type"] == "order.fulfilment_failed"
+
+
+async def test_an_outage_of_the_task_service_loses_no_paid_order(system: System) -> None:
+    # A manager whose task service is not running yet: every submit fails, transiently.
+    later = system.settings.model_copy(update={"namespace": f"{system.settings.namespace}b"})
+    await ensure_streams(system.nc, later)
+    tasks = tasks_context(later)
+    manager = FulfilmentManager(system.nc, system.orders, tasks, timeout=2.0)
+    running = asyncio.get_running_loop().create_task(manager.run())
+    try:
+        first = await _paid_order(system)
+        await asyncio.sleep(0.5)  # the manager has failed on it by now
+        await system.stack.enter_async_context(run_tasks_actor(later, system.nc))
+        second = await _paid_order(system)  # handled while the first still waits for its retry
+
+        store = EventStore(system.nc, tasks.stream)
+        deadline = time.monotonic() + 20
+        while True:
+            refs = {json.loads(e.data).get("ref") async for e in store.read(tasks.events_wildcard)}
+            if {f"order:{first}", f"order:{second}"} <= refs:
+                break
+            assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
+            await asyncio.sleep(0.2)
+    finally:
+        manager.stop()
+        await asyncio.wait_for(running, 10)
