@@ -5,6 +5,7 @@ Events at or below the checkpoint are skipped, so redelivery never double-applie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
 from typing import Any, Protocol
@@ -100,35 +101,36 @@ class Projector:
         return self._ctx.consumer(self._projection.name)
 
     async def _bind(self) -> Puller:
+        """(Re)create the durable consumer at the stored checkpoint and pull from it.
+
+        The database is the authority on progress. Starting the consumer afresh on every bind
+        also takes back what an earlier attempt (a failed batch here, or a crashed projector)
+        had been delivered but not applied: left in place, those events would come back only
+        after the ack wait, behind newer ones that move the checkpoint past them, and would
+        then be skipped as applied.
+        """
         js = self._nc.jetstream()
         await self._pool.execute(
             "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
             self._projection.name,
         )
         self.checkpoint = await self._checkpoints.get(self._projection.name)
-        try:
-            info = await js.consumer_info(self._ctx.stream, self.durable)
-            acked = info.ack_floor.stream_seq if info.ack_floor else 0
-            # The database is the authority on progress: if the consumer is ahead of it (read
-            # models rebuilt or restored), start the consumer over from the checkpoint.
-            if acked > self.checkpoint:
-                await js.delete_consumer(self._ctx.stream, self.durable)
-                raise JsNotFoundError
-        except JsNotFoundError:
-            await js.add_consumer(
-                self._ctx.stream,
-                ConsumerConfig(
-                    durable_name=self.durable,
-                    description=f"jetsource projection {self._projection.name}",
-                    filter_subject=self._ctx.events_wildcard,
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=self.checkpoint + 1,
-                    ack_policy=AckPolicy.ALL,
-                    ack_wait=60,
-                    max_ack_pending=20_000,
-                    max_deliver=-1,
-                ),
-            )
+        with contextlib.suppress(JsNotFoundError):
+            await js.delete_consumer(self._ctx.stream, self.durable)
+        await js.add_consumer(
+            self._ctx.stream,
+            ConsumerConfig(
+                durable_name=self.durable,
+                description=f"jetsource projection {self._projection.name}",
+                filter_subject=self._ctx.events_wildcard,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self.checkpoint + 1,
+                ack_policy=AckPolicy.ALL,
+                ack_wait=60,
+                max_ack_pending=20_000,
+                max_deliver=-1,
+            ),
+        )
         return Puller(self._nc, self._ctx.stream, self.durable)
 
     async def run(self) -> None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
+
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from bus.eventstore import StoredEvent
 from infra.status import rebuild
+from projections.runner import Checkpoints, Projector
+from projections.schema import create_pool
 from tests.conftest import System
 from tests.integration.test_orders_http import PLACE, get, post
 
@@ -64,3 +69,47 @@ async def test_rebuild_reproduces_the_read_model_from_the_stream(system: System)
     before = await _orders(system, seq)
     assert await rebuild(system.settings) == 0
     assert await _orders(system, seq) == before
+
+
+class _FailsOnce:
+    """A read model of order-event sequences whose first batch fails after delivery."""
+
+    name = "fails_once"
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def decode(self, stored: StoredEvent) -> int:
+        return stored.seq
+
+    async def apply(self, conn: asyncpg.Connection, batch: list[tuple[StoredEvent, int]]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("database went away mid-batch")
+        await conn.executemany("INSERT INTO fails_once_seen (seq) VALUES ($1)", [(seq,) for _, seq in batch])
+
+
+async def test_a_failed_batch_is_applied_later_even_when_newer_events_arrive_first(system: System) -> None:
+    pool = await create_pool(system.settings.resolved_database_url(), system.settings.db_schema)
+    projection = _FailsOnce()
+    await pool.execute("CREATE TABLE fails_once_seen (seq bigint PRIMARY KEY)")
+    projector = Projector(system.nc, pool, system.orders, projection, Checkpoints(pool))
+    first = await post(system, "/orders", PLACE)  # delivered to the projector, which fails on it
+    running = asyncio.get_running_loop().create_task(projector.run())
+    try:
+        for _ in range(100):
+            if projection.failed:
+                break
+            await asyncio.sleep(0.02)
+        _, headers, _ = await post(system, "/orders", PLACE)  # newer, arrives while it recovers
+        last = int(headers["X-Stream-Sequence"])
+        for _ in range(200):
+            seen = [r["seq"] for r in await pool.fetch("SELECT seq FROM fails_once_seen ORDER BY seq")]
+            if seen and seen[-1] >= last:
+                break
+            await asyncio.sleep(0.05)
+        assert first[1]["X-Stream-Sequence"] and seen == list(range(1, last + 1))
+    finally:
+        projector.stop()
+        await asyncio.wait_for(running, 10)
+        await pool.close()
