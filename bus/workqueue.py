@@ -8,6 +8,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus.errors import UnavailableError
 from bus.pull import Puller
 
 
@@ -55,7 +56,12 @@ class PriorityQueues:
             want = n - len(items)
             if want <= 0:
                 break
-            items += [WorkItem(self._nc, msg, queue) for msg in await puller.pull(want)]
+            try:
+                items += [WorkItem(self._nc, msg, queue) for msg in await puller.pull(want)]
+            except UnavailableError:
+                if not items:
+                    raise
+                break  # hand over what a higher queue gave: dropped, it would wait out its lease
         return items
 
     async def next(self) -> WorkItem | None:
