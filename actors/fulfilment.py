@@ -61,7 +61,7 @@ class FulfilmentManager:
             try:
                 config = ConsumerConfig(
                     durable_name=DURABLE, filter_subject=ctx.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.ALL, ack_wait=5, max_deliver=-1, max_ack_pending=10_000,
+                    ack_policy=AckPolicy.EXPLICIT, ack_wait=5, max_deliver=-1, max_ack_pending=10_000,
                 )
                 try:
                     await js.add_consumer(ctx.stream, config)
@@ -86,13 +86,13 @@ class FulfilmentManager:
                     await asyncio.wait_for(self._stopping.wait(), 1.0)
 
     async def _handle_batch(self, msgs: list[Any], handle: Any) -> None:
-        """Handle in order; one cumulative ack covers everything handled.
+        """Handle in order, acking each event once it is handled (or skipped as permanent).
 
-        A transient failure is retried in place, the message's lease kept alive, until it is
-        handled or the manager stops: the consumer acks cumulatively (ack-all), so moving on to
-        later events would acknowledge this one unhandled the moment a later one succeeds.
+        Acks are per event (explicit), never cumulative: an event that a crashed manager had
+        been given but not handled comes back after the ack wait whatever happened after it.
+        A transient failure is retried in place, its lease kept alive, until the event is
+        handled or the manager stops (then it stays unacked, for whichever manager runs next).
         """
-        done = None
         for msg in msgs:
             backoff = 0.2
             while True:
@@ -104,18 +104,13 @@ class FulfilmentManager:
                     break
                 except JetsourceError as exc:
                     log.warning("fulfilment: %s; retrying in %.1fs", exc.message, backoff)
-                    if done is not None:
-                        await done.ack()
-                        done = None
                     await msg.in_progress()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), backoff)
                     if self._stopping.is_set():
-                        return  # unacked: redelivered to whichever manager runs next
+                        return
                     backoff = min(backoff * 2, 2.0)  # well inside the 5 s ack wait
-            done = msg
-        if done is not None:
-            await done.ack()
+            await msg.ack()
 
     async def _command(self, subject: str, body: dict[str, Any], key: str, causation: str | None) -> None:
         headers = {h.IDEMPOTENCY_KEY: key}

@@ -12,6 +12,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from actors.fulfilment import DURABLE, FulfilmentManager
 from bus.eventstore import EventStore
+from bus.pull import Puller
 from infra.bootstrap import ensure_streams, run_tasks_actor, tasks_context
 from tests.conftest import System
 from tests.integration.test_orders_http import PLACE, get, post
@@ -55,7 +56,7 @@ async def test_a_paid_order_is_fulfilled_once_and_shipped_even_when_events_are_r
         await js.delete_consumer(ctx.stream, DURABLE)
         await js.add_consumer(ctx.stream, ConsumerConfig(
             durable_name=DURABLE, filter_subject=ctx.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.ALL))
+            ack_policy=AckPolicy.EXPLICIT))
     await asyncio.sleep(2)
     for ctx in (system.orders, system.tasks):
         info = await js.consumer_info(ctx.stream, DURABLE)
@@ -96,6 +97,34 @@ async def test_an_outage_of_the_task_service_loses_no_paid_order(system: System)
         deadline = time.monotonic() + 20
         while True:
             refs = {json.loads(e.data).get("ref") async for e in store.read(tasks.events_wildcard)}
+            if {f"order:{first}", f"order:{second}"} <= refs:
+                break
+            assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
+            await asyncio.sleep(0.2)
+    finally:
+        manager.stop()
+        await asyncio.wait_for(running, 10)
+
+
+async def test_an_event_a_crashed_manager_was_given_is_still_handled(system: System) -> None:
+    manager = FulfilmentManager(system.nc, system.orders, system.tasks, timeout=2.0)
+    running = asyncio.get_running_loop().create_task(manager.run())
+    await asyncio.sleep(0.5)  # its consumers exist
+    manager.stop()
+    await asyncio.wait_for(running, 10)
+
+    first = await _paid_order(system)
+    crashed = Puller(system.nc, system.orders.stream, DURABLE)  # takes the event, dies before acking
+    assert len(await crashed.pull(1, wait_s=5.0)) == 1
+    await crashed.close()
+
+    manager = FulfilmentManager(system.nc, system.orders, system.tasks, timeout=2.0)
+    running = asyncio.get_running_loop().create_task(manager.run())
+    try:
+        second = await _paid_order(system)  # handled long before the first comes back
+        deadline = time.monotonic() + 30
+        while True:
+            refs = {t["ref"] for t in await _fulfilment_tasks(system)}
             if {f"order:{first}", f"order:{second}"} <= refs:
                 break
             assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
