@@ -3,6 +3,7 @@ atomic batch as the events that cause them; cancel and progress signals go out l
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -27,6 +28,25 @@ from bus.runtime import Actor, AggregateSpec
 from bus.subjects import Context
 
 
+class _ReadySignal:
+    """`<ctx>.live.ready`, at most once per group commit: it only wakes idle workers (which also
+    poll), so the commands of one stored batch share a single signal instead of one each."""
+
+    def __init__(self, subject: str) -> None:
+        self._subject = subject
+        self._pending = False
+
+    async def send(self, nc: Client) -> None:
+        if self._pending:
+            return
+        self._pending = True
+        try:
+            await asyncio.sleep(0)  # the rest of this batch's commands resume meanwhile
+        finally:
+            self._pending = False
+        await nc.publish(self._subject, b"")
+
+
 def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain.Task, TaskCommand, TaskEvent]:
     """The task aggregate as the actor runtime drives it."""
 
@@ -43,6 +63,8 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
                  if isinstance(e, TaskCompleted | TaskDeadLettered) and e.ref]
         return work + ended
 
+    ready = _ReadySignal(ctx.live("ready"))
+
     async def after_commit(nc: Client, state: domain.Task, events: list[TaskEvent]) -> None:
         for event in events:
             if isinstance(event, TaskCancelled) and event.was_running:
@@ -50,7 +72,7 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
             elif isinstance(event, TaskProgressed):
                 await nc.publish(ctx.live("progress", event.task_id), encode(event))
         if domain.dispatches(state, events):
-            await nc.publish(ctx.live("ready"), b"")
+            await ready.send(nc)
 
     def reply(task_id: str, state: domain.Task, version: int) -> TaskAccepted:
         return TaskAccepted(task_id=task_id, status=state.status, task_type=state.task_type, attempt=state.attempt,
