@@ -4,8 +4,10 @@ fulfilment is recorded on the order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -13,6 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from actors.fulfilment import DURABLE, FulfilmentManager
 from bus.eventstore import EventStore
 from bus.pull import Puller
+from bus.subjects import Context
 from infra.bootstrap import ensure_streams, run_tasks_actor, tasks_context
 from tests.conftest import System
 from tests.integration.test_orders_http import PLACE, get, post
@@ -80,55 +83,57 @@ async def test_a_dead_lettered_fulfilment_is_recorded_on_the_order(system: Syste
     assert history["events"][-1]["type"] == "order.fulfilment_failed"
 
 
+@contextlib.asynccontextmanager
+async def _manager(system: System, tasks: Context) -> AsyncIterator[FulfilmentManager]:
+    manager = FulfilmentManager(system.nc, system.orders, tasks, timeout=2.0)
+    running = asyncio.get_running_loop().create_task(manager.run())
+    try:
+        yield manager
+    finally:
+        manager.stop()
+        await asyncio.wait_for(running, 10)
+
+
+async def _until_submitted_for(orders: list[str], refs_now: Callable[[], Awaitable[set[str]]]) -> None:
+    """Until a fulfilment task was submitted for each order, or fail naming the ones that were."""
+    deadline = time.monotonic() + 30
+    while True:
+        refs = await refs_now()
+        if {f"order:{oid}" for oid in orders} <= refs:
+            return
+        assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
+        await asyncio.sleep(0.2)
+
+
 async def test_an_outage_of_the_task_service_loses_no_paid_order(system: System) -> None:
     # A manager whose task service is not running yet: every submit fails, transiently.
     later = system.settings.model_copy(update={"namespace": f"{system.settings.namespace}b"})
     await ensure_streams(system.nc, later)
     tasks = tasks_context(later)
-    manager = FulfilmentManager(system.nc, system.orders, tasks, timeout=2.0)
-    running = asyncio.get_running_loop().create_task(manager.run())
-    try:
+    store = EventStore(system.nc, tasks.stream)
+
+    async def submitted() -> set[str]:
+        return {json.loads(e.data).get("ref") async for e in store.read(tasks.events_wildcard)}
+
+    async with _manager(system, tasks):
         first = await _paid_order(system)
         await asyncio.sleep(0.5)  # the manager has failed on it by now
         await system.stack.enter_async_context(run_tasks_actor(later, system.nc))
         second = await _paid_order(system)  # handled while the first still waits for its retry
-
-        store = EventStore(system.nc, tasks.stream)
-        deadline = time.monotonic() + 20
-        while True:
-            refs = {json.loads(e.data).get("ref") async for e in store.read(tasks.events_wildcard)}
-            if {f"order:{first}", f"order:{second}"} <= refs:
-                break
-            assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
-            await asyncio.sleep(0.2)
-    finally:
-        manager.stop()
-        await asyncio.wait_for(running, 10)
+        await _until_submitted_for([first, second], submitted)
 
 
 async def test_an_event_a_crashed_manager_was_given_is_still_handled(system: System) -> None:
-    manager = FulfilmentManager(system.nc, system.orders, system.tasks, timeout=2.0)
-    running = asyncio.get_running_loop().create_task(manager.run())
-    await asyncio.sleep(0.5)  # its consumers exist
-    manager.stop()
-    await asyncio.wait_for(running, 10)
-
+    async with _manager(system, system.tasks):
+        await asyncio.sleep(0.5)  # its consumers exist
     first = await _paid_order(system)
     crashed = Puller(system.nc, system.orders.stream, DURABLE)  # takes the event, dies before acking
     assert len(await crashed.pull(1, wait_s=5.0)) == 1
     await crashed.close()
 
-    manager = FulfilmentManager(system.nc, system.orders, system.tasks, timeout=2.0)
-    running = asyncio.get_running_loop().create_task(manager.run())
-    try:
+    async def submitted() -> set[str]:
+        return {t["ref"] for t in await _fulfilment_tasks(system)}
+
+    async with _manager(system, system.tasks):
         second = await _paid_order(system)  # handled long before the first comes back
-        deadline = time.monotonic() + 30
-        while True:
-            refs = {t["ref"] for t in await _fulfilment_tasks(system)}
-            if {f"order:{first}", f"order:{second}"} <= refs:
-                break
-            assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
-            await asyncio.sleep(0.2)
-    finally:
-        manager.stop()
-        await asyncio.wait_for(running, 10)
+        await _until_submitted_for([first, second], submitted)
