@@ -36,3 +36,27 @@ async def test_the_state_cache_stays_bounded_and_evicted_orders_reload_from_the_
     reply = await actor.execute(AddItem(order_id=ids[0], sku="x", quantity=2, unit_price=5), None)
     assert isinstance(reply, OrderAccepted) and reply.total == 10 and reply.status == "placed"
     await actor.stop()
+
+
+async def test_a_keyed_retry_on_another_actor_process_gets_the_same_answer_and_stores_nothing(system: System) -> None:
+    from actors.orders.messages import AddItem, OrderAccepted, PlaceOrder
+    from actors.orders.service import order_spec
+    from bus import subjects as h
+    from bus.eventstore import EventStore
+    from bus.runtime import Actor
+
+    other = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders))
+    placed = await system.actor.execute(PlaceOrder(customer_id="c", currency="EUR"), None)
+    assert isinstance(placed, OrderAccepted)
+    oid = placed.order_id
+    # The other process knows the order as it was before the keyed command.
+    await other.execute(AddItem(order_id=oid, sku="x", quantity=1, unit_price=10), None)
+    add = AddItem(order_id=oid, sku="y", quantity=1, unit_price=100)
+    first = await system.actor.execute(add, {h.IDEMPOTENCY_KEY: "add-y"})
+    retry = await other.execute(add, {h.IDEMPOTENCY_KEY: "add-y"})  # the retry lands elsewhere
+    assert retry == first
+    after = await other.execute(AddItem(order_id=oid, sku="z", quantity=1, unit_price=1), None)
+    assert isinstance(after, OrderAccepted) and after.total == 10 + 100 + 1
+    history = await EventStore(system.nc, system.orders.stream).load(system.orders.events(oid))
+    assert len(history) == 4  # placed, x, y once, z
+    await other.stop()
