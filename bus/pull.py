@@ -19,6 +19,7 @@ import collections
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from bus.errors import UnavailableError
 
@@ -33,7 +34,7 @@ class Puller:
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
         self._timeout = timeout
-        self._sub: object | None = None
+        self._sub: Subscription | None = None
         self._buffer: collections.deque[Msg] = collections.deque()
         self._expected = 0
         self._ended: asyncio.Future[str] | None = None
@@ -44,24 +45,30 @@ class Puller:
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
         if len(self._buffer) < n:
-            await self._request({"batch": n - len(self._buffer), "no_wait": True}, self._timeout)
+            await self._request(n - len(self._buffer))
             if not self._buffer and wait_s > 0:
-                await self._request({"batch": 1, "expires": int(wait_s * 1e9)}, wait_s + self._timeout)
+                await self._request(1, expires_s=wait_s)
                 if self._buffer and n > 1:
-                    await self._request({"batch": n - len(self._buffer), "no_wait": True}, self._timeout)
+                    await self._request(n - len(self._buffer))
         return [self._buffer.popleft() for _ in range(min(n, len(self._buffer)))]
 
     async def close(self) -> None:
         if self._sub is not None:
-            await self._sub.unsubscribe()  # type: ignore[attr-defined]
+            await self._sub.unsubscribe()
             self._sub = None
 
-    async def _request(self, body: dict[str, object], timeout: float) -> None:
-        ended = asyncio.get_running_loop().create_future()
-        self._ended, self._expected = ended, int(body["batch"])  # type: ignore[call-overload]
+    async def _request(self, batch: int, *, expires_s: float | None = None) -> None:
+        """One pull request: `no_wait` (what is there now), or waiting up to expires_s."""
+        body: dict[str, object] = {"batch": batch}
+        if expires_s is None:
+            body["no_wait"] = True
+        else:
+            body["expires"] = int(expires_s * 1e9)
+        ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._ended, self._expected = ended, batch
         await self._nc.publish(self._api, msgspec.json.encode(body), reply=self._inbox)
         try:
-            status = await asyncio.wait_for(ended, timeout)
+            status = await asyncio.wait_for(ended, self._timeout + (expires_s or 0.0))
         except TimeoutError:
             raise UnavailableError("JetStream did not answer a pull request in time") from None
         if status and status not in _END_OF_REQUEST:
