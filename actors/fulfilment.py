@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError
 
 from actors.orders.messages import OrderEvent, OrderPaid
 from actors.tasks.messages import TaskCompleted, TaskDeadLettered, TaskEvent
@@ -56,20 +56,9 @@ class FulfilmentManager:
         self._stopping.set()
 
     async def _consume(self, ctx: Context, handle: Any) -> None:
-        js = self._nc.jetstream()
         while not self._stopping.is_set():
             try:
-                config = ConsumerConfig(
-                    durable_name=DURABLE, filter_subject=ctx.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.EXPLICIT, ack_wait=5, max_deliver=-1, max_ack_pending=10_000,
-                )
-                try:
-                    await js.add_consumer(ctx.stream, config)
-                except BadRequestError:
-                    # An older, incompatible definition: start over. Every command this
-                    # manager sends is idempotent, so replaying the stream is safe.
-                    await js.delete_consumer(ctx.stream, DURABLE)
-                    await js.add_consumer(ctx.stream, config)
+                await self._ensure_consumer(ctx)
                 puller = Puller(self._nc, ctx.stream, DURABLE)
                 try:
                     while not self._stopping.is_set():
@@ -84,6 +73,26 @@ class FulfilmentManager:
                 log.exception("fulfilment manager failed on %s; restarting", ctx.stream)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), 1.0)
+
+    async def _ensure_consumer(self, ctx: Context) -> None:
+        """Create the outbox consumer, or replace a different definition (an older release's
+        cumulative acks, say) with one that resumes after what that one acknowledged. Events
+        past its ack floor may come again: every command this manager sends is idempotent."""
+        js = self._nc.jetstream()
+        config = ConsumerConfig(
+            durable_name=DURABLE, filter_subject=ctx.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=5, max_deliver=-1, max_ack_pending=10_000,
+        )
+        try:
+            await js.add_consumer(ctx.stream, config)
+            return
+        except APIError:  # exists with another definition (the server answers 400 or 500)
+            pass
+        info = await js.consumer_info(ctx.stream, DURABLE)
+        floor = info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+        await js.delete_consumer(ctx.stream, DURABLE)
+        config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
+        await js.add_consumer(ctx.stream, config)
 
     async def _handle_batch(self, msgs: list[Any], handle: Any) -> None:
         """Handle in order, acking each event once it is handled (or skipped as permanent).

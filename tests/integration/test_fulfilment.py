@@ -137,3 +137,29 @@ async def test_an_event_a_crashed_manager_was_given_is_still_handled(system: Sys
     async with _manager(system, system.tasks):
         second = await _paid_order(system)  # handled long before the first comes back
         await _until_submitted_for([first, second], submitted)
+
+
+async def test_an_older_consumer_definition_is_replaced_without_replaying_what_it_acked(system: System) -> None:
+    js = system.nc.jetstream()
+    await js.add_consumer(system.orders.stream, ConsumerConfig(  # as an older release defined it
+        durable_name=DURABLE, filter_subject=system.orders.outbox_wildcard, deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.ALL))
+    for _ in range(2):
+        await _paid_order(system)
+    old = Puller(system.nc, system.orders.stream, DURABLE)
+    handled = await old.pull(10, wait_s=5.0)
+    assert len(handled) == 2
+    await handled[-1].ack()
+    await old.close()
+    floor = handled[-1].metadata.sequence.stream
+    for _ in range(50):
+        info = await js.consumer_info(system.orders.stream, DURABLE)
+        if info.ack_floor and info.ack_floor.stream_seq == floor:
+            break
+        await asyncio.sleep(0.05)
+
+    async with _manager(system, system.tasks):
+        await asyncio.sleep(0.5)
+    info = await js.consumer_info(system.orders.stream, DURABLE)
+    assert info.config.ack_policy == AckPolicy.EXPLICIT
+    assert info.config.opt_start_seq == floor + 1
