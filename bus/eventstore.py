@@ -25,6 +25,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
+from bus import metrics
 from bus import subjects as h
 from bus.connection import request
 from bus.errors import DeadlineError, UnavailableError
@@ -132,6 +133,10 @@ class EventStore:
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches_committed = 0
         self.batches_split = 0
+        self._m_commands = metrics.APPENDED_COMMANDS.labels(stream)
+        self._m_batches = metrics.APPEND_BATCHES.labels(stream)
+        self._m_batch_messages = metrics.APPEND_BATCH_MESSAGES.labels(stream)
+        self._m_splits = metrics.APPEND_SPLITS.labels(stream)
 
     # ---- appends -------------------------------------------------------------------------
 
@@ -206,6 +211,7 @@ class EventStore:
                 ack = await self._publish_atomic(messages)
             except WrongExpectedSequence:
                 self.batches_split += 1
+                self._m_splits.inc()
                 await asyncio.gather(*(self._append_alone(item) for item in batch))
                 return
             except Exception as exc:  # noqa: BLE001 - handed to every waiting command
@@ -214,6 +220,9 @@ class EventStore:
                         item.future.set_exception(exc)
                 return
             self.batches_committed += 1
+            self._m_batches.inc()
+            self._m_batch_messages.observe(len(messages))
+            self._m_commands.inc(len(batch))
             seq = ack.seq - len(messages) + 1
             for item in batch:
                 if not item.future.done():
@@ -239,6 +248,7 @@ class EventStore:
             if not item.future.done():
                 item.future.set_exception(exc)
             return
+        self._m_commands.inc()
         if not item.future.done():
             item.future.set_result(result)
 

@@ -21,6 +21,7 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
 
+from bus import metrics
 from bus import subjects as h
 from bus.codec import Decoder, encode
 from bus.errors import ConflictError, InternalError, JetsourceError, PreconditionFailedError, ValidationError
@@ -78,9 +79,11 @@ async def respond(request: Request, handler: Callable[[], Any]) -> None:
     except asyncio.CancelledError:
         raise
     except JetsourceError as exc:
+        metrics.COMMAND_ERRORS.labels(request.subject, exc.code).inc()
         body, headers = error_reply(exc)
         await request.respond(body, headers=headers)
     except Exception:
+        metrics.COMMAND_ERRORS.labels(request.subject, "internal").inc()
         log.exception("unexpected failure handling %s", request.subject)
         body, headers = error_reply(InternalError("internal error; see the service log"))
         await request.respond(body, headers=headers)

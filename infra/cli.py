@@ -60,6 +60,10 @@ def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncE
     async def main() -> int:
         from infra.bootstrap import ensure_streams, nats_connection
 
+        if settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, addr=settings.http_host)
         async with contextlib.AsyncExitStack() as stack:
             nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}"))
             await ensure_streams(nc, settings)

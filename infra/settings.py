@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
     worker_concurrency: int = Field(256, description="tasks one worker process runs at once (asyncio: cheap while they await I/O)")
     task_lease_s: float = Field(30.0, description="a running task's lease; its worker renews it every third")
+    metrics_port: int = Field(0, description="serve this role's Prometheus metrics on this port (0 = off; "
+                                                "`jetsource up` gives its roles this port and the next ones)")
     log_level: str = "INFO"
 
     @property

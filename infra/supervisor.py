@@ -25,6 +25,7 @@ class Child:
     name: str
     args: list[str]
     nice: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's environment
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -38,7 +39,7 @@ class Child:
             if nice:
                 os.nice(nice)
 
-        self.proc = subprocess.Popen(self.args, env=env, preexec_fn=prepare)
+        self.proc = subprocess.Popen(self.args, env={**env, **self.env}, preexec_fn=prepare)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
@@ -47,13 +48,23 @@ def role_commands(settings: Settings) -> list[Child]:
     cli = [sys.executable, "-m", "infra.cli"]
     # The projector is eventually consistent by design: on a shared machine it yields the CPU
     # to the request path under load and catches up when the load drops.
-    return [
+    children = [
         Child("actor orders", [*cli, "actor", "orders"]),
         Child("actor tasks", [*cli, "actor", "tasks"]),
         Child("worker", [*cli, "worker"]),
         Child("projector", [*cli, "projector"], nice=settings.projector_nice),
-        Child("edge", [*cli, "edge"]),
+        Child("edge", [*cli, "edge"]),  # serves its own /metrics on the HTTP port
     ]
+    for i, child in enumerate(children):
+        port = settings.metrics_port + i if settings.metrics_port and child.name != "edge" else 0
+        child.env["JETSOURCE_METRICS_PORT"] = str(port)
+    return children
+
+
+def metrics_ports(settings: Settings) -> dict[str, int]:
+    """Where `jetsource up`'s roles serve Prometheus metrics (none when the setting is 0)."""
+    return {c.name: int(c.env["JETSOURCE_METRICS_PORT"]) for c in role_commands(settings)
+            if int(c.env["JETSOURCE_METRICS_PORT"])}
 
 
 def up(settings: Settings) -> int:
@@ -135,5 +146,7 @@ def _print_banner(settings: Settings, nats: EmbeddedNats | None, pg: EmbeddedPos
     lines.append(f"  PostgreSQL     {settings.resolved_database_url()}" + ("  (embedded)" if pg else ""))
     if nats or pg:
         lines.append(f"  data dir       {settings.data_dir.resolve()}")
+    for role, port in metrics_ports(settings).items():
+        lines.append(f"  metrics        http://{settings.http_host}:{port}/metrics  ({role})")
     lines.append("  Ctrl-C to stop")
     print("\n".join(lines), flush=True)

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError as JsNotFoundError
 
+from bus import metrics
 from bus.eventstore import StoredEvent
 from bus.pull import Puller
 from bus.subjects import Context
@@ -95,6 +96,8 @@ class Projector:
         self._batch = batch
         self._stopping = asyncio.Event()
         self.checkpoint = 0
+        self._m_events = metrics.PROJECTED_EVENTS.labels(projection.name)
+        self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(projection.name)
 
     @property
     def durable(self) -> str:
@@ -222,6 +225,8 @@ class Projector:
                     )
                 self.checkpoint = last_seq
                 await self._checkpoints.advanced(self._projection.name, last_seq)
+                self._m_events.inc(len(batch))
+                self._m_checkpoint.set(last_seq)
             if msgs:
                 await msgs[-1].ack()
             if len(msgs) < self._batch:

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from actors.tasks.messages import PRIORITIES, Dispatch, TaskAccepted
 from actors.tasks.registry import TaskContext, TaskFailure, TaskRegistry
 from bus.client import call
+from bus import metrics
 from bus.codec import encode
 from bus.errors import JetsourceError, NotFoundError, RuleViolationError, UnavailableError, from_code
 from bus.runtime import ErrorBody
@@ -163,6 +164,8 @@ class Worker:
 
     async def _run(self, item: WorkItem, task: TaskAccepted) -> None:
         outcome = await self._execute(item, task)
+        kind_label = "cancelled" if outcome is None else ("completed" if outcome[0] == "complete" else "failed")
+        metrics.TASKS_FINISHED.labels(task.task_type, kind_label).inc()
         try:
             if outcome is not None:
                 kind, value = outcome

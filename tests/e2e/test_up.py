@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,35 @@ from infra.embedded import free_port
 PLACE = {"customer_id": "e2e", "currency": "USD", "lines": [{"sku": "book", "quantity": 1, "unit_price": 1999}]}
 
 
+def _free_run(n: int) -> int:
+    """The first of n consecutive free ports."""
+    while True:
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric, _, rest = sample.partition("{")
+        found = dict(pair.split("=", 1) for pair in rest.rstrip("}").split(",") if pair)
+        if metric == name and {k: v.strip('"') for k, v in found.items()} == labels:
+            return float(value)
+    return 0.0
+
+
 def _env(data_dir: Path, ports: dict[str, int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")}
     env.update({
@@ -29,6 +59,7 @@ def _env(data_dir: Path, ports: dict[str, int]) -> dict[str, str]:
         "JETSOURCE_NATS_MONITOR_PORT": str(ports["monitor"]),
         "JETSOURCE_POSTGRES_PORT": str(ports["pg"]),
         "JETSOURCE_HTTP_PORT": str(ports["http"]),
+        "JETSOURCE_METRICS_PORT": str(ports["metrics"]),
     })
     return env
 
@@ -81,6 +112,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(300)
 async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("nats", "monitor", "pg", "http")}
+    ports["metrics"] = _free_run(4)  # orders actor, tasks actor, worker, projector
     env = _env(tmp_path / "data", ports)
     log = tmp_path / "up.log"
     base = f"http://127.0.0.1:{ports['http']}"
@@ -115,6 +147,19 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
         # The fulfilment process manager ships the paid order through a task.
         async with aiohttp.ClientSession() as http:
             await _poll_status(http, f"{base}/orders/{oid}", "shipped", log)
+            # Every role but the edge (which has /metrics) serves Prometheus metrics of its own.
+            scraped = {}
+            for role, offset in (("orders", 0), ("worker", 2), ("projector", 3)):
+                async with http.get(f"http://127.0.0.1:{ports['metrics'] + offset}/metrics") as resp:
+                    assert resp.status == 200
+                    scraped[role] = await resp.text()
+        assert _metric(scraped["orders"], "jetsource_appended_commands_total", stream="ORDERS") >= 4
+        assert _metric(scraped["orders"], "jetsource_command_errors_total", subject="orders.cmd.pay",
+                       code="validation") == 1
+        assert _metric(scraped["worker"], "jetsource_tasks_finished_total", type="order.fulfil",
+                       outcome="completed") == 1
+        assert _metric(scraped["projector"], "jetsource_projection_checkpoint", projection="orders") >= 4
+        assert f"127.0.0.1:{ports['metrics']}/metrics" in log.read_text()  # the banner says where
 
         # A crashed role is restarted by the supervisor.
         actor = next(p for p in psutil.Process(proc.pid).children() if "actor tasks" in " ".join(p.cmdline()))

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the role processes (actors, workers, projector).
+
+The edge keeps its own registry and serves it on `/metrics`; the other roles have no HTTP
+server of their own, so `jetsource <role>` serves these (with the client library's process and
+GC collectors) on `JETSOURCE_METRICS_PORT` when it is set. Everything here is counted per group
+commit, per projected batch or per task, never per message on a hot path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+APPENDED_COMMANDS = Counter(
+    "jetsource_appended_commands", "Commands whose events were stored", ["stream"])
+APPEND_BATCHES = Counter(
+    "jetsource_append_batches", "Atomic batches committed by the group commit", ["stream"])
+APPEND_BATCH_MESSAGES = Histogram(
+    "jetsource_append_batch_messages", "Messages per committed atomic batch", ["stream"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000))
+APPEND_SPLITS = Counter(
+    "jetsource_append_batch_splits", "Batches rejected (a stale writer, a repeated id) and retried per command",
+    ["stream"])
+COMMAND_ERRORS = Counter(
+    "jetsource_command_errors", "Command and query requests answered with a coded error", ["subject", "code"])
+PROJECTED_EVENTS = Counter(
+    "jetsource_projected_events", "Events folded into a read model", ["projection"])
+PROJECTION_CHECKPOINT = Gauge(
+    "jetsource_projection_checkpoint", "Last stream sequence a read model has applied", ["projection"])
+TASKS_FINISHED = Counter(
+    "jetsource_tasks_finished", "Task attempts a worker finished, by outcome", ["type", "outcome"])
