@@ -26,5 +26,8 @@ PROJECTED_EVENTS = Counter(
     "jetsource_projected_events", "Events folded into a read model", ["projection"])
 PROJECTION_CHECKPOINT = Gauge(
     "jetsource_projection_checkpoint", "Last stream sequence a read model has applied", ["projection"])
+PROJECTION_PENDING = Gauge(
+    "jetsource_projection_pending", "Events stored but not yet applied to a read model (its lag)", ["projection"])
+TASKS_RUNNING = Gauge("jetsource_tasks_running", "Task handlers running in this worker process")
 TASKS_FINISHED = Counter(
     "jetsource_tasks_finished", "Task attempts a worker finished, by outcome", ["type", "outcome"])

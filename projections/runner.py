@@ -98,6 +98,7 @@ class Projector:
         self.checkpoint = 0
         self._m_events = metrics.PROJECTED_EVENTS.labels(projection.name)
         self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(projection.name)
+        self._m_pending = metrics.PROJECTION_PENDING.labels(projection.name)
 
     @property
     def durable(self) -> str:
@@ -182,6 +183,7 @@ class Projector:
     async def _consume(self, sub: Puller) -> None:
         while not self._stopping.is_set():
             msgs = await sub.pull(self._batch, wait_s=0.5)
+            self._m_pending.set(msgs[-1].metadata.num_pending if msgs else 0)
             if not msgs:
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
                 if await self._checkpoints.get(self._projection.name) < self.checkpoint:

@@ -63,6 +63,7 @@ class Worker:
         self._cancelled: set[str] = set()
         self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._reporter: asyncio.Task[None] | None = None
+        metrics.TASKS_RUNNING.set_function(lambda: len(self._handlers))
 
     async def run(self) -> None:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
