@@ -12,6 +12,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
+from bus import subjects as h
+
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +84,6 @@ async def request(
     finally:
         timer.cancel()
         pending.pop(token, None)
-    if msg.headers and msg.headers.get("Status") == "503":
+    if msg.headers and msg.headers.get(h.STATUS) == "503":  # no responders
         raise NoRespondersError
     return msg

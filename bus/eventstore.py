@@ -319,7 +319,7 @@ class EventStore:
                     except NatsTimeoutError:
                         raise DeadlineError("loading events timed out") from None
                     hdrs = msg.headers or {}
-                    status = hdrs.get("Status")
+                    status = hdrs.get(h.STATUS)
                     if status == "204":  # end of this batch
                         if int(hdrs.get("Nats-Num-Pending", "0")) == 0:
                             return

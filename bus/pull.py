@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from bus import subjects as h
 from bus.errors import UnavailableError
 
 _END_OF_REQUEST = ("404", "408")  # no (more) messages; the request's expiry passed
@@ -76,10 +77,10 @@ class Puller:
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
-        if not msg.data and headers and "Status" in headers:
-            status = headers["Status"]
+        if not msg.data and headers and h.STATUS in headers:
+            status = headers[h.STATUS]
             if status != "100":  # heartbeats carry no verdict
-                self._end(status if status in _END_OF_REQUEST else f"{status} {headers.get('Description', '')}")
+                self._end(status if status in _END_OF_REQUEST else f"{status} {headers.get(h.STATUS_DESCRIPTION, '')}")
             return
         self._buffer.append(msg)
         self._expected -= 1

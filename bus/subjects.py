@@ -13,6 +13,8 @@ BATCH_SEQ = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+STATUS = "Status"  # inline status of a server message (404, 408, 503, ...)
+STATUS_DESCRIPTION = "Description"
 
 # jetsource headers on commands (requests)
 IDEMPOTENCY_KEY = "Idempotency-Key"

@@ -132,14 +132,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
-    from bus.connection import connect
+    from bus.connection import connect, request
 
     async def main() -> int:
         headers = dict(kv.split("=", 1) for kv in args.header)
         nc = await connect(settings.resolved_nats_url(), "jetsource-send")
         try:
             try:
-                msg = await nc.request(args.subject, args.json.encode(), timeout=args.timeout, headers=headers or None)
+                msg = await request(nc, args.subject, args.json.encode(), timeout=args.timeout, headers=headers or None)
             except Exception as exc:  # noqa: BLE001 - the CLI's one catch-all: print, exit 1
                 print(json.dumps({"error": {"code": "unavailable", "message": f"{type(exc).__name__}: {exc}"}}))
                 return 1
