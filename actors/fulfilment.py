@@ -71,8 +71,13 @@ class FulfilmentManager:
                 raise
             except Exception:
                 log.exception("fulfilment manager failed on %s; restarting", ctx.stream)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+                await self._pause(1.0)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
 
     async def _ensure_consumer(self, ctx: Context) -> None:
         """Create the outbox consumer, or replace a different definition (an older release's
@@ -114,9 +119,7 @@ class FulfilmentManager:
                 except JetsourceError as exc:
                     log.warning("fulfilment: %s; retrying in %.1fs", exc.message, backoff)
                     await msg.in_progress()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), backoff)
-                    if self._stopping.is_set():
+                    if await self._pause(backoff):
                         return
                     backoff = min(backoff * 2, 2.0)  # well inside the 5 s ack wait
             await msg.ack()

@@ -61,10 +61,10 @@ def role_commands(settings: Settings) -> list[Child]:
     return children
 
 
-def metrics_ports(settings: Settings) -> dict[str, int]:
-    """Where `jetsource up`'s roles serve Prometheus metrics (none when the setting is 0)."""
-    return {c.name: int(c.env["JETSOURCE_METRICS_PORT"]) for c in role_commands(settings)
-            if int(c.env["JETSOURCE_METRICS_PORT"])}
+def metrics_ports(children: list[Child]) -> dict[str, int]:
+    """Where these roles serve Prometheus metrics (none when the setting is 0)."""
+    ports = {c.name: int(c.env["JETSOURCE_METRICS_PORT"]) for c in children}
+    return {name: port for name, port in ports.items() if port}
 
 
 def up(settings: Settings) -> int:
@@ -99,7 +99,7 @@ def up(settings: Settings) -> int:
         children = role_commands(settings)
         for child in children:
             child.start(env)
-        _print_banner(settings, nats, pg)
+        _print_banner(settings, nats, pg, metrics_ports(children))
         while not stopping:
             time.sleep(0.2)
             now = time.monotonic()
@@ -135,7 +135,9 @@ def up(settings: Settings) -> int:
             print("jetsource: stopped", flush=True)
 
 
-def _print_banner(settings: Settings, nats: EmbeddedNats | None, pg: EmbeddedPostgres | None) -> None:
+def _print_banner(
+    settings: Settings, nats: EmbeddedNats | None, pg: EmbeddedPostgres | None, metrics: dict[str, int]
+) -> None:
     lines = [
         "jetsource is up",
         f"  HTTP edge      http://{settings.http_host}:{settings.http_port}  (openapi: /openapi.json)",
@@ -146,7 +148,7 @@ def _print_banner(settings: Settings, nats: EmbeddedNats | None, pg: EmbeddedPos
     lines.append(f"  PostgreSQL     {settings.resolved_database_url()}" + ("  (embedded)" if pg else ""))
     if nats or pg:
         lines.append(f"  data dir       {settings.data_dir.resolve()}")
-    for role, port in metrics_ports(settings).items():
+    for role, port in metrics.items():
         lines.append(f"  metrics        http://{settings.http_host}:{port}/metrics  ({role})")
     lines.append("  Ctrl-C to stop")
     print("\n".join(lines), flush=True)
