@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -137,6 +138,7 @@ class EventStore:
         self._m_batches = metrics.APPEND_BATCHES.labels(stream)
         self._m_batch_messages = metrics.APPEND_BATCH_MESSAGES.labels(stream)
         self._m_splits = metrics.APPEND_SPLITS.labels(stream)
+        self._m_batch_seconds = metrics.APPEND_BATCH_SECONDS.labels(stream)
 
     # ---- appends -------------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class EventStore:
                 await self._append_alone(batch[0])
                 return
             messages = [m for item in batch for m in item.messages()]
+            sent = time.perf_counter()
             try:
                 ack = await self._publish_atomic(messages)
             except WrongExpectedSequence:
@@ -220,6 +223,7 @@ class EventStore:
                         item.future.set_exception(exc)
                 return
             self.batches_committed += 1
+            self._m_batch_seconds.observe(time.perf_counter() - sent)
             self._m_batches.inc()
             self._m_batch_messages.observe(len(messages))
             self._m_commands.inc(len(batch))

@@ -17,6 +17,9 @@ APPEND_BATCHES = Counter(
 APPEND_BATCH_MESSAGES = Histogram(
     "jetsource_append_batch_messages", "Messages per committed atomic batch", ["stream"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000))
+APPEND_BATCH_SECONDS = Histogram(
+    "jetsource_append_batch_seconds", "Time from sending an atomic batch to its acknowledgement", ["stream"],
+    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0))
 APPEND_SPLITS = Counter(
     "jetsource_append_batch_splits", "Batches rejected (a stale writer, a repeated id) and retried per command",
     ["stream"])
