@@ -10,6 +10,7 @@ from typing import Any, assert_never
 
 from actors.tasks.messages import (
     CancelTask,
+    ClaimTask,
     CompleteTask,
     Dispatch,
     FailTask,
@@ -122,11 +123,16 @@ def decide(state: Task, command: TaskCommand) -> list[TaskEvent]:
             attempt = state.attempt + 1
             return [TaskRequeued(task_id=command.task_id, at=command.at, attempt=attempt,
                                  limit=attempt + state.retry.max_attempts - 1)]
+        case ClaimTask():
+            # Read-only: the reply (the state) tells the worker whether and when it may run.
+            _require_current(state, command.task_id, command.attempt, ("pending", "scheduled", "retrying", "running"))
+            return []
         case StartTask():
             _require_current(state, command.task_id, command.attempt, ("pending", "scheduled", "retrying", "running"))
             if command.at < state.run_at:
                 return []  # not yet: the reply's run_at tells the worker how long to wait
-            return [TaskStarted(task_id=command.task_id, at=command.at, attempt=command.attempt, worker=command.worker)]
+            return [TaskStarted(task_id=command.task_id, at=command.started_at or command.at, attempt=command.attempt,
+                                worker=command.worker)]
         case ReportProgress():
             _require_current(state, command.task_id, command.attempt, ("running",))
             return [TaskProgressed(task_id=command.task_id, at=command.at, attempt=command.attempt,
@@ -134,17 +140,17 @@ def decide(state: Task, command: TaskCommand) -> list[TaskEvent]:
         case CompleteTask():
             if state.status == "completed" and command.attempt == state.attempt:
                 return []  # recorded once: a second report of the same attempt changes nothing
-            _require_current(state, command.task_id, command.attempt, ("running",))
-            return [TaskCompleted(task_id=command.task_id, at=command.at, attempt=command.attempt,
-                                  task_type=state.task_type, ref=state.ref, result=command.result)]
+            started = _unrecorded_start(state, command)
+            return [*started, TaskCompleted(task_id=command.task_id, at=command.at, attempt=command.attempt,
+                                            task_type=state.task_type, ref=state.ref, result=command.result)]
         case FailTask():
-            _require_current(state, command.task_id, command.attempt, ("running",))
+            started = _unrecorded_start(state, command)
             if command.attempt >= state.limit:
-                return [TaskDeadLettered(task_id=command.task_id, at=command.at, attempt=command.attempt,
-                                         error=command.error, task_type=state.task_type, ref=state.ref)]
+                return [*started, TaskDeadLettered(task_id=command.task_id, at=command.at, attempt=command.attempt,
+                                                   error=command.error, task_type=state.task_type, ref=state.ref)]
             retry_at = command.at + backoff(command.task_id, command.attempt, state.retry)
-            return [TaskFailed(task_id=command.task_id, at=command.at, attempt=command.attempt,
-                               error=command.error, retry_at=retry_at)]
+            return [*started, TaskFailed(task_id=command.task_id, at=command.at, attempt=command.attempt,
+                                         error=command.error, retry_at=retry_at)]
         case _:
             assert_never(command)
 
@@ -163,6 +169,16 @@ def dispatches(state: Task, events: list[TaskEvent]) -> list[tuple[Priority, Dis
             case _:
                 pass
     return out
+
+
+def _unrecorded_start(state: Task, command: CompleteTask | FailTask) -> list[TaskEvent]:
+    """The outcome of an attempt must follow its start: a claimed attempt whose start is not
+    stored yet (it ended quickly) brings it along, so both are stored together."""
+    if state.status == "running" or command.started_at is None or command.worker is None:
+        _require_current(state, command.task_id, command.attempt, ("running",))
+        return []
+    _require_current(state, command.task_id, command.attempt, ("pending", "scheduled", "retrying"))
+    return [TaskStarted(task_id=command.task_id, at=command.started_at, attempt=command.attempt, worker=command.worker)]
 
 
 def _require_exists(state: Task, task_id: str) -> None:

@@ -69,12 +69,27 @@ class RetryTask(Message, frozen=True, kw_only=True, tag="task.retry"):
 # ---- worker commands -------------------------------------------------------------------------------
 
 
-class StartTask(Message, frozen=True, kw_only=True, tag="task.start"):
-    """tasks.cmd.start (workers): claim an attempt; refused when stale, cancelled or done."""
+WorkerName = Annotated[str, msgspec.Meta(max_length=100)]
+
+
+class ClaimTask(Message, frozen=True, kw_only=True, tag="task.claim"):
+    """tasks.cmd.claim (workers): may this attempt run now? Refused when stale, cancelled or done;
+    stores nothing (the start is stored with the outcome, or once the handler runs a while)."""
 
     task_id: TaskId
     attempt: int
-    worker: Annotated[str, msgspec.Meta(max_length=100)]
+    worker: WorkerName
+    at: StampedAt = 0.0
+
+
+class StartTask(Message, frozen=True, kw_only=True, tag="task.start"):
+    """tasks.cmd.start (workers): record that an attempt is running (since `started_at`, when
+    it was claimed earlier); refused when stale, cancelled or done."""
+
+    task_id: TaskId
+    attempt: int
+    worker: WorkerName
+    started_at: float | None = None
     at: StampedAt = 0.0
 
 
@@ -89,29 +104,38 @@ class ReportProgress(Message, frozen=True, kw_only=True, tag="task.progress"):
 
 
 class CompleteTask(Message, frozen=True, kw_only=True, tag="task.complete"):
-    """tasks.cmd.complete (workers): the attempt succeeded with a result."""
+    """tasks.cmd.complete (workers): the attempt succeeded with a result. A claimed attempt
+    whose start was not recorded yet gives `started_at` and `worker`: both events are stored."""
 
     task_id: TaskId
     attempt: int
     result: Any = None
+    started_at: float | None = None
+    worker: WorkerName | None = None
     at: StampedAt = 0.0
 
 
 class FailTask(Message, frozen=True, kw_only=True, tag="task.fail"):
-    """tasks.cmd.fail (workers): the attempt failed or timed out."""
+    """tasks.cmd.fail (workers): the attempt failed or timed out (`started_at`, `worker`: as
+    for complete)."""
 
     task_id: TaskId
     attempt: int
     error: ShortText
+    started_at: float | None = None
+    worker: WorkerName | None = None
     at: StampedAt = 0.0
 
 
-TaskCommand = SubmitTask | CancelTask | RetryTask | StartTask | ReportProgress | CompleteTask | FailTask
+TaskCommand = (
+    SubmitTask | CancelTask | RetryTask | ClaimTask | StartTask | ReportProgress | CompleteTask | FailTask
+)
 
 COMMANDS: dict[str, type[TaskCommand]] = {
     "submit": SubmitTask,
     "cancel": CancelTask,
     "retry": RetryTask,
+    "claim": ClaimTask,
     "start": StartTask,
     "progress": ReportProgress,
     "complete": CompleteTask,

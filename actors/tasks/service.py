@@ -67,7 +67,9 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
 
     async def after_commit(nc: Client, state: domain.Task, events: list[TaskEvent]) -> None:
         for event in events:
-            if isinstance(event, TaskCancelled) and event.was_running:
+            if isinstance(event, TaskCancelled):
+                # Also when not recorded as running: a worker may have claimed it and not
+                # stored the start yet (that is stored with the outcome, or after a while).
                 await nc.publish(ctx.live("cancel", event.task_id), b"")
             elif isinstance(event, TaskProgressed):
                 await nc.publish(ctx.live("progress", event.task_id), encode(event))
@@ -83,7 +85,7 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
         ctx=ctx, initial=domain.INITIAL, evolve=domain.evolve, decide=domain.decide, event_type=TaskEvent,
         commands=COMMANDS, aggregate_id=lambda c: c.task_id,
         with_id=lambda c, task_id: msgspec.structs.replace(c, task_id=task_id),
-        reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit, batchable=("submit", "start", "complete"),
+        reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit, batchable=("submit", "claim", "start", "complete", "fail"),
     )
 
 

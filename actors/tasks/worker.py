@@ -1,9 +1,17 @@
 """A task worker process: takes the highest-priority runnable task, holds its lease while the
-handler runs, reports progress, and completes or fails it through the task actor."""
+handler runs, reports progress, and completes or fails it through the task actor.
+
+A pull is claimed with one `claim_batch` request, which stores nothing: the start of an attempt
+is stored together with its outcome (one group commit per task instead of two), or on its own
+once the handler has run for `record_start_after_s`, or before its first progress report. So
+a task shows `running` only once it has run that long; a quick one goes from `pending` straight
+to its outcome, with a `task.started` event (its real start time) just before it in history.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -44,7 +52,7 @@ class Worker:
 
     def __init__(
         self, nc: Client, ctx: Context, registry: TaskRegistry, *, concurrency: int = 16, lease_s: float = 30.0,
-        name: str = "worker", request_timeout: float = 5.0,
+        name: str = "worker", request_timeout: float = 5.0, record_start_after_s: float = 0.5,
     ) -> None:
         self._nc = nc
         self._ctx = ctx
@@ -61,6 +69,12 @@ class Worker:
         # Handlers at work, by task id: for cancel signals and lease renewal.
         self._handlers: dict[str, tuple[asyncio.Future[Any], WorkItem]] = {}
         self._cancelled: set[str] = set()
+        # Cancel signals seen lately: a task cancelled between its claim and its handler's
+        # start never runs.
+        self._recently_cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Running attempts whose start is not stored yet: task id -> (task, monotonic, epoch start).
+        self._unrecorded: dict[str, tuple[TaskAccepted, float, float]] = {}
+        self._record_start_after_s = record_start_after_s
         self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._reporter: asyncio.Task[None] | None = None
         metrics.TASKS_RUNNING.set_function(lambda: len(self._handlers))
@@ -69,6 +83,7 @@ class Worker:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
         cancels = await self._nc.subscribe(self._ctx.live("cancel", "*"), cb=self._on_cancel)
         leases = asyncio.get_running_loop().create_task(self._keep_leases())
+        starts = asyncio.get_running_loop().create_task(self._record_long_starts())
         try:
             while not self._stopping.is_set():
                 while self._free == 0:
@@ -88,6 +103,7 @@ class Worker:
                 self._spawn(self._start(items))
         finally:
             leases.cancel()
+            starts.cancel()
             await sub.unsubscribe()
             await cancels.unsubscribe()
             await self._queues.close()
@@ -97,6 +113,9 @@ class Worker:
 
     async def _on_cancel(self, msg: Any) -> None:
         task_id = msg.subject.rsplit(".", 1)[1]
+        self._recently_cancelled[task_id] = None
+        if len(self._recently_cancelled) > 10_000:
+            self._recently_cancelled.popitem(last=False)
         running = self._handlers.get(task_id)
         if running is not None:
             self._cancelled.add(task_id)
@@ -108,6 +127,35 @@ class Worker:
             await asyncio.sleep(self._lease_s / 3)
             for _, item in list(self._handlers.values()):
                 await item.extend()
+
+    async def _record_long_starts(self) -> None:
+        """Store the start of every attempt that has run for `record_start_after_s`."""
+        while True:
+            await asyncio.sleep(self._record_start_after_s / 2)
+            horizon = time.monotonic() - self._record_start_after_s
+            due = [task_id for task_id, (_, since, _) in self._unrecorded.items() if since <= horizon]
+            if due:
+                await self._record_starts(due)
+
+    async def _record_starts(self, task_ids: list[str]) -> None:
+        """Store these attempts' starts (one request); a refusal means the task was cancelled
+        or finished elsewhere meanwhile, so its handler is stopped."""
+        entries = [(task_id, entry) for task_id in task_ids if (entry := self._unrecorded.pop(task_id, None))]
+        if not entries:
+            return
+        body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name, "started_at": at}
+                          for _, (task, _, at) in entries]}
+        try:
+            results = _batch.decode(await self._command("start_batch", body)).results
+        except JetsourceError as exc:
+            log.warning("could not record the start of %d tasks: %s", len(entries), exc.message)
+            return  # stored with their outcome instead
+        for (task_id, _), result in zip(entries, results, strict=True):
+            if result.refused is not None and result.refused.code in ("rule_violation", "not_found"):
+                running = self._handlers.get(task_id)
+                if running is not None:
+                    self._cancelled.add(task_id)
+                    running[0].cancel()
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -129,27 +177,30 @@ class Worker:
         return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
 
     async def _start(self, items: list[WorkItem]) -> None:
-        """Claim everything one pull gave us with one request, then run what was granted."""
+        """Claim everything one pull gave us with one request, then run what may run now."""
         settled = 0  # items whose slot is accounted for (released, or held by a running handler)
         try:
             dispatches = [_dispatch.decode(item.data) for item in items]
             body = {"items": [{"task_id": d.task_id, "attempt": d.attempt, "worker": self.name} for d in dispatches]}
             try:
-                results = _batch.decode(await self._command("start_batch", body)).results
+                results = _batch.decode(await self._command("claim_batch", body)).results
             except JetsourceError as exc:
-                log.warning("could not start %d tasks: %s", len(items), exc.message)
+                log.warning("could not claim %d tasks: %s", len(items), exc.message)
                 for item in items:
                     await item.nak(1.0)
                 return
+            now = time.time()
             for item, result in zip(items, results, strict=True):
+                task = result.accepted
                 if result.refused is not None:
                     if result.refused.code in ("rule_violation", "not_found"):
                         await item.ack()  # cancelled, finished, or a stale attempt: nothing to run
                     else:
                         await item.nak(1.0)
-                elif (task := result.accepted) is None or task.status != "running":
-                    # not yet due: come back then
-                    await item.nak(max(0.0, task.run_at - time.time()) if task else 1.0)
+                elif task is None or task.task_id in self._recently_cancelled:
+                    await item.ack()
+                elif task.run_at > now:
+                    await item.nak(task.run_at - now)  # not yet due: come back then
                 else:
                     run = asyncio.get_running_loop().create_task(self._run(item, task))
                     self._running.add(run)
@@ -164,16 +215,24 @@ class Worker:
                 self._release()
 
     async def _run(self, item: WorkItem, task: TaskAccepted) -> None:
-        outcome = await self._execute(item, task)
+        started_at = time.time()
+        self._unrecorded[task.task_id] = (task, time.monotonic(), started_at)
+        try:
+            outcome = await self._execute(item, task)
+        finally:
+            # Its start, unless stored meanwhile, goes with the outcome.
+            self._unrecorded.pop(task.task_id, None)
         kind_label = "cancelled" if outcome is None else ("completed" if outcome[0] == "complete" else "failed")
         metrics.TASKS_FINISHED.labels(task.task_type, kind_label).inc()
         try:
             if outcome is not None:
                 kind, value = outcome
+                attempt = {"task_id": task.task_id, "attempt": task.attempt, "started_at": started_at,
+                           "worker": self.name}
                 if kind == "complete":
-                    await self._complete({"task_id": task.task_id, "attempt": task.attempt, "result": value})
+                    await self._complete({**attempt, "result": value})
                 else:
-                    await self._command("fail", {"task_id": task.task_id, "attempt": task.attempt, "error": value})
+                    await self._command("fail", {**attempt, "error": value})
             await item.ack()
         except (RuleViolationError, NotFoundError):
             await item.ack()  # cancelled meanwhile, or another worker finished this attempt
@@ -216,6 +275,8 @@ class Worker:
             return ("fail", f"no handler for task type {task.task_type!r} on worker {self.name}")
 
         async def report(percent: float, message: str) -> None:
+            if task.task_id in self._unrecorded:
+                await self._record_starts([task.task_id])  # progress belongs to a running task
             with contextlib.suppress(JetsourceError):
                 await self._command("progress", {"task_id": task.task_id, "attempt": task.attempt,
                                                  "percent": percent, "message": message})

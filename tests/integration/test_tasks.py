@@ -264,6 +264,30 @@ async def test_a_start_batch_answers_each_item_in_order(system: System) -> None:
     assert bad.headers and bad.headers["Nats-Service-Error-Code"] == "422"
 
 
+async def test_a_claim_stores_nothing_and_refuses_a_cancelled_task(system: System) -> None:
+    # Delayed far ahead, so no worker takes it meanwhile.
+    task = await submit(system, {"type": "echo", "delay_s": 3600})
+    claim = {"items": [{"task_id": task["task_id"], "attempt": 1, "worker": "w"}]}
+    [granted] = json.loads((await system.request(system.tasks.command("claim_batch"), claim)).data)["results"]
+    assert granted["accepted"]["status"] == "scheduled" and granted["accepted"]["version"] == task["version"]
+    assert [e["type"] for e in await events_of(system, task["task_id"])] == ["task.submitted"]
+    status, _, _ = await post(system, f"/tasks/{task['task_id']}/cancel", {})
+    assert status == 200
+    [refused] = json.loads((await system.request(system.tasks.command("claim_batch"), claim)).data)["results"]
+    assert refused["refused"]["code"] == "rule_violation"
+
+
+async def test_a_quick_task_stores_its_start_with_its_outcome(system: System) -> None:
+    await system.start_worker()
+    task = await submit(system, {"type": "echo", "payload": 1})
+    view = await wait_status(system, task["task_id"], "completed")
+    history = await events_of(system, task["task_id"])
+    assert [e["type"] for e in history] == ["task.submitted", "task.started", "task.completed"]
+    started, completed = history[1], history[2]
+    assert started["seq"] + 1 == completed["seq"]  # one atomic append
+    assert started["event"]["at"] <= completed["event"]["at"] and view["worker"] and view["started_at"]
+
+
 async def test_a_submit_batch_queues_each_task_and_keeps_per_item_idempotency(system: System) -> None:
     await system.start_worker()
     items = [{"type": "echo", "payload": i, "idempotency_key": f"bulk-{i}"} for i in range(50)]

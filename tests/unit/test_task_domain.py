@@ -9,6 +9,7 @@ import pytest
 from actors.tasks import domain
 from actors.tasks.messages import (
     CancelTask,
+    ClaimTask,
     CompleteTask,
     Dispatch,
     FailTask,
@@ -76,6 +77,32 @@ def test_completion_is_recorded_once() -> None:
     done = TaskCompleted(task_id=TID, at=102.0, attempt=1, task_type="echo", result=7)
     assert domain.decide(given(SUBMITTED, STARTED), CompleteTask(task_id=TID, attempt=1, result=7, at=102.0)) == [done]
     assert domain.decide(given(SUBMITTED, STARTED, done), CompleteTask(task_id=TID, attempt=1, result=7, at=103.0)) == []
+
+
+def test_a_claim_stores_nothing_and_refuses_what_may_not_run() -> None:
+    assert domain.decide(given(SUBMITTED), ClaimTask(task_id=TID, attempt=1, worker="w", at=101.0)) == []
+    with pytest.raises(RuleViolationError, match="stale"):
+        domain.decide(given(SUBMITTED), ClaimTask(task_id=TID, attempt=2, worker="w", at=101.0))
+    cancelled = TaskCancelled(task_id=TID, at=101.0)
+    with pytest.raises(RuleViolationError, match="cancelled"):
+        domain.decide(given(SUBMITTED, cancelled), ClaimTask(task_id=TID, attempt=1, worker="w", at=102.0))
+
+
+def test_a_claimed_attempt_stores_its_start_with_its_outcome() -> None:
+    complete = CompleteTask(task_id=TID, attempt=1, result=7, started_at=101.5, worker="w", at=102.0)
+    assert domain.decide(given(SUBMITTED), complete) == [
+        TaskStarted(task_id=TID, at=101.5, attempt=1, worker="w"),
+        TaskCompleted(task_id=TID, at=102.0, attempt=1, task_type="echo", result=7),
+    ]
+    fail = FailTask(task_id=TID, attempt=1, error="x", started_at=101.5, worker="w", at=110.0)
+    started, failed = domain.decide(given(SUBMITTED), fail)
+    assert started == TaskStarted(task_id=TID, at=101.5, attempt=1, worker="w") and isinstance(failed, TaskFailed)
+    # Once the start is stored (a long run), the outcome does not repeat it.
+    assert domain.decide(given(SUBMITTED, STARTED), complete) == [
+        TaskCompleted(task_id=TID, at=102.0, attempt=1, task_type="echo", result=7)]
+    # Without a start, an outcome of a task nobody runs is refused.
+    with pytest.raises(RuleViolationError):
+        domain.decide(given(SUBMITTED), CompleteTask(task_id=TID, attempt=1, at=102.0))
 
 
 def test_failure_retries_with_exponential_backoff_then_dead_letters() -> None:
