@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     actor_concurrency: int = 512
     actor_max_retries: int = 5
     append_batches_inflight: int = Field(2, description="atomic batches an actor keeps in flight (group commit)")
-    append_batch_max: int = Field(256, description="most events per atomic batch (server limit 1000)")
+    append_batch_max: int = Field(1000, description="most messages per atomic batch (the server's limit, 1000)")
     request_timeout_s: float = 5.0
     read_wait_timeout_s: float = Field(2.0, description="longest a read waits for the projection to catch up")
     max_body_bytes: int = 64 * 1024

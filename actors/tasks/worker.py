@@ -45,6 +45,7 @@ class _StartReply(msgspec.Struct, frozen=True):
 
 
 _batch = msgspec.json.Decoder(_StartReply)
+REPORTERS = 4  # complete_batch requests a worker keeps in flight
 
 
 class Worker:
@@ -76,7 +77,7 @@ class Worker:
         self._unrecorded: dict[str, tuple[TaskAccepted, float, float]] = {}
         self._record_start_after_s = record_start_after_s
         self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._reporter: asyncio.Task[None] | None = None
+        self._reporters: set[asyncio.Task[None]] = set()
         metrics.TASKS_RUNNING.set_function(lambda: len(self._handlers))
 
     async def run(self) -> None:
@@ -241,12 +242,16 @@ class Worker:
             await item.nak(1.0)
 
     async def _complete(self, body: dict[str, Any]) -> None:
-        """Report a completion; concurrent ones share one `complete_batch` request (group commit:
-        while one batch is in flight the next gathers, no timer)."""
+        """Report a completion; concurrent ones share a `complete_batch` request (group commit:
+        while requests are in flight the next batch gathers, no timer). Up to REPORTERS requests
+        are in flight: with one, a worker completed at most one batch per actor round trip
+        (measured: 76 per 28 ms, the whole pipeline's limit)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._completions.append((body, future))
-        if self._reporter is None or self._reporter.done():
-            self._reporter = asyncio.get_running_loop().create_task(self._report_completions())
+        if len(self._reporters) < REPORTERS:
+            reporter = asyncio.get_running_loop().create_task(self._report_completions())
+            self._reporters.add(reporter)
+            reporter.add_done_callback(self._reporters.discard)
         await future
 
     async def _report_completions(self) -> None:
