@@ -225,11 +225,13 @@ async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: in
     started_event: dict[str, asyncio.Event] = {}
 
     async def on_event(msg: Msg) -> None:
-        if b'"task.started"' in msg.data:
+        # When the worker began the handler: a `task.started`, or for a quick task (whose start
+        # is recorded in its outcome) the outcome's `started_at`.
+        event = json.loads(msg.data)
+        at = event["at"] if event["type"] == "task.started" else event.get("started_at")
+        if at is not None:
             task_id = msg.subject.rsplit(".", 1)[1]
-            # The event's own time: when the worker began the handler (a quick task's start is
-            # stored with its outcome, so the event arrives a commit later).
-            started_at.setdefault(task_id, json.loads(msg.data)["at"])
+            started_at.setdefault(task_id, at)
             if task_id in started_event:
                 started_event[task_id].set()
 

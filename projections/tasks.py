@@ -122,6 +122,12 @@ class TasksProjection:
         await conn.execute(_UPSERT, *map(list, columns))
 
     @staticmethod
+    def _started(row: _Row, started_at: float | None, worker: str | None) -> None:
+        """An outcome that carries its attempt's start (no `task.started` was stored for it)."""
+        if started_at is not None:
+            row.started_at, row.worker = _ts(started_at), worker
+
+    @staticmethod
     def _fold(row: _Row, event: TaskEvent) -> None:
         match event:
             case TaskSubmitted():
@@ -134,10 +140,13 @@ class TasksProjection:
             case TaskCompleted():
                 row.status, row.result, row.finished_at, row.error = "completed", _json(event.result), _ts(event.at), None
                 row.progress = 100.0
+                TasksProjection._started(row, event.started_at, event.worker)
             case TaskFailed():
                 row.status, row.error, row.attempt, row.run_at = "retrying", event.error, event.attempt + 1, _ts(event.retry_at)
+                TasksProjection._started(row, event.started_at, event.worker)
             case TaskDeadLettered():
                 row.status, row.error, row.finished_at = "dead", event.error, _ts(event.at)
+                TasksProjection._started(row, event.started_at, event.worker)
             case TaskCancelled():
                 row.status, row.finished_at = "cancelled", _ts(event.at)
             case TaskRequeued():

@@ -140,17 +140,19 @@ def decide(state: Task, command: TaskCommand) -> list[TaskEvent]:
         case CompleteTask():
             if state.status == "completed" and command.attempt == state.attempt:
                 return []  # recorded once: a second report of the same attempt changes nothing
-            started = _unrecorded_start(state, command)
-            return [*started, TaskCompleted(task_id=command.task_id, at=command.at, attempt=command.attempt,
-                                            task_type=state.task_type, ref=state.ref, result=command.result)]
+            started_at, worker = _unrecorded_start(state, command)
+            return [TaskCompleted(task_id=command.task_id, at=command.at, attempt=command.attempt,
+                                  task_type=state.task_type, ref=state.ref, result=command.result,
+                                  started_at=started_at, worker=worker)]
         case FailTask():
-            started = _unrecorded_start(state, command)
+            started_at, worker = _unrecorded_start(state, command)
             if command.attempt >= state.limit:
-                return [*started, TaskDeadLettered(task_id=command.task_id, at=command.at, attempt=command.attempt,
-                                                   error=command.error, task_type=state.task_type, ref=state.ref)]
+                return [TaskDeadLettered(task_id=command.task_id, at=command.at, attempt=command.attempt,
+                                         error=command.error, task_type=state.task_type, ref=state.ref,
+                                         started_at=started_at, worker=worker)]
             retry_at = command.at + backoff(command.task_id, command.attempt, state.retry)
-            return [*started, TaskFailed(task_id=command.task_id, at=command.at, attempt=command.attempt,
-                                         error=command.error, retry_at=retry_at)]
+            return [TaskFailed(task_id=command.task_id, at=command.at, attempt=command.attempt,
+                               error=command.error, retry_at=retry_at, started_at=started_at, worker=worker)]
         case _:
             assert_never(command)
 
@@ -171,14 +173,15 @@ def dispatches(state: Task, events: list[TaskEvent]) -> list[tuple[Priority, Dis
     return out
 
 
-def _unrecorded_start(state: Task, command: CompleteTask | FailTask) -> list[TaskEvent]:
-    """The outcome of an attempt must follow its start: a claimed attempt whose start is not
-    stored yet (it ended quickly) brings it along, so both are stored together."""
+def _unrecorded_start(state: Task, command: CompleteTask | FailTask) -> tuple[float | None, str | None]:
+    """When and where an attempt that ends started, if its start is not stored: a claimed attempt
+    that ended before its worker recorded the start (most do) has it stored in its outcome event
+    instead of a `task.started` of its own. Refuses an outcome for an attempt nobody runs."""
     if state.status == "running" or command.started_at is None or command.worker is None:
         _require_current(state, command.task_id, command.attempt, ("running",))
-        return []
+        return None, None
     _require_current(state, command.task_id, command.attempt, ("pending", "scheduled", "retrying"))
-    return [TaskStarted(task_id=command.task_id, at=command.started_at, attempt=command.attempt, worker=command.worker)]
+    return command.started_at, command.worker
 
 
 def _require_exists(state: Task, task_id: str) -> None:

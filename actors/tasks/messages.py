@@ -74,7 +74,7 @@ WorkerName = Annotated[str, msgspec.Meta(max_length=100)]
 
 class ClaimTask(Message, frozen=True, kw_only=True, tag="task.claim"):
     """tasks.cmd.claim (workers): may this attempt run now? Refused when stale, cancelled or done;
-    stores nothing (the start is stored with the outcome, or once the handler runs a while)."""
+    stores nothing (the start is stored once the handler has run a while, or with the outcome)."""
 
     task_id: TaskId
     attempt: int
@@ -105,7 +105,7 @@ class ReportProgress(Message, frozen=True, kw_only=True, tag="task.progress"):
 
 class CompleteTask(Message, frozen=True, kw_only=True, tag="task.complete"):
     """tasks.cmd.complete (workers): the attempt succeeded with a result. A claimed attempt
-    whose start was not recorded yet gives `started_at` and `worker`: both events are stored."""
+    whose start was not recorded gives `started_at` and `worker`, stored in the outcome event."""
 
     task_id: TaskId
     attempt: int
@@ -182,29 +182,38 @@ class TaskProgressed(Event, frozen=True, kw_only=True, tag="task.progressed"):
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
-    """The attempt succeeded."""
+    """The attempt succeeded. `started_at` and `worker` are set when no `task.started` was
+    stored for the attempt (it ended before its start was recorded)."""
 
     attempt: int
     task_type: str
     ref: str | None = None
     result: Any = None
+    started_at: float | None = None
+    worker: str | None = None
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
-    """The attempt failed; the next one runs at retry_at."""
+    """The attempt failed; the next one runs at retry_at (`started_at`, `worker`: as for
+    task.completed)."""
 
     attempt: int
     error: str
     retry_at: float
+    started_at: float | None = None
+    worker: str | None = None
 
 
 class TaskDeadLettered(Event, frozen=True, kw_only=True, tag="task.dead_lettered"):
-    """The last attempt failed; the task waits for a retry command."""
+    """The last attempt failed; the task waits for a retry command (`started_at`, `worker`: as
+    for task.completed)."""
 
     attempt: int
     error: str
     task_type: str
     ref: str | None = None
+    started_at: float | None = None
+    worker: str | None = None
 
 
 class TaskCancelled(Event, frozen=True, kw_only=True, tag="task.cancelled"):

@@ -1,11 +1,11 @@
 """A task worker process: takes the highest-priority runnable task, holds its lease while the
 handler runs, reports progress, and completes or fails it through the task actor.
 
-A pull is claimed with one `claim_batch` request, which stores nothing: the start of an attempt
-is stored together with its outcome (one group commit per task instead of two), or on its own
-once the handler has run for `record_start_after_s`, or before its first progress report. So
-a task shows `running` only once it has run that long; a quick one goes from `pending` straight
-to its outcome, with a `task.started` event (its real start time) just before it in history.
+A pull is claimed with one `claim_batch` request, which stores nothing. An attempt's start is
+stored as a `task.started` event once the handler has run for `record_start_after_s` or before
+its first progress report; an attempt that ends sooner records when and where it started in its
+outcome event instead (Temporal, too, records an activity attempt's start only when it ends). A quick task so costs
+two stored events and two group commits, and shows `running` only once it has run that long.
 """
 
 from __future__ import annotations

@@ -88,15 +88,13 @@ def test_a_claim_stores_nothing_and_refuses_what_may_not_run() -> None:
         domain.decide(given(SUBMITTED, cancelled), ClaimTask(task_id=TID, attempt=1, worker="w", at=102.0))
 
 
-def test_a_claimed_attempt_stores_its_start_with_its_outcome() -> None:
+def test_a_claimed_attempt_that_ends_records_its_start_in_the_outcome() -> None:
     complete = CompleteTask(task_id=TID, attempt=1, result=7, started_at=101.5, worker="w", at=102.0)
     assert domain.decide(given(SUBMITTED), complete) == [
-        TaskStarted(task_id=TID, at=101.5, attempt=1, worker="w"),
-        TaskCompleted(task_id=TID, at=102.0, attempt=1, task_type="echo", result=7),
-    ]
+        TaskCompleted(task_id=TID, at=102.0, attempt=1, task_type="echo", result=7, started_at=101.5, worker="w")]
     fail = FailTask(task_id=TID, attempt=1, error="x", started_at=101.5, worker="w", at=110.0)
-    started, failed = domain.decide(given(SUBMITTED), fail)
-    assert started == TaskStarted(task_id=TID, at=101.5, attempt=1, worker="w") and isinstance(failed, TaskFailed)
+    [failed] = domain.decide(given(SUBMITTED), fail)
+    assert failed == TaskFailed(task_id=TID, at=110.0, attempt=1, error="x", retry_at=111.0, started_at=101.5, worker="w")
     # Once the start is stored (a long run), the outcome does not repeat it.
     assert domain.decide(given(SUBMITTED, STARTED), complete) == [
         TaskCompleted(task_id=TID, at=102.0, attempt=1, task_type="echo", result=7)]
