@@ -334,6 +334,10 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
         if "tasks" in only:
             await settle(url, settings)
             results["tasks_noop_end_to_end"] = await bench_tasks(url, settings, args.count, args.inflight)
+            # Many producers, each submitting one task a request (what a fleet of web workers does).
+            await settle(url, settings)
+            results[f"tasks_noop_end_to_end_x{4 * args.inflight}"] = await bench_tasks(
+                url, settings, args.count, 4 * args.inflight)
             await settle(url, settings)
             results["tasks_noop_batched_submit"] = await bench_tasks(
                 url, settings, args.count, max(1, args.inflight // 8), batch=100)
