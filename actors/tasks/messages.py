@@ -167,7 +167,8 @@ class TaskSubmitted(Event, frozen=True, kw_only=True, tag="task.submitted"):
 
 
 class TaskStarted(Event, frozen=True, kw_only=True, tag="task.started"):
-    """A worker claimed an attempt (again, if a previous worker lost its lease)."""
+    """An attempt is running (stored once its handler has run 0.5 s or reports progress; again
+    if a previous worker lost its lease). Quicker attempts record their start in the outcome."""
 
     attempt: int
     worker: str
