@@ -4,8 +4,9 @@ handler runs, reports progress, and completes or fails it through the task actor
 A pull is claimed with one `claim_batch` request, which stores nothing. An attempt's start is
 stored as a `task.started` event once the handler has run for `record_start_after_s` or before
 its first progress report; an attempt that ends sooner records when and where it started in its
-outcome event instead (Temporal, too, records an activity attempt's start only when it ends). A quick task so costs
-two stored events and two group commits, and shows `running` only once it has run that long.
+outcome event instead (Temporal, too, records an activity attempt's start only when it ends).
+A quick task so costs two stored events (and its work item) in two group commits, and shows
+`running` only once it has run that long.
 """
 
 from __future__ import annotations
