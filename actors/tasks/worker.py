@@ -71,8 +71,8 @@ class Worker:
         # Handlers at work, by task id: for cancel signals and lease renewal.
         self._handlers: dict[str, tuple[asyncio.Future[Any], WorkItem]] = {}
         self._cancelled: set[str] = set()
-        # Cancel signals seen lately: a task cancelled between its claim and its handler's
-        # start never runs.
+        # Cancel signals seen lately (values unused): a task cancelled between its claim and
+        # its handler's start never runs.
         self._recently_cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Running attempts whose start is not stored yet: task id -> (task, monotonic, epoch start).
         self._unrecorded: dict[str, tuple[TaskAccepted, float, float]] = {}
@@ -199,8 +199,13 @@ class Worker:
                         await item.ack()  # cancelled, finished, or a stale attempt: nothing to run
                     else:
                         await item.nak(1.0)
-                elif task is None or task.task_id in self._recently_cancelled:
+                elif task is None:
                     await item.ack()
+                elif self._recently_cancelled.pop(task.task_id, False) is None:
+                    # Cancelled after this claim was answered: not run. Handed back rather than
+                    # dropped, so the store decides (the next claim is refused and acks it); a
+                    # stray signal can delay a task by a second but never lose it.
+                    await item.nak(1.0)
                 elif task.run_at > now:
                     await item.nak(task.run_at - now)  # not yet due: come back then
                 else:

@@ -284,6 +284,16 @@ async def test_a_claim_stores_nothing_and_refuses_a_cancelled_task(system: Syste
     assert refused["refused"]["code"] == "rule_violation"
 
 
+async def test_a_stray_cancel_signal_delays_a_task_but_never_loses_it(system: System) -> None:
+    await system.start_worker()
+    task = await submit(system, {"type": "echo", "payload": "kept", "delay_s": 0.5})
+    # The signal a stored cancel sends, without the cancel: the worker holds the task back once
+    # and lets the store decide.
+    await system.nc.publish(system.tasks.live("cancel", task["task_id"]), b"")
+    view = await wait_status(system, task["task_id"], "completed")
+    assert view["result"] == "kept"
+
+
 async def test_a_quick_task_records_its_start_in_its_outcome_and_a_long_one_on_its_own(system: System) -> None:
     await system.start_worker()
     quick = await submit(system, {"type": "echo", "payload": 1})
