@@ -32,5 +32,8 @@ PROJECTION_CHECKPOINT = Gauge(
 PROJECTION_PENDING = Gauge(
     "jetsource_projection_pending", "Events stored but not yet applied to a read model (its lag)", ["projection"])
 TASKS_RUNNING = Gauge("jetsource_tasks_running", "Task handlers running in this worker process")
+WORKER_REQUEST_SECONDS = Histogram(
+    "jetsource_worker_request_seconds", "Round trip of a worker's request to the task actor (a batch counts once)",
+    ["command"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 1.0, 5.0))
 TASKS_FINISHED = Counter(
     "jetsource_tasks_finished", "Task attempts a worker finished, by outcome", ["type", "outcome"])

@@ -176,7 +176,11 @@ class Worker:
             await asyncio.wait(self._running, timeout=self._lease_s)
 
     async def _command(self, name: str, body: dict[str, Any]) -> bytes:
-        return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
+        sent = time.perf_counter()
+        try:
+            return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
+        finally:
+            metrics.WORKER_REQUEST_SECONDS.labels(name).observe(time.perf_counter() - sent)
 
     async def _start(self, items: list[WorkItem]) -> None:
         """Claim everything one pull gave us with one request, then run what may run now."""

@@ -161,6 +161,7 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
         assert _metric(scraped["projector"], "jetsource_projection_checkpoint", projection="orders") >= 4
         assert 'jetsource_projection_pending{projection="orders"}' in scraped["projector"]
         assert "jetsource_tasks_running " in scraped["worker"]
+        assert _metric(scraped["worker"], "jetsource_worker_request_seconds_count", command="claim_batch") >= 1
         assert f"127.0.0.1:{ports['metrics']}/metrics" in log.read_text()  # the banner says where
 
         # A crashed role is restarted by the supervisor.
