@@ -131,8 +131,8 @@ def decide(state: Task, command: TaskCommand) -> list[TaskEvent]:
             _require_current(state, command.task_id, command.attempt, ("pending", "scheduled", "retrying", "running"))
             if command.at < state.run_at:
                 return []  # not yet: the reply's run_at tells the worker how long to wait
-            return [TaskStarted(task_id=command.task_id, at=command.started_at or command.at, attempt=command.attempt,
-                                worker=command.worker)]
+            at = command.at if command.started_at is None else command.started_at
+            return [TaskStarted(task_id=command.task_id, at=at, attempt=command.attempt, worker=command.worker)]
         case ReportProgress():
             _require_current(state, command.task_id, command.attempt, ("running",))
             return [TaskProgressed(task_id=command.task_id, at=command.at, attempt=command.attempt,

@@ -85,7 +85,8 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
         ctx=ctx, initial=domain.INITIAL, evolve=domain.evolve, decide=domain.decide, event_type=TaskEvent,
         commands=COMMANDS, aggregate_id=lambda c: c.task_id,
         with_id=lambda c, task_id: msgspec.structs.replace(c, task_id=task_id),
-        reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit, batchable=("submit", "claim", "start", "complete", "fail"),
+        reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit,
+        batchable=("submit", "claim", "start", "complete", "fail"),
     )
 
 
