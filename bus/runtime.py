@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
@@ -179,6 +181,11 @@ class AggregateSpec(Generic[S, C, E]):
     after_commit: Callable[[Client, S, list[E]], Awaitable[None]] | None = None
     # Commands that also get a `<name>_batch` endpoint: {"items": [...]} -> {"results": [...]}.
     batchable: tuple[str, ...] = ()
+    # A core NATS subject (last token: an aggregate id) on which other processes announce
+    # changes; the cached aggregate is reloaded before its next command. For commands answered
+    # from the cache without an append (nothing to conflict on), e.g. a task claim after a
+    # cancel stored by another actor process.
+    invalidations: str | None = None
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -215,9 +222,12 @@ class Actor(Generic[S, C, E]):
         self._event_decoder = msgspec.json.Decoder(spec.event_type)
         self._ids = IdSource()
         self._service: Service | None = None
+        self._invalidations: Subscription | None = None
 
     async def start(self) -> Service:
         ctx = self._spec.ctx
+        if self._spec.invalidations is not None:
+            self._invalidations = await self._nc.subscribe(self._spec.invalidations, cb=self._on_invalidation)
         service = await add_service(
             self._nc,
             name=f"{ctx.service_name}_actor",
@@ -248,8 +258,20 @@ class Actor(Generic[S, C, E]):
         self._service = service
         return service
 
+    async def _on_invalidation(self, msg: Msg) -> None:
+        self.invalidate(msg.subject.rsplit(".", 1)[1])
+
+    def invalidate(self, aggregate_id: str) -> None:
+        """Reload this aggregate's events before its next command (another process wrote)."""
+        entry = self._cache.get(aggregate_id)
+        if entry is not None:
+            entry.loaded = False
+
     async def stop(self) -> None:
         """Stop taking requests, then finish the ones in flight."""
+        if self._invalidations is not None:
+            await self._invalidations.unsubscribe()
+            self._invalidations = None
         if self._service is not None:
             await self._service.stop()
         await self._concurrency.drain()

@@ -87,6 +87,9 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
         with_id=lambda c, task_id: msgspec.structs.replace(c, task_id=task_id),
         reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit,
         batchable=("submit", "claim", "start", "complete", "fail"),
+        # A claim stores nothing, so a cache that missed a cancel stored by another task-actor
+        # process would grant it: the cancel's signal makes every process reload the task first.
+        invalidations=ctx.live("cancel", "*"),
     )
 
 

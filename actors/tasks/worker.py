@@ -205,13 +205,14 @@ class Worker:
                         await item.nak(1.0)
                 elif task is None:
                     await item.ack()
-                elif self._recently_cancelled.pop(task.task_id, False) is None:
-                    # Cancelled after this claim was answered: not run. Handed back rather than
-                    # dropped, so the store decides (the next claim is refused and acks it); a
-                    # stray signal can delay a task by a second but never lose it.
-                    await item.nak(1.0)
                 elif task.run_at > now:
                     await item.nak(task.run_at - now)  # not yet due: come back then
+                elif self._recently_cancelled.pop(task.task_id, False) is None:
+                    # A cancel signal came after this claim was answered: let the store decide
+                    # with a recorded start (it conflicts with, and then sees, any newer cancel).
+                    self._spawn(self._start_if_still_wanted(item, task))
+                    settled += 1
+                    continue
                 else:
                     run = asyncio.get_running_loop().create_task(self._run(item, task))
                     self._running.add(run)
@@ -225,9 +226,30 @@ class Worker:
             for _ in range(len(items) - settled):
                 self._release()
 
-    async def _run(self, item: WorkItem, task: TaskAccepted) -> None:
+    async def _start_if_still_wanted(self, item: WorkItem, task: TaskAccepted) -> None:
+        """Run a claimed task only once its start is stored: refused (cancelled meanwhile), it
+        is acked and never runs; a stray signal costs one stored start, never the task."""
+        try:
+            body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name}]}
+            try:
+                [result] = _batch.decode(await self._command("start_batch", body)).results
+            except JetsourceError as exc:
+                log.warning("could not start %s: %s", task.task_id, exc.message)
+                await item.nak(1.0)
+                return
+            if result.refused is not None:
+                await (item.ack() if result.refused.code in ("rule_violation", "not_found") else item.nak(1.0))
+            elif result.accepted is None or result.accepted.status != "running":
+                await item.nak(1.0)  # not due by the actor's clock yet
+            else:
+                await self._run(item, task, start_recorded=True)
+        finally:
+            self._release()
+
+    async def _run(self, item: WorkItem, task: TaskAccepted, *, start_recorded: bool = False) -> None:
         started_at = time.time()
-        self._unrecorded[task.task_id] = (task, time.monotonic(), started_at)
+        if not start_recorded:
+            self._unrecorded[task.task_id] = (task, time.monotonic(), started_at)
         try:
             outcome = await self._execute(item, task)
         finally:

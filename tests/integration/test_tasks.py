@@ -9,6 +9,9 @@ import json
 import time
 from typing import Any
 
+from actors.tasks.messages import CancelTask, ClaimTask, SubmitTask
+from bus.errors import RuleViolationError
+from infra.bootstrap import run_tasks_actor
 from infra.embedded import free_port
 from tests.conftest import System
 from tests.task_types import GATES, STARTED, STOPPED
@@ -284,10 +287,27 @@ async def test_a_claim_stores_nothing_and_refuses_a_cancelled_task(system: Syste
     assert refused["refused"]["code"] == "rule_violation"
 
 
+async def test_a_claim_on_another_actor_process_sees_a_cancel_it_did_not_store(system: System) -> None:
+    # Two more task-actor processes' worth of actors: one caches the task, the other cancels it.
+    async with run_tasks_actor(system.settings, system.nc) as first, run_tasks_actor(system.settings, system.nc) as other:
+        task = await first.execute(SubmitTask(type="echo", delay_s=3600), None)
+        task_id = task.task_id  # type: ignore[attr-defined]
+        await other.execute(CancelTask(task_id=task_id), None)
+        deadline = time.monotonic() + 5
+        while True:  # the cancel's signal reaches `first` asynchronously
+            try:
+                await first.execute(ClaimTask(task_id=task_id, attempt=1, worker="w"), None)
+            except RuleViolationError as exc:
+                assert "cancelled" in exc.message
+                break
+            assert time.monotonic() < deadline, "a stale cache granted a claim for a cancelled task"
+            await asyncio.sleep(0.05)
+
+
 async def test_a_stray_cancel_signal_delays_a_task_but_never_loses_it(system: System) -> None:
     await system.start_worker()
     task = await submit(system, {"type": "echo", "payload": "kept", "delay_s": 0.5})
-    # The signal a stored cancel sends, without the cancel: the worker holds the task back once
+    # The signal a stored cancel sends, without the cancel: the worker stores the start first
     # and lets the store decide.
     await system.nc.publish(system.tasks.live("cancel", task["task_id"]), b"")
     view = await wait_status(system, task["task_id"], "completed")
