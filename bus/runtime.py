@@ -26,7 +26,15 @@ from nats.micro.request import Request
 from bus import metrics
 from bus import subjects as h
 from bus.codec import Decoder, encode
-from bus.errors import ConflictError, InternalError, JetsourceError, PreconditionFailedError, ValidationError
+from bus.errors import (
+    ConflictError,
+    InternalError,
+    JetsourceError,
+    NotFoundError,
+    PreconditionFailedError,
+    RuleViolationError,
+    ValidationError,
+)
 from bus.eventstore import EventStore, NewEvent, WrongExpectedSequence
 from bus.ids import IdSource
 from bus.subjects import Context
@@ -349,11 +357,13 @@ class Actor(Generic[S, C, E]):
         raise ConflictError(f"aggregate {aggregate_id} kept changing; gave up after {self._max_retries} retries")
 
     async def _attempt(
-        self, aggregate_id: str, subject: str, entry: _Entry, command: C, meta: CommandMeta, attempt: int
+        self, aggregate_id: str, subject: str, entry: _Entry, command: C, meta: CommandMeta, attempt: int,
+        *, verified: bool = False,
     ) -> msgspec.Struct | None:
         """One try: None when a concurrent writer got there first (reload and retry)."""
         if not entry.loaded:
             await self._catch_up(entry, subject)
+            verified = True
         seen = entry.commands.get(meta.command_id)
         if seen is not None:
             return self._spec.reply(aggregate_id, entry.state, seen)
@@ -364,7 +374,18 @@ class Actor(Generic[S, C, E]):
                 raise PreconditionFailedError(
                     f"expected version {meta.expected_version}, but the aggregate is at {entry.version}"
                 )
-        events = self._spec.decide(entry.state, command)
+        try:
+            events = self._spec.decide(entry.state, command)
+        except (RuleViolationError, NotFoundError):
+            if verified:
+                raise
+            # A refusal stores nothing, so nothing would conflict if the cache missed a write by
+            # another actor process (a confirm elsewhere, then a pay here): check the stream first.
+            version = entry.version
+            await self._catch_up(entry, subject)
+            if entry.version == version:
+                raise
+            return await self._attempt(aggregate_id, subject, entry, command, meta, attempt, verified=True)
         if not events:
             return self._spec.reply(aggregate_id, entry.state, entry.version)
         new = self._new_events(aggregate_id, events, meta)

@@ -60,3 +60,22 @@ async def test_a_keyed_retry_on_another_actor_process_gets_the_same_answer_and_s
     history = await EventStore(system.nc, system.orders.stream).load(system.orders.events(oid))
     assert len(history) == 4  # placed, x, y once, z
     await other.stop()
+
+
+async def test_a_refusal_is_checked_against_the_stream_when_another_process_wrote_meanwhile(system: System) -> None:
+    from actors.orders.messages import ConfirmOrder, OrderAccepted, PayOrder, PlaceOrder
+    from actors.orders.service import order_spec
+    from bus.eventstore import EventStore
+    from bus.runtime import Actor
+
+    other = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders))
+    placed = await other.execute(PlaceOrder(customer_id="c", currency="EUR", lines=[]), None)
+    assert isinstance(placed, OrderAccepted)
+    added = await system.request(system.orders.command("add_item"),
+                                 {"order_id": placed.order_id, "sku": "a", "quantity": 1, "unit_price": 300})
+    assert json.loads(added.data)["total"] == 300
+    await system.actor.execute(ConfirmOrder(order_id=placed.order_id), None)
+    # `other` cached the order as placed and empty; paying it there must see the confirm.
+    paid = await other.execute(PayOrder(order_id=placed.order_id, amount=300), None)
+    assert isinstance(paid, OrderAccepted) and paid.status == "paid"
+    await other.stop()
