@@ -46,7 +46,7 @@ async def ensure_work_consumers(js: JetStreamContext, ctx: Context, names: tuple
     """One durable pull consumer per work queue (e.g. per priority); ack wait is the lease."""
     for name in names:
         config = ConsumerConfig(
-            durable_name=f"workers_{name}",
+            durable_name=ctx.work_consumer(name),
             description=f"jetsource {ctx.name} workers, {name} queue",
             filter_subject=ctx.queue(name),
             deliver_policy=DeliverPolicy.ALL,

@@ -103,3 +103,7 @@ class Context:
 
     def consumer(self, projection: str) -> str:
         return f"{projection}_projection"
+
+    def work_consumer(self, queue: str) -> str:
+        """The durable pull consumer the workers share for one work queue (e.g. a priority)."""
+        return f"workers_{queue}"

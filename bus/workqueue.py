@@ -10,6 +10,7 @@ from nats.aio.msg import Msg
 
 from bus.errors import UnavailableError
 from bus.pull import Puller
+from bus.subjects import Context
 
 
 class WorkItem:
@@ -44,9 +45,9 @@ class PriorityQueues:
     """Takes the next items from the first non-empty queue, in priority order (one durable pull
     consumer per queue, each pulled through its own `Puller`). One caller at a time."""
 
-    def __init__(self, nc: Client, stream: str, queues: tuple[str, ...], *, timeout: float = 5.0) -> None:
+    def __init__(self, nc: Client, ctx: Context, queues: tuple[str, ...], *, timeout: float = 5.0) -> None:
         self._nc = nc
-        self._pullers = [(q, Puller(nc, stream, f"workers_{q}", timeout=timeout)) for q in queues]
+        self._pullers = [(q, Puller(nc, ctx.stream, ctx.work_consumer(q), timeout=timeout)) for q in queues]
 
     async def take(self, n: int) -> list[WorkItem]:
         """Up to n items, highest priority first: all of the first queue's that fit, then the

@@ -157,7 +157,7 @@ async def _queues_drained(js: JetStreamContext, ctx: Context) -> bool:
     """True when every work queue has nothing waiting and nothing unacknowledged: each task
     submitted so far has run and had its outcome stored (a worker acks only after that)."""
     for priority in PRIORITIES:
-        info = await js.consumer_info(ctx.stream, f"workers_{priority}")
+        info = await js.consumer_info(ctx.stream, ctx.work_consumer(priority))
         if info.num_pending or info.num_ack_pending:
             return False
     return True

@@ -101,7 +101,7 @@ async def status(settings: Settings) -> int:
         print("work queues:")
         tasks = tasks_context(settings)
         for priority in PRIORITIES:
-            print(await _consumer_line(nc, tasks.stream, f"workers_{priority}", f"tasks {priority}"))
+            print(await _consumer_line(nc, tasks.stream, tasks.work_consumer(priority), f"tasks {priority}"))
         print("process manager:")
         for ctx in (orders_context(settings), tasks):
             print(await _consumer_line(nc, ctx.stream, FULFILMENT_DURABLE, f"fulfilment <- {ctx.stream}"))

@@ -64,7 +64,7 @@ class Worker:
         self._lease_s = lease_s
         self.name = name
         self._timeout = request_timeout
-        self._queues = PriorityQueues(nc, ctx.stream, PRIORITIES, timeout=request_timeout)
+        self._queues = PriorityQueues(nc, ctx, PRIORITIES, timeout=request_timeout)
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
