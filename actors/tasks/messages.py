@@ -78,7 +78,6 @@ class ClaimTask(Message, frozen=True, kw_only=True, tag="task.claim"):
 
     task_id: TaskId
     attempt: int
-    worker: WorkerName
     at: StampedAt = 0.0
 
 

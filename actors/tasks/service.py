@@ -86,7 +86,7 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
         commands=COMMANDS, aggregate_id=lambda c: c.task_id,
         with_id=lambda c, task_id: msgspec.structs.replace(c, task_id=task_id),
         reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit,
-        batchable=("submit", "claim", "start", "complete", "fail"),
+        batchable=("submit", "claim", "start", "complete"),
         # A claim stores nothing, so a cache that missed a cancel stored by another task-actor
         # process would grant it: the cancel's signal makes every process reload the task first.
         invalidations=ctx.live("cancel", "*"),

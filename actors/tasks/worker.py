@@ -4,9 +4,8 @@ handler runs, reports progress, and completes or fails it through the task actor
 A pull is claimed with one `claim_batch` request, which stores nothing. An attempt's start is
 stored as a `task.started` event once the handler has run for `record_start_after_s` or before
 its first progress report; an attempt that ends sooner records when and where it started in its
-outcome event instead (Temporal, too, records an activity attempt's start only when it ends).
-A quick task so costs two stored events (and its work item) in two group commits, and shows
-`running` only once it has run that long.
+outcome event instead. A quick task so costs two stored events (and its work item) in two
+group commits, and shows `running` only once it has run that long.
 """
 
 from __future__ import annotations
@@ -46,6 +45,8 @@ class _StartReply(msgspec.Struct, frozen=True):
 
 
 _batch = msgspec.json.Decoder(_StartReply)
+# Refusals that mean the attempt must not run (cancelled, finished, stale); others are transient.
+_NOTHING_TO_RUN = ("rule_violation", "not_found")
 REPORTERS = 4  # complete_batch requests a worker keeps in flight
 
 
@@ -71,8 +72,8 @@ class Worker:
         # Handlers at work, by task id: for cancel signals and lease renewal.
         self._handlers: dict[str, tuple[asyncio.Future[Any], WorkItem]] = {}
         self._cancelled: set[str] = set()
-        # Cancel signals seen lately (values unused): a task cancelled between its claim and
-        # its handler's start never runs.
+        # Cancel signals seen lately, oldest first (an ordered set): a task cancelled between its
+        # claim and its handler's start never runs.
         self._recently_cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Running attempts whose start is not stored yet: task id -> (task, monotonic, epoch start).
         self._unrecorded: dict[str, tuple[TaskAccepted, float, float]] = {}
@@ -145,24 +146,34 @@ class Worker:
         entries = [(task_id, entry) for task_id in task_ids if (entry := self._unrecorded.pop(task_id, None))]
         if not entries:
             return
-        body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name, "started_at": at}
-                          for _, (task, _, at) in entries]}
         try:
-            results = _batch.decode(await self._command("start_batch", body)).results
+            results = await self._store_starts([(task, at) for _, (task, _, at) in entries])
         except JetsourceError as exc:
             log.warning("could not record the start of %d tasks: %s", len(entries), exc.message)
             return  # stored with their outcome instead
         for (task_id, _), result in zip(entries, results, strict=True):
-            if result.refused is not None and result.refused.code in ("rule_violation", "not_found"):
+            if result.refused is not None and result.refused.code in _NOTHING_TO_RUN:
                 running = self._handlers.get(task_id)
                 if running is not None:
                     self._cancelled.add(task_id)
                     running[0].cancel()
 
-    def _spawn(self, work: Any) -> None:
+    async def _store_starts(self, attempts: list[tuple[TaskAccepted, float | None]]) -> list[_Started]:
+        """One `start_batch` request: these attempts are running (since the given times)."""
+        body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name, "started_at": at}
+                          for task, at in attempts]}
+        return _batch.decode(await self._command("start_batch", body)).results
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        return task
+
+    @staticmethod
+    async def _refused(item: WorkItem, code: str) -> None:
+        """A refused claim or start: drop the item if the attempt must not run, else retry soon."""
+        await (item.ack() if code in _NOTHING_TO_RUN else item.nak(1.0))
 
     def _release(self, _task: Any = None) -> None:
         self._free += 1
@@ -187,7 +198,7 @@ class Worker:
         settled = 0  # items whose slot is accounted for (released, or held by a running handler)
         try:
             dispatches = [_dispatch.decode(item.data) for item in items]
-            body = {"items": [{"task_id": d.task_id, "attempt": d.attempt, "worker": self.name} for d in dispatches]}
+            body = {"items": [{"task_id": d.task_id, "attempt": d.attempt} for d in dispatches]}
             try:
                 results = _batch.decode(await self._command("claim_batch", body)).results
             except JetsourceError as exc:
@@ -199,24 +210,19 @@ class Worker:
             for item, result in zip(items, results, strict=True):
                 task = result.accepted
                 if result.refused is not None:
-                    if result.refused.code in ("rule_violation", "not_found"):
-                        await item.ack()  # cancelled, finished, or a stale attempt: nothing to run
-                    else:
-                        await item.nak(1.0)
+                    await self._refused(item, result.refused.code)
                 elif task is None:
                     await item.ack()
                 elif task.run_at > now:
                     await item.nak(task.run_at - now)  # not yet due: come back then
-                elif self._recently_cancelled.pop(task.task_id, False) is None:
-                    # A cancel signal came after this claim was answered: let the store decide
-                    # with a recorded start (it conflicts with, and then sees, any newer cancel).
-                    self._spawn(self._start_if_still_wanted(item, task))
-                    settled += 1
-                    continue
                 else:
-                    run = asyncio.get_running_loop().create_task(self._run(item, task))
-                    self._running.add(run)
-                    run.add_done_callback(self._running.discard)
+                    if task.task_id in self._recently_cancelled:
+                        # A cancel signal came after this claim was answered: let the store decide
+                        # with a recorded start (it conflicts with, and then sees, the cancel).
+                        del self._recently_cancelled[task.task_id]
+                        run = self._spawn(self._run_once_started(item, task))
+                    else:
+                        run = self._spawn(self._run(item, task))
                     run.add_done_callback(self._release)
                     settled += 1
                     continue
@@ -226,25 +232,21 @@ class Worker:
             for _ in range(len(items) - settled):
                 self._release()
 
-    async def _start_if_still_wanted(self, item: WorkItem, task: TaskAccepted) -> None:
+    async def _run_once_started(self, item: WorkItem, task: TaskAccepted) -> None:
         """Run a claimed task only once its start is stored: refused (cancelled meanwhile), it
         is acked and never runs; a stray signal costs one stored start, never the task."""
         try:
-            body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name}]}
-            try:
-                [result] = _batch.decode(await self._command("start_batch", body)).results
-            except JetsourceError as exc:
-                log.warning("could not start %s: %s", task.task_id, exc.message)
-                await item.nak(1.0)
-                return
-            if result.refused is not None:
-                await (item.ack() if result.refused.code in ("rule_violation", "not_found") else item.nak(1.0))
-            elif result.accepted is None or result.accepted.status != "running":
-                await item.nak(1.0)  # not due by the actor's clock yet
-            else:
-                await self._run(item, task, start_recorded=True)
-        finally:
-            self._release()
+            [result] = await self._store_starts([(task, None)])
+        except JetsourceError as exc:
+            log.warning("could not start %s: %s", task.task_id, exc.message)
+            await item.nak(1.0)
+            return
+        if result.refused is not None:
+            await self._refused(item, result.refused.code)
+        elif result.accepted is None or result.accepted.status != "running":
+            await item.nak(1.0)  # not due by the actor's clock yet
+        else:
+            await self._run(item, task, start_recorded=True)
 
     async def _run(self, item: WorkItem, task: TaskAccepted, *, start_recorded: bool = False) -> None:
         started_at = time.time()

@@ -80,12 +80,12 @@ def test_completion_is_recorded_once() -> None:
 
 
 def test_a_claim_stores_nothing_and_refuses_what_may_not_run() -> None:
-    assert domain.decide(given(SUBMITTED), ClaimTask(task_id=TID, attempt=1, worker="w", at=101.0)) == []
+    assert domain.decide(given(SUBMITTED), ClaimTask(task_id=TID, attempt=1, at=101.0)) == []
     with pytest.raises(RuleViolationError, match="stale"):
-        domain.decide(given(SUBMITTED), ClaimTask(task_id=TID, attempt=2, worker="w", at=101.0))
+        domain.decide(given(SUBMITTED), ClaimTask(task_id=TID, attempt=2, at=101.0))
     cancelled = TaskCancelled(task_id=TID, at=101.0)
     with pytest.raises(RuleViolationError, match="cancelled"):
-        domain.decide(given(SUBMITTED, cancelled), ClaimTask(task_id=TID, attempt=1, worker="w", at=102.0))
+        domain.decide(given(SUBMITTED, cancelled), ClaimTask(task_id=TID, attempt=1, at=102.0))
 
 
 def test_a_claimed_attempt_that_ends_records_its_start_in_the_outcome() -> None:
