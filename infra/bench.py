@@ -209,9 +209,7 @@ async def bench_tasks(
                                      "submit_per_s": submitted["per_s"], "submit_p99_ms": submitted["p99_ms"]}
     if batch == 1:
         throughput.update(await _idle_start_latency(nc, ctx, body))
-    await nc.close()
     await settle(url, settings)
-    nc = await connect(url, "bench-tasks")
     throughput["completed"] = await _completed_count(nc, ctx) - completed_before
     await nc.close()
     if batch > 1:
