@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.client import Client
@@ -25,6 +27,32 @@ from bus import subjects as h
 from bus.errors import UnavailableError
 
 _END_OF_REQUEST = ("404", "408")  # no (more) messages; the request's expiry passed
+
+
+@dataclass(slots=True, frozen=True)
+class Position:
+    """Where a delivered message sits: its stream sequence, when it was stored, and how many
+    messages the consumer still has after it."""
+
+    stream_seq: int
+    time: str
+    pending: int
+
+
+def position(msg: Msg) -> Position:
+    """A delivered message's position, read straight from its ack subject.
+
+    `msg.metadata` builds two dataclasses and a datetime per message (~5 µs, a tenth of the
+    projector's time under load); this reads the three fields consumers use. Ack subjects are
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>`, or the
+    longer form with domain and account hash first (and a trailing token).
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream delivery: {msg.reply!r}")
+    base = 0 if len(tokens) == 9 else 2
+    stored = datetime.fromtimestamp(int(tokens[base + 7]) / 1e9, UTC).isoformat()
+    return Position(int(tokens[base + 5]), stored, int(tokens[base + 8]))
 
 
 class Puller:

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 
 from bus import metrics
 from bus.eventstore import StoredEvent
-from bus.pull import Puller
+from bus.pull import Puller, position
 from bus.subjects import Context
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Projector:
     async def _consume(self, sub: Puller) -> None:
         while not self._stopping.is_set():
             msgs = await sub.pull(self._batch, wait_s=0.5)
-            self._m_pending.set(msgs[-1].metadata.num_pending if msgs else 0)
+            self._m_pending.set(position(msgs[-1]).pending if msgs else 0)
             if not msgs:
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
                 if await self._checkpoints.get(self._projection.name) < self.checkpoint:
@@ -192,14 +192,11 @@ class Projector:
             batch: list[tuple[StoredEvent, Any]] = []
             last_seq = self.checkpoint
             for msg in msgs:
-                meta = msg.metadata
-                seq = meta.sequence.stream
+                at = position(msg)
+                seq = at.stream_seq
                 if seq <= self.checkpoint:
                     continue  # applied already (redelivery)
-                stored = StoredEvent(
-                    subject=msg.subject, seq=seq, time=meta.timestamp.isoformat() if meta.timestamp else "",
-                    data=msg.data, headers=msg.headers or {},
-                )
+                stored = StoredEvent(subject=msg.subject, seq=seq, time=at.time, data=msg.data, headers=msg.headers or {})
                 try:
                     batch.append((stored, self._projection.decode(stored)))
                 except msgspec.ValidationError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from nats.aio.msg import Msg
 
 from bus.client import call
 from bus.connection import request
@@ -44,5 +45,21 @@ async def test_a_service_that_never_answers_is_a_deadline_and_leaves_nothing_beh
         with pytest.raises(DeadlineError):
             await call(system.nc, subject, b"{}", timeout=0.2)
         assert not system.nc._resp_map  # noqa: SLF001
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_headers_arrive_as_sent_through_the_faster_parser(system: System) -> None:
+    subject = f"{system.settings.namespace}.headers"
+    sent = {"Trace-Id": "4bf92f3577b34da6", "Jetsource-Time": "2026-11-27T11:57:03+00:00", "Empty": "",
+            "Spaced": "a value with spaces", "Unicode": "grüße"}
+
+    async def echo_headers(msg: Msg) -> None:
+        await msg.respond(b"")  # a reply carries the request's headers back
+
+    sub = await system.nc.subscribe(subject, cb=echo_headers)
+    try:
+        reply = await request(system.nc, subject, b"", timeout=5, headers=sent)
+        assert reply.headers == sent
     finally:
         await sub.unsubscribe()
