@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
@@ -25,7 +26,13 @@ class _Client(Client):
     projector's CPU under load. This one decodes the block once and splits it as text (~2.5 µs)
     with the same rules: `Name: Value` lines, names ASCII without whitespace, values stripped.
     Inline status lines (`NATS/1.0 503`) are still handled by nats-py before it calls this.
+
+    It also keeps a list of reconnect listeners: nats-py takes a single callback at connect.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reconnect_listeners: list[Callable[[], None]] = []
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -37,6 +44,16 @@ class _Client(Client):
                 if name.isascii() and len(name.split()) == 1:
                     out[name] = value.strip()
         return out
+
+
+def on_reconnect(nc: Client, listener: Callable[[], None]) -> Callable[[], None]:
+    """Call listener after every reconnect of a connection made by `connect` (core NATS messages
+    sent while it was away are lost: whoever relied on them resynchronises here). Returns the
+    function that removes it again."""
+    if not isinstance(nc, _Client):
+        raise TypeError("reconnect listeners need a connection made by bus.connection.connect")
+    nc.reconnect_listeners.append(listener)
+    return lambda: nc.reconnect_listeners.remove(listener)
 
 
 async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Client:
@@ -54,6 +71,8 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
 
     async def on_reconnect() -> None:
         log.info("nats reconnected (%s)", name)
+        for listener in nc.reconnect_listeners:
+            listener()
 
     # nats-py annotates the timeouts as int; they are seconds and take fractions.
     options: dict[str, Any] = {"connect_timeout": connect_timeout, "reconnect_time_wait": 0.5}

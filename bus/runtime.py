@@ -26,6 +26,7 @@ from nats.micro.request import Request
 from bus import metrics
 from bus import subjects as h
 from bus.codec import Decoder, encode
+from bus.connection import on_reconnect
 from bus.errors import (
     ConflictError,
     InternalError,
@@ -231,11 +232,14 @@ class Actor(Generic[S, C, E]):
         self._ids = IdSource()
         self._service: Service | None = None
         self._invalidations: Subscription | None = None
+        self._forget_reconnects: Callable[[], None] | None = None
 
     async def start(self) -> Service:
         ctx = self._spec.ctx
         if self._spec.invalidations is not None:
             self._invalidations = await self._nc.subscribe(self._spec.invalidations, cb=self._on_invalidation)
+            # Signals sent while this connection was away are lost: distrust the whole cache.
+            self._forget_reconnects = on_reconnect(self._nc, self.invalidate_all)
         service = await add_service(
             self._nc,
             name=f"{ctx.service_name}_actor",
@@ -275,11 +279,24 @@ class Actor(Generic[S, C, E]):
         if entry is not None:
             entry.loaded = False
 
+    def invalidate_all(self) -> None:
+        """Reload every cached aggregate before its next command."""
+        for entry in self._cache.values():
+            entry.loaded = False
+
+    def cached(self, aggregate_id: str) -> bool:
+        """Whether commands on this aggregate are decided from the cache without reading first."""
+        entry = self._cache.get(aggregate_id)
+        return entry is not None and entry.loaded
+
     async def stop(self) -> None:
         """Stop taking requests, then finish the ones in flight."""
         if self._invalidations is not None:
             await self._invalidations.unsubscribe()
             self._invalidations = None
+        if self._forget_reconnects is not None:
+            self._forget_reconnects()
+            self._forget_reconnects = None
         if self._service is not None:
             await self._service.stop()
         await self._concurrency.drain()

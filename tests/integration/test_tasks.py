@@ -9,8 +9,11 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from actors.tasks.messages import CancelTask, ClaimTask, SubmitTask, TaskAccepted
 from bus.errors import RuleViolationError
+from bus.connection import connect
 from infra.bootstrap import run_tasks_actor
 from infra.embedded import free_port
 from tests.conftest import System
@@ -343,3 +346,29 @@ async def test_a_submit_batch_queues_each_task_and_keeps_per_item_idempotency(sy
     again = json.loads((await system.request(system.tasks.command("submit_batch"), {"items": items[:50]})).data)
     assert [r["accepted"]["task_id"] for r in again["results"]] == [r["accepted"]["task_id"] for r in results[:50]]
     await wait_completed(system, 50, max(r["accepted"]["seq"] for r in results[:50]))
+
+
+async def test_an_actor_distrusts_its_cache_after_a_reconnect(system: System) -> None:
+    # Cancel signals are core NATS: those sent while a task-actor process was disconnected are
+    # lost, so after a reconnect every cached aggregate is read again before its next command.
+    nc = await connect(system.settings.resolved_nats_url(), "test-reconnect")
+    try:
+        async with run_tasks_actor(system.settings, nc) as first, \
+                run_tasks_actor(system.settings, system.nc) as other:
+            task = await first.execute(SubmitTask(type="echo", delay_s=3600), None)
+            assert isinstance(task, TaskAccepted)
+            assert first.cached(task.task_id)
+            reconnects = nc.stats["reconnects"]
+            transport = nc._transport  # noqa: SLF001 - the connection drops as in an outage
+            assert transport is not None
+            transport.close()
+            await other.execute(CancelTask(task_id=task.task_id), None)
+            deadline = time.monotonic() + 10
+            while nc.stats["reconnects"] == reconnects or not nc.is_connected:
+                assert time.monotonic() < deadline, "never reconnected"
+                await asyncio.sleep(0.02)
+            assert not first.cached(task.task_id)
+            with pytest.raises(RuleViolationError, match="cancelled"):
+                await first.execute(ClaimTask(task_id=task.task_id, attempt=1), None)
+    finally:
+        await nc.close()
