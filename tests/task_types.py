@@ -12,6 +12,7 @@ STARTED: list[str] = []
 GATES: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 STOPPED: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 UNFULFILLABLE: set[str] = set()
+RUNNING: dict[str, int] = {"now": 0, "most": 0}
 
 
 async def record(ctx: TaskContext) -> Any:
@@ -30,6 +31,16 @@ async def gated(ctx: TaskContext) -> Any:
         raise
 
 
+async def overlapping(ctx: TaskContext) -> Any:
+    """Runs 50 ms, counting how many of its kind run at once."""
+    RUNNING["now"] += 1
+    RUNNING["most"] = max(RUNNING["most"], RUNNING["now"])
+    try:
+        await asyncio.sleep(0.05)
+    finally:
+        RUNNING["now"] -= 1
+
+
 async def fulfil_unless_unfulfillable(ctx: TaskContext) -> Any:
     if ctx.payload["order_id"] in UNFULFILLABLE:
         raise TaskFailure("warehouse has no stock")
@@ -39,4 +50,5 @@ async def fulfil_unless_unfulfillable(ctx: TaskContext) -> Any:
 def register(registry: TaskRegistry) -> None:
     registry.register("test.record", record)
     registry.register("test.gated", gated)
+    registry.register("test.overlapping", overlapping)
     registry.register(FULFIL_ORDER, fulfil_unless_unfulfillable)

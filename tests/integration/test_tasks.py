@@ -17,7 +17,7 @@ from bus.connection import connect
 from infra.bootstrap import run_tasks_actor
 from infra.embedded import free_port
 from tests.conftest import System
-from tests.task_types import GATES, STARTED, STOPPED
+from tests.task_types import GATES, RUNNING, STARTED, STOPPED
 from tests.integration.test_orders_http import get, post
 
 
@@ -372,3 +372,13 @@ async def test_an_actor_distrusts_its_cache_after_a_reconnect(system: System) ->
                 await first.execute(ClaimTask(task_id=task.task_id, attempt=1), None)
     finally:
         await nc.close()
+
+
+async def test_a_worker_runs_at_most_its_concurrency_of_handlers_at_once(system: System) -> None:
+    # A slot is freed when its handler ends (the outcome is stored meanwhile), never twice.
+    RUNNING.update(now=0, most=0)
+    await system.start_worker(worker_concurrency=3)
+    tasks = [await submit(system, {"type": "test.overlapping"}) for _ in range(12)]
+    for task in tasks:
+        await wait_status(system, task["task_id"], "completed")
+    assert RUNNING["most"] == 3
