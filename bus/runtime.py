@@ -195,6 +195,9 @@ class AggregateSpec(Generic[S, C, E]):
     # from the cache without an append (nothing to conflict on), e.g. a task claim after a
     # cancel stored by another actor process.
     invalidations: str | None = None
+    # Commands whose decision never stores anything (a claim): in batch requests they are
+    # answered on the spot from a current cache entry, without a task or lock per item.
+    read_only: tuple[type, ...] = ()
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -316,10 +319,18 @@ class Actor(Generic[S, C, E]):
 
         async def run(request: Request) -> BatchReply:
             batch = decoder.decode(request.data)
-            # Keys and expected versions address one aggregate: never shared by a batch.
+            # Keys and expected versions address one aggregate: never shared by a batch. One
+            # request is one trace.
             headers = {k: v for k, v in (request.headers or {}).items()
                        if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID)}
-            outcomes = await asyncio.gather(*(self.execute(c, headers) for c in batch.items), return_exceptions=True)
+            headers.setdefault(h.TRACE_ID, self._ids.next())
+            outcomes: list[Any] = [self._answer_from_cache(c) for c in batch.items]
+            rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            if rest:
+                done = await asyncio.gather(*(self.execute(batch.items[i], headers) for i in rest),
+                                            return_exceptions=True)
+                for i, outcome in zip(rest, done, strict=True):
+                    outcomes[i] = outcome
             results: list[BatchItem] = []
             for outcome in outcomes:
                 if isinstance(outcome, JetsourceError):
@@ -337,6 +348,29 @@ class Actor(Generic[S, C, E]):
         return self._concurrency.wrap(serve)
 
     # ---- the command path ----------------------------------------------------------------
+
+    def _answer_from_cache(self, command: C) -> msgspec.Struct | None:
+        """The reply to a read-only command decided from a current cache entry with nothing in
+        flight on its aggregate; None when it needs the full path (not cached, reloading,
+        locked, or refused: a refusal from the cache is checked against the stream first)."""
+        if not isinstance(command, self._spec.read_only):
+            return None
+        aggregate_id = self._spec.aggregate_id(command)
+        if aggregate_id is None or aggregate_id in self._locks:
+            return None
+        entry = self._cache.get(aggregate_id)
+        if entry is None or not entry.loaded:
+            return None
+        if self._spec.prepare is not None:
+            command = self._spec.prepare(command)
+        try:
+            events = self._spec.decide(entry.state, command)
+        except (RuleViolationError, NotFoundError):
+            return None
+        if events:
+            raise AssertionError(f"{type(command).__name__} is declared read-only but decided {events!r}")
+        self._cache.move_to_end(aggregate_id)
+        return self._spec.reply(aggregate_id, entry.state, entry.version)
 
     async def execute(self, command: C, headers: Mapping[str, str] | None) -> msgspec.Struct:
         """Decide and store one command; returns the reply Struct or raises a coded error."""

@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from actors.tasks import domain
 from actors.tasks.messages import (
     COMMANDS,
+    ClaimTask,
     SubmitTask,
     TaskAccepted,
     TaskCancelled,
@@ -90,6 +91,7 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
         # A claim stores nothing, so a cache that missed a cancel stored by another task-actor
         # process would grant it: the cancel's signal makes every process reload the task first.
         invalidations=ctx.live("cancel", "*"),
+        read_only=(ClaimTask,),
     )
 
 
