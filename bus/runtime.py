@@ -361,12 +361,12 @@ class Actor(Generic[S, C, E]):
         entry = self._cache.get(aggregate_id)
         if entry is None or not entry.loaded:
             return None
-        if self._spec.prepare is not None:
-            command = self._spec.prepare(command)
         try:
+            if self._spec.prepare is not None:
+                command = self._spec.prepare(command)
             events = self._spec.decide(entry.state, command)
-        except (RuleViolationError, NotFoundError):
-            return None
+        except JetsourceError:
+            return None  # answered per item on the full path
         if events:
             raise AssertionError(f"{type(command).__name__} is declared read-only but decided {events!r}")
         self._cache.move_to_end(aggregate_id)

@@ -41,6 +41,14 @@ async def overlapping(ctx: TaskContext) -> Any:
         RUNNING["now"] -= 1
 
 
+async def stubborn(ctx: TaskContext) -> Any:
+    """Ignores being cancelled once and returns anyway."""
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        return "finished regardless"
+
+
 async def fulfil_unless_unfulfillable(ctx: TaskContext) -> Any:
     if ctx.payload["order_id"] in UNFULFILLABLE:
         raise TaskFailure("warehouse has no stock")
@@ -51,4 +59,5 @@ def register(registry: TaskRegistry) -> None:
     registry.register("test.record", record)
     registry.register("test.gated", gated)
     registry.register("test.overlapping", overlapping)
+    registry.register("test.stubborn", stubborn)
     registry.register(FULFIL_ORDER, fulfil_unless_unfulfillable)

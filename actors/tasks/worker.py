@@ -51,6 +51,10 @@ _NOTHING_TO_RUN = ("rule_violation", "not_found")
 REPORTERS = 4  # complete_batch requests a worker keeps in flight
 
 
+def _timed_out(task: TaskAccepted) -> tuple[str, Any]:
+    return ("fail", f"timed out after {task.timeout_s:g}s")
+
+
 class _Slot:
     """One unit of a worker's concurrency, held by one claimed task and released exactly once."""
 
@@ -377,23 +381,20 @@ class Worker:
             run.cancel()
 
         timer = asyncio.get_running_loop().call_later(task.timeout_s, expire)
-        timed_out = ("fail", f"timed out after {task.timeout_s:g}s")
         try:
             result = await run
-            return timed_out if expired else ("complete", result)
+            return _timed_out(task) if expired else ("complete", result)
         except asyncio.CancelledError:
             if task.task_id in self._cancelled:
                 return None
             if expired:
-                return timed_out
+                return _timed_out(task)
             raise
         except TaskFailure as exc:
-            if expired:
-                return timed_out
-            return ("fail", str(exc) or "failed")
+            return _timed_out(task) if expired else ("fail", str(exc) or "failed")
         except Exception as exc:  # noqa: BLE001 - a handler's crash is the attempt's failure
             if expired:
-                return timed_out
+                return _timed_out(task)
             log.exception("task %s (%s) crashed", task.task_id, task.task_type)
             return ("fail", f"{type(exc).__name__}: {exc}"[:2000])
         finally:

@@ -151,6 +151,10 @@ async def test_a_timeout_counts_as_a_failed_attempt(system: System) -> None:
     reply = await submit(system, {"type": "sleep", "payload": {"seconds": 5}, "timeout_s": 0.3, "retry": {"max_attempts": 1}})
     view = await wait_status(system, reply["task_id"], "dead")
     assert "timed out" in view["error"]
+    # A handler that swallows its cancellation and returns has still timed out.
+    reply = await submit(system, {"type": "test.stubborn", "timeout_s": 0.3, "retry": {"max_attempts": 1}})
+    view = await wait_status(system, reply["task_id"], "dead")
+    assert "timed out" in view["error"] and view["result"] is None
 
 
 async def test_a_cancelled_pending_task_never_runs(system: System) -> None:
