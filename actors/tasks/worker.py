@@ -6,6 +6,10 @@ stored as a `task.started` event once the handler has run for `record_start_afte
 its first progress report; an attempt that ends sooner records when and where it started in its
 outcome event instead. A quick task so costs two stored events (and its work item) in two
 group commits, and shows `running` only once it has run that long.
+
+`concurrency` bounds the handlers running at once. A slot takes new work as soon as its handler
+returns; the outcome is stored meanwhile (at most `concurrency` outcomes at a time) and the work
+item is acked once it is.
 """
 
 from __future__ import annotations
