@@ -31,6 +31,16 @@ async def gated(ctx: TaskContext) -> Any:
         raise
 
 
+async def quiet(ctx: TaskContext) -> Any:
+    """Waits for its gate without reporting progress; notes when it is cancelled."""
+    gate = ctx.payload["gate"]
+    try:
+        await GATES[gate].wait()
+    except asyncio.CancelledError:
+        STOPPED[gate].set()
+        raise
+
+
 async def overlapping(ctx: TaskContext) -> Any:
     """Runs 50 ms, counting how many of its kind run at once."""
     RUNNING["now"] += 1
@@ -59,5 +69,6 @@ def register(registry: TaskRegistry) -> None:
     registry.register("test.record", record)
     registry.register("test.gated", gated)
     registry.register("test.overlapping", overlapping)
+    registry.register("test.quiet", quiet)
     registry.register("test.stubborn", stubborn)
     registry.register(FULFIL_ORDER, fulfil_unless_unfulfillable)

@@ -375,6 +375,12 @@ class Worker:
         ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
         run = asyncio.ensure_future(handler(ctx))  # handlers may return any awaitable
         self._handlers[task.task_id] = (run, item)
+        if task.task_id in self._recently_cancelled and task.task_id in self._unrecorded:
+            # A cancel signal came after `_start` looked and before the handler was registered
+            # here: as there, let the store decide. Storing the start is refused if the task is
+            # cancelled, which stops the handler; a stray signal costs one stored start.
+            del self._recently_cancelled[task.task_id]
+            self._spawn(self._record_starts([task.task_id]))
         # The timeout cancels the handler, not this coroutine: a timer handle (asyncio.timeout
         # cost ~8 % of the worker's CPU with no-op tasks). A handler that swallows the
         # cancellation has still timed out.

@@ -178,6 +178,30 @@ async def test_cancelling_a_running_task_stops_its_handler(system: System) -> No
     assert view["finished_at"]
 
 
+async def test_a_cancel_signalled_just_before_its_handler_starts_still_stops_it(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = await system.start_worker()
+    execute = worker._execute  # noqa: SLF001
+
+    async def cancelled_first(item: Any, task: Any) -> Any:
+        # The cancel is stored, and its signal seen, after `_start` checked the claimed task.
+        status, _, _ = await post(system, f"/tasks/{task.task_id}/cancel")
+        assert status == 200
+        deadline = time.monotonic() + 5
+        while task.task_id not in worker._recently_cancelled:  # noqa: SLF001
+            assert time.monotonic() < deadline, "the cancel signal never arrived"
+            await asyncio.sleep(0.01)
+        return await execute(item, task)
+
+    monkeypatch.setattr(worker, "_execute", cancelled_first)
+    # Without this, the start recorded after half a second would also stop it, only later.
+    monkeypatch.setattr(worker, "_record_start_after_s", 3600.0)
+    reply = await submit(system, {"type": "test.quiet", "payload": {"gate": "late-cancel"}})
+    await asyncio.wait_for(STOPPED["late-cancel"].wait(), 5)
+    await wait_status(system, reply["task_id"], "cancelled")
+
+
 async def test_progress_is_visible_in_the_read_model_and_live(system: System) -> None:
     live: list[dict[str, Any]] = []
 
