@@ -69,10 +69,13 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
             return  # our own drain/close, not an outage
         log.warning("nats disconnected (%s)", name)
 
-    async def on_reconnect() -> None:
+    async def on_reconnected() -> None:
         log.info("nats reconnected (%s)", name)
         for listener in nc.reconnect_listeners:
-            listener()
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - one listener's bug must not starve the others
+                log.exception("reconnect listener failed (%s)", name)
 
     # nats-py annotates the timeouts as int; they are seconds and take fractions.
     options: dict[str, Any] = {"connect_timeout": connect_timeout, "reconnect_time_wait": 0.5}
@@ -86,7 +89,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
         drain_timeout=10,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        reconnected_cb=on_reconnected,
         **options,
     )
     holder.append(nc)

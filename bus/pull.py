@@ -48,7 +48,7 @@ def position(msg: Msg) -> Position:
     longer form with domain and account hash first (and a trailing token).
     """
     tokens = (msg.reply or "").split(".")
-    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+    if not (len(tokens) == 9 or len(tokens) >= 11) or tokens[0] != "$JS" or tokens[1] != "ACK":
         raise ValueError(f"not a JetStream delivery: {msg.reply!r}")
     base = 0 if len(tokens) == 9 else 2
     stored = datetime.fromtimestamp(int(tokens[base + 7]) / 1e9, UTC).isoformat()

@@ -43,7 +43,7 @@ def test_position_matches_nats_py_metadata(reply: str) -> None:
         theirs.sequence.stream, theirs.timestamp.isoformat(), theirs.num_pending)
 
 
-@pytest.mark.parametrize("reply", [None, "", "_INBOX.abc", "$JS.ACK.TOO.SHORT"])
+@pytest.mark.parametrize("reply", [None, "", "_INBOX.abc", "$JS.ACK.TOO.SHORT", "$JS.ACK.A.B.C.1.2.3.4.5"])
 def test_position_refuses_what_is_not_a_jetstream_delivery(reply: str | None) -> None:
     with pytest.raises(ValueError, match="not a JetStream delivery"):
         position(Msg(_client=None, subject="x", reply=reply or "", data=b""))  # type: ignore[arg-type]
