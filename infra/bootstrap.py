@@ -124,8 +124,10 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[Project
     try:
         checkpoints = Checkpoints(pool)
         projectors = [
-            Projector(nc, pool, orders_context(settings), OrdersProjection(), checkpoints, batch=settings.projection_batch),
-            Projector(nc, pool, tasks_context(settings), TasksProjection(), checkpoints, batch=settings.projection_batch),
+            Projector(nc, pool, orders_context(settings), OrdersProjection(), checkpoints, batch=settings.projection_batch,
+                      busy_linger_s=settings.projection_busy_linger_s),
+            Projector(nc, pool, tasks_context(settings), TasksProjection(), checkpoints, batch=settings.projection_batch,
+                      busy_linger_s=settings.projection_busy_linger_s),
         ]
         queries = QueryService(nc, pool, checkpoints, read_wait_timeout=settings.read_wait_timeout_s)
         await queries.add_orders(orders_context(settings))

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     read_wait_timeout_s: float = Field(2.0, description="longest a read waits for the projection to catch up")
     max_body_bytes: int = 64 * 1024
     projection_batch: int = 500
+    projection_busy_linger_s: float = Field(
+        0.1, description="under load, how long a projector lets events gather after a partial batch "
+                         "(more events per transaction, less CPU; adds up to this to read-your-writes)")
     projector_nice: int = Field(10, description="`jetsource up` runs the projector at this nice level (0 = same as others)")
     rate_limit_per_s: float = Field(0.0, description="edge requests per second per client IP; 0 = off")
     max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
