@@ -32,8 +32,10 @@ async def gated(ctx: TaskContext) -> Any:
 
 
 async def quiet(ctx: TaskContext) -> Any:
-    """Waits for its gate without reporting progress; notes when it is cancelled."""
+    """Notes that it started, waits for its gate without reporting progress; notes when it is
+    cancelled."""
     gate = ctx.payload["gate"]
+    STARTED.append(gate)
     try:
         await GATES[gate].wait()
     except asyncio.CancelledError:

@@ -38,18 +38,19 @@ from bus.workqueue import PriorityQueues, WorkItem
 log = logging.getLogger(__name__)
 
 _dispatch = msgspec.json.Decoder(Dispatch)
-class _Started(msgspec.Struct, frozen=True):
+class _Outcome(msgspec.Struct, frozen=True):
     accepted: TaskAccepted | None = None
     refused: ErrorBody | None = None
 
 
-class _StartReply(msgspec.Struct, frozen=True):
-    """The worker's view of a `tasks.cmd.start_batch` reply (a BatchReply of TaskAccepted)."""
+class _BatchReply(msgspec.Struct, frozen=True):
+    """The worker's view of a `tasks.cmd.<claim|start|complete>_batch` reply (the runtime's
+    BatchReply of TaskAccepted)."""
 
-    results: list[_Started]
+    results: list[_Outcome]
 
 
-_batch = msgspec.json.Decoder(_StartReply)
+_batch = msgspec.json.Decoder(_BatchReply)
 # Refusals that mean the attempt must not run (cancelled, finished, stale); others are transient.
 _NOTHING_TO_RUN = ("rule_violation", "not_found")
 REPORTERS = 4  # complete_batch requests a worker keeps in flight
@@ -188,7 +189,7 @@ class Worker:
                     self._cancelled.add(task_id)
                     running[0].cancel()
 
-    async def _store_starts(self, attempts: list[tuple[TaskAccepted, float | None]]) -> list[_Started]:
+    async def _store_starts(self, attempts: list[tuple[TaskAccepted, float | None]]) -> list[_Outcome]:
         """One `start_batch` request: these attempts are running (since the given times)."""
         body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name, "started_at": at}
                           for task, at in attempts]}
@@ -247,13 +248,7 @@ class Worker:
                     await item.nak(task.run_at - now)  # not yet due: come back then
                 else:
                     slot = _Slot(self._release)
-                    if task.task_id in self._recently_cancelled:
-                        # A cancel signal came after this claim was answered: let the store decide
-                        # with a recorded start (it conflicts with, and then sees, the cancel).
-                        del self._recently_cancelled[task.task_id]
-                        run = self._spawn(self._run_once_started(item, task, slot))
-                    else:
-                        run = self._spawn(self._run(item, task, slot))
+                    run = self._spawn(self._run(item, task, slot))
                     run.add_done_callback(slot.release)
                     settled += 1
                     continue
@@ -263,23 +258,35 @@ class Worker:
             for _ in range(len(items) - settled):
                 self._release()
 
-    async def _run_once_started(self, item: WorkItem, task: TaskAccepted, slot: _Slot) -> None:
-        """Run a claimed task only once its start is stored: refused (cancelled meanwhile), it
-        is acked and never runs; a stray signal costs one stored start, never the task."""
+    async def _started_first(self, item: WorkItem, task: TaskAccepted) -> bool:
+        """Store a claimed attempt's start before running it; False (the item settled) when the
+        store refuses it: cancelled meanwhile, so it never runs. A stray signal costs one stored
+        start, never the task."""
         try:
             [result] = await self._store_starts([(task, None)])
         except JetsourceError as exc:
             log.warning("could not start %s: %s", task.task_id, exc.message)
             await item.nak(1.0)
-            return
+            return False
         if result.refused is not None:
             await self._refused(item, result.refused.code)
-        elif result.accepted is None or result.accepted.status != "running":
+            return False
+        if result.accepted is None or result.accepted.status != "running":
             await item.nak(1.0)  # not due by the actor's clock yet
-        else:
-            await self._run(item, task, slot, start_recorded=True)
+            return False
+        return True
 
-    async def _run(self, item: WorkItem, task: TaskAccepted, slot: _Slot, *, start_recorded: bool = False) -> None:
+    async def _run(self, item: WorkItem, task: TaskAccepted, slot: _Slot) -> None:
+        start_recorded = False
+        while task.task_id in self._recently_cancelled:
+            # A cancel signal came after the claim was answered: let the store decide with a
+            # recorded start (it conflicts with, and then sees, the cancel). Checked here, with
+            # nothing awaited between the last check and the handler's registration in
+            # `_execute`, so no signal falls between the two.
+            del self._recently_cancelled[task.task_id]
+            if not await self._started_first(item, task):
+                return
+            start_recorded = True
         started_at = time.time()
         if not start_recorded:
             self._unrecorded[task.task_id] = (task, time.monotonic(), started_at)
@@ -375,12 +382,6 @@ class Worker:
         ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
         run = asyncio.ensure_future(handler(ctx))  # handlers may return any awaitable
         self._handlers[task.task_id] = (run, item)
-        if task.task_id in self._recently_cancelled and task.task_id in self._unrecorded:
-            # A cancel signal came after `_start` looked and before the handler was registered
-            # here: as there, let the store decide. Storing the start is refused if the task is
-            # cancelled, which stops the handler; a stray signal costs one stored start.
-            del self._recently_cancelled[task.task_id]
-            self._spawn(self._record_starts([task.task_id]))
         # The timeout cancels the handler, not this coroutine: a timer handle (asyncio.timeout
         # cost ~8 % of the worker's CPU with no-op tasks). A handler that swallows the
         # cancellation has still timed out.
