@@ -23,9 +23,9 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from actors.tasks.messages import PRIORITIES
-
 from bus.connection import connect, request
 from bus.subjects import Context
+from infra.bootstrap import orders_context, tasks_context
 from infra.embedded import free_port
 from infra.settings import Settings
 
@@ -182,7 +182,7 @@ async def bench_tasks(
     up, confirms the figure. Start times for the latency part are observed live on the task
     event subjects (core NATS sees every event JetStream stores).
     """
-    ctx = Context("tasks", settings.namespace)
+    ctx = tasks_context(settings)
     nc = await connect(url, "bench-tasks")
     js = nc.jetstream()
     completed_before = await _completed_count(nc, ctx)
@@ -318,7 +318,7 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             results["ceiling_nats_request_reply"] = await ceiling_request_reply(url, args.count, args.inflight)
             results["ceiling_jetstream_publish"] = await ceiling_js_publish(url, min(args.count, 10000), args.inflight)
         if "nats" in only:
-            subject = Context("orders", settings.namespace).command("place")
+            subject = orders_context(settings).command("place")
             await settle(url, settings)
             results["nats_orders_cmd_place"] = await bench_nats(url, subject, args.count, args.inflight)
             # What `nats bench service request --clients N` users see with more callers: the
