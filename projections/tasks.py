@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, assert_never
@@ -35,6 +36,7 @@ _COLUMNS = ("task_id", "type", "status", "priority", "payload", "attempt", "max_
             "finished_at", "version")
 _TYPES = ("text", "text", "text", "text", "jsonb", "int", "int", "timestamptz", "float8", "float8", "text", "jsonb",
           "text", "text", "text", "timestamptz", "timestamptz", "timestamptz", "bigint")
+_TYPE = dict(zip(_COLUMNS, _TYPES, strict=True))
 _ARRAYS = ", ".join(f"${i}::{'text' if t == 'jsonb' else t}[]" for i, t in enumerate(_TYPES, 1))
 _SELECTED = ", ".join(f"{c}::jsonb" if t == "jsonb" else c for c, t in zip(_COLUMNS, _TYPES, strict=True))
 _UPSERT = (
@@ -86,74 +88,81 @@ class TasksProjection:
         return self._decoder.decode(stored.data)
 
     async def apply(self, conn: asyncpg.Connection, batch: list[tuple[StoredEvent, TaskEvent]]) -> None:
-        new = {e.task_id for _, e in batch if isinstance(e, TaskSubmitted)}
-        existing = list({e.task_id for _, e in batch} - new)
+        """Tasks submitted in this batch are folded in memory and inserted whole; the others get
+        only the columns their events set (one UPDATE per set of columns, no read first)."""
         rows: dict[str, _Row] = {}
-        if existing:
-            for r in await conn.fetch(
-                f"SELECT {', '.join(c + '::text' if c in ('payload', 'result') else c for c in _COLUMNS)} "
-                "FROM tasks WHERE task_id = ANY($1::text[])", existing,
-            ):
-                rows[r["task_id"]] = _Row(*r.values())
-        touched: set[str] = set()
+        patches: dict[str, dict[str, Any]] = {}
         for stored, event in batch:
-            row = rows.get(event.task_id)
             if isinstance(event, TaskSubmitted):
-                row = rows[event.task_id] = _Row(
+                rows[event.task_id] = _Row(
                     event.task_id, event.task_type, "scheduled" if event.run_at > event.at else "pending",
                     event.priority, _json(event.payload), 1, event.retry.max_attempts, _ts(event.run_at),
                     event.timeout_s, None, None, None, None, None, event.ref, _ts(event.at), None, None, stored.seq,
                 )
-            elif row is None:
                 continue
+            changes = _changes(event)
+            changes["version"] = stored.seq
+            row = rows.get(event.task_id)
+            if row is None:
+                patches.setdefault(event.task_id, {}).update(changes)
             else:
-                self._fold(row, event)
-            row.version = stored.seq
-            touched.add(event.task_id)
-        changed = [rows[i] for i in touched]
-        if not changed:
-            return
-        columns = list(zip(*(
-            (r.task_id, r.type, r.status, r.priority, r.payload, r.attempt, r.max_attempts, r.run_at, r.timeout_s,
-             r.progress, r.progress_message, r.result, r.error, r.worker, r.ref, r.submitted_at, r.started_at,
-             r.finished_at, r.version)
-            for r in changed
-        ), strict=True))
-        await conn.execute(_UPSERT, *map(list, columns))
+                for column, value in changes.items():
+                    setattr(row, column, value)
+        if rows:
+            columns = list(zip(*(
+                (r.task_id, r.type, r.status, r.priority, r.payload, r.attempt, r.max_attempts, r.run_at, r.timeout_s,
+                 r.progress, r.progress_message, r.result, r.error, r.worker, r.ref, r.submitted_at, r.started_at,
+                 r.finished_at, r.version)
+                for r in rows.values()
+            ), strict=True))
+            await conn.execute(_UPSERT, *map(list, columns))
+        by_shape: dict[tuple[str, ...], list[tuple[str, dict[str, Any]]]] = {}
+        for task_id, patch in patches.items():
+            by_shape.setdefault(tuple(sorted(patch)), []).append((task_id, patch))
+        for shape, group in by_shape.items():
+            await conn.execute(_update(shape), [t for t, _ in group], *([p[c] for _, p in group] for c in shape))
 
-    @staticmethod
-    def _started(row: _Row, started_at: float | None, worker: str | None) -> None:
-        """An outcome that carries its attempt's start (no `task.started` was stored for it)."""
-        if started_at is not None:
-            row.started_at, row.worker = _ts(started_at), worker
 
-    @staticmethod
-    def _fold(row: _Row, event: TaskEvent) -> None:
-        match event:
-            case TaskSubmitted():
-                pass
-            case TaskStarted():
-                row.status, row.attempt, row.worker, row.started_at = "running", event.attempt, event.worker, _ts(event.at)
-                row.progress, row.progress_message = None, None
-            case TaskProgressed():
-                row.progress, row.progress_message = event.percent, event.message
-            case TaskCompleted():
-                row.status, row.result, row.finished_at, row.error = "completed", _json(event.result), _ts(event.at), None
-                row.progress = 100.0
-                TasksProjection._started(row, event.started_at, event.worker)
-            case TaskFailed():
-                row.status, row.error, row.attempt, row.run_at = "retrying", event.error, event.attempt + 1, _ts(event.retry_at)
-                TasksProjection._started(row, event.started_at, event.worker)
-            case TaskDeadLettered():
-                row.status, row.error, row.finished_at = "dead", event.error, _ts(event.at)
-                TasksProjection._started(row, event.started_at, event.worker)
-            case TaskCancelled():
-                row.status, row.finished_at = "cancelled", _ts(event.at)
-            case TaskRequeued():
-                row.status, row.attempt, row.run_at, row.finished_at = "pending", event.attempt, _ts(event.at), None
-                row.max_attempts = event.limit
-            case _:
-                assert_never(event)
+def _changes(event: TaskEvent) -> dict[str, Any]:
+    """The columns an event (other than the submission) sets, to their new values."""
+    match event:
+        case TaskSubmitted():
+            raise AssertionError("a submission builds the whole row")
+        case TaskStarted():
+            return {"status": "running", "attempt": event.attempt, "worker": event.worker, "started_at": _ts(event.at),
+                    "progress": None, "progress_message": None}
+        case TaskProgressed():
+            return {"progress": event.percent, "progress_message": event.message}
+        case TaskCompleted():
+            return {"status": "completed", "result": _json(event.result), "finished_at": _ts(event.at), "error": None,
+                    "progress": 100.0, **_start(event.started_at, event.worker)}
+        case TaskFailed():
+            return {"status": "retrying", "error": event.error, "attempt": event.attempt + 1,
+                    "run_at": _ts(event.retry_at), **_start(event.started_at, event.worker)}
+        case TaskDeadLettered():
+            return {"status": "dead", "error": event.error, "finished_at": _ts(event.at),
+                    **_start(event.started_at, event.worker)}
+        case TaskCancelled():
+            return {"status": "cancelled", "finished_at": _ts(event.at)}
+        case TaskRequeued():
+            return {"status": "pending", "attempt": event.attempt, "run_at": _ts(event.at), "finished_at": None,
+                    "max_attempts": event.limit}
+        case _:
+            assert_never(event)
+
+
+def _start(started_at: float | None, worker: str | None) -> dict[str, Any]:
+    """An outcome that carries its attempt's start (no `task.started` was stored for it)."""
+    return {} if started_at is None else {"started_at": _ts(started_at), "worker": worker}
+
+
+@functools.cache
+def _update(shape: tuple[str, ...]) -> str:
+    """UPDATE of these columns (and nothing else) for many tasks: $1 ids, then one array each."""
+    arrays = ", ".join(f"${i}::{'text' if _TYPE[c] == 'jsonb' else _TYPE[c]}[]" for i, c in enumerate(shape, 2))
+    sets = ", ".join(f"{c} = u.{c}::jsonb" if _TYPE[c] == "jsonb" else f"{c} = u.{c}" for c in shape)
+    return (f"UPDATE tasks SET {sets} FROM unnest($1::text[], {arrays}) AS u(task_id, {', '.join(shape)}) "
+            "WHERE tasks.task_id = u.task_id")
 
 
 # ---- queries -------------------------------------------------------------------------------------------

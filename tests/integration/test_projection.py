@@ -9,11 +9,24 @@ import asyncpg
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from actors.tasks.messages import (
+    RetryPolicy,
+    TaskCancelled,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskEvent,
+    TaskFailed,
+    TaskProgressed,
+    TaskRequeued,
+    TaskStarted,
+    TaskSubmitted,
+)
 from bus.eventstore import StoredEvent
 from infra.status import rebuild
 from bus.pull import Puller
 from projections.runner import Checkpoints, Projector
-from projections.schema import create_pool
+from projections.schema import create_pool, ensure_schema
+from projections.tasks import TasksProjection
 from tests.conftest import System
 from tests.integration.test_orders_http import PLACE, get, post
 
@@ -151,3 +164,67 @@ async def test_a_failed_batch_is_applied_later_even_when_newer_events_arrive_fir
         projector.stop()
         await asyncio.wait_for(running, 10)
         await pool.close()
+
+
+def _task_history() -> list[TaskEvent]:
+    """Every kind of task event: a task that retries then completes, a quick one whose start
+    comes with its outcome, one dead-lettered, brought back and cancelled."""
+    policy = RetryPolicy(max_attempts=2)
+    a, b, c = "task-a", "task-b", "task-c"
+    return [
+        TaskSubmitted(task_id=a, at=100.0, task_type="echo", payload={"n": 1}, priority="high", run_at=100.0,
+                      timeout_s=5.0, retry=policy),
+        TaskSubmitted(task_id=b, at=101.0, task_type="echo", priority="low", run_at=150.0, timeout_s=5.0,
+                      retry=policy, ref="order-1"),
+        TaskSubmitted(task_id=c, at=102.0, task_type="sleep", priority="normal", run_at=102.0, timeout_s=5.0,
+                      retry=policy),
+        TaskStarted(task_id=a, at=103.0, attempt=1, worker="w1"),
+        TaskProgressed(task_id=a, at=104.0, attempt=1, percent=40.0, message="reading"),
+        TaskFailed(task_id=a, at=105.0, attempt=1, error="boom", retry_at=107.0),
+        TaskFailed(task_id=c, at=105.5, attempt=1, error="slow", retry_at=106.0, started_at=105.2, worker="w2"),
+        TaskStarted(task_id=a, at=108.0, attempt=2, worker="w2"),
+        TaskCompleted(task_id=b, at=151.0, attempt=1, task_type="echo", result=[1, "x"], started_at=150.5, worker="w1"),
+        TaskDeadLettered(task_id=c, at=107.0, attempt=2, error="slow again", task_type="sleep", started_at=106.5,
+                         worker="w1"),
+        TaskCompleted(task_id=a, at=109.0, attempt=2, task_type="echo", result={"ok": True}),
+        TaskRequeued(task_id=c, at=110.0, attempt=3, limit=4),
+        TaskCancelled(task_id=c, at=111.0, reason="no longer needed"),
+    ]
+
+
+async def _fold_tasks(database_url: str, schema: str, batches: list[list[TaskEvent]]) -> list[dict[str, Any]]:
+    await ensure_schema(database_url, schema)
+    pool = await create_pool(database_url, schema)
+    projection = TasksProjection()
+    seq = 0
+    try:
+        for events in batches:
+            stored = []
+            for event in events:
+                seq += 1
+                stored.append((StoredEvent(subject=f"tasks.events.{event.task_id}", seq=seq, time="", data=b"",
+                                           headers={}), event))
+            async with pool.acquire() as conn, conn.transaction():
+                await projection.apply(conn, stored)
+        return [dict(r) for r in await pool.fetch("SELECT * FROM tasks ORDER BY task_id")]
+    finally:
+        await pool.close()
+
+
+async def test_the_tasks_read_model_is_the_same_however_its_events_are_batched(
+    database_url: str, namespace: str,
+) -> None:
+    history = _task_history()
+    whole = await _fold_tasks(database_url, f"{namespace}_whole", [history])
+    # One event per batch: every change after a submission goes through the column UPDATEs.
+    one_by_one = await _fold_tasks(database_url, f"{namespace}_single", [[e] for e in history])
+    halves = await _fold_tasks(database_url, f"{namespace}_halves", [history[:5], history[5:]])
+    assert one_by_one == whole
+    assert halves == whole
+    a, b, c = whole
+    assert (a["status"], a["attempt"], a["worker"], a["progress"], a["error"], a["result"]) == (
+        "completed", 2, "w2", 100.0, None, '{"ok": true}')
+    assert a["started_at"].timestamp() == 108.0 and a["version"] == 11
+    assert (b["status"], b["worker"], b["started_at"].timestamp(), b["ref"]) == ("completed", "w1", 150.5, "order-1")
+    assert (c["status"], c["attempt"], c["max_attempts"], c["error"], c["finished_at"].timestamp()) == (
+        "cancelled", 3, 4, "slow again", 111.0)
