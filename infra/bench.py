@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 
 import aiohttp
 from nats.aio.client import Client
@@ -28,6 +29,7 @@ from bus.subjects import Context
 from infra.bootstrap import orders_context, tasks_context
 from infra.embedded import free_port
 from infra.settings import Settings
+from projections.schema import create_pool
 
 PLACE = json.dumps(
     {"customer_id": "bench", "currency": "EUR", "lines": [{"sku": "sku-1", "quantity": 2, "unit_price": 1250}]}
@@ -198,8 +200,13 @@ async def bench_tasks(
         msg = await request(nc, subject, body, timeout=10)
         return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
 
+    since = datetime.now(UTC)
     start = time.perf_counter()
+    submitting = asyncio.Event()
+    probe = asyncio.get_running_loop().create_task(_submit_high_tasks(nc, ctx, submitting))
     submitted = await _drive(count // batch, inflight, op)
+    submitting.set()
+    high = await probe
     submitted["per_s"] = submitted["per_s"] * batch
     deadline = time.perf_counter() + 120
     while not await _queues_drained(js, ctx) and time.perf_counter() < deadline:
@@ -211,10 +218,52 @@ async def bench_tasks(
         throughput.update(await _idle_start_latency(nc, ctx, body))
     await settle(url, settings)
     throughput["completed"] = await _completed_count(nc, ctx) - completed_before
+    throughput.update(await _priority_under_load(settings, high, since))
     await nc.close()
     if batch > 1:
         throughput.update(submitted_in_batches_of=batch, requests_in_flight=inflight)
     return throughput
+
+
+async def _submit_high_tasks(nc: Client, ctx: Context, done: asyncio.Event, every_s: float = 0.25) -> list[str]:
+    """While the load is being submitted, a `high` task now and then (their ids)."""
+    body = json.dumps({"type": "echo", "payload": None, "priority": "high"}).encode()
+    ids: list[str] = []
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), every_s)
+        if done.is_set():
+            return ids
+        ids.append(json.loads((await request(nc, ctx.command("submit"), body, timeout=10)).data)["task_id"])
+
+
+async def _priority_under_load(settings: Settings, high: list[str], since: datetime) -> dict[str, object]:
+    """How the `high` tasks submitted during the run fared against the `normal` load, from the
+    read model (caught up): their submit-to-start wait, the normal tasks' wait, how many normal
+    tasks already waiting when a high one was submitted started after it (overtaken), and how
+    many started between its submission and its start (the ones workers had taken already)."""
+    if not high:
+        return {}
+    pool = await create_pool(settings.resolved_database_url(), settings.db_schema, max_size=1)
+    try:
+        rows = await pool.fetch(
+            """SELECT h.task_id, extract(epoch FROM h.started_at - h.submitted_at) * 1000 AS wait_ms,
+                      (SELECT count(*) FROM tasks n WHERE n.priority = 'normal' AND n.submitted_at >= $2
+                         AND n.submitted_at < h.submitted_at AND n.started_at > h.started_at) AS overtaken,
+                      (SELECT count(*) FROM tasks n WHERE n.priority = 'normal' AND n.submitted_at >= $2
+                         AND n.submitted_at < h.submitted_at
+                         AND n.started_at BETWEEN h.submitted_at AND h.started_at) AS meanwhile
+               FROM tasks h WHERE h.task_id = ANY($1::text[])""", high, since)
+        normal_wait = await pool.fetchval(
+            """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - submitted_at))
+               * 1000 FROM tasks WHERE priority = 'normal' AND submitted_at >= $1""", since)
+    finally:
+        await pool.close()
+    waits = sorted(float(r["wait_ms"]) for r in rows)
+    return {"high_tasks": len(rows), "high_wait_p50_ms": round(_pct(waits, 0.5), 1),
+            "high_wait_max_ms": round(waits[-1], 1), "normal_wait_p50_ms": round(float(normal_wait or 0), 1),
+            "normal_overtaken_per_high": round(sum(r["overtaken"] for r in rows) / len(rows)),
+            "normal_started_meanwhile_max": max(r["meanwhile"] for r in rows)}
 
 
 async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: int = 200) -> dict[str, float]:
@@ -251,13 +300,14 @@ async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: in
 
 
 @contextlib.asynccontextmanager
-async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
-    """A running system's NATS URL and edge base URL; starts `jetsource up` if none answers."""
+async def _system(settings: Settings) -> AsyncIterator[tuple[Settings, str]]:
+    """The settings of a running system and its edge base URL; starts `jetsource up` if none
+    answers."""
     base = f"http://{settings.http_host}:{settings.http_port}"
     try:
         async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
             if resp.status == 200:
-                yield settings.resolved_nats_url(), base
+                yield settings, base
                 return
     except aiohttp.ClientError:
         pass
@@ -265,7 +315,8 @@ async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
         ports = {k: free_port() for k in ("NATS_PORT", "NATS_MONITOR_PORT", "POSTGRES_PORT", "HTTP_PORT")}
         env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")}
         env.update({f"JETSOURCE_{k}": str(v) for k, v in ports.items()}, JETSOURCE_DATA_DIR=tmp,
-                   JETSOURCE_LOG_LEVEL="WARNING")
+                   JETSOURCE_LOG_LEVEL="WARNING", JETSOURCE_NAMESPACE=settings.namespace,
+                   JETSOURCE_DB_SCHEMA=settings.db_schema)
         proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "up"], env=env, stdout=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{ports['HTTP_PORT']}"
         try:
@@ -279,7 +330,8 @@ async def _system(settings: Settings) -> AsyncIterator[tuple[str, str]]:
                         pass
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
-            yield f"nats://127.0.0.1:{ports['NATS_PORT']}", base
+            yield settings.model_copy(update={**{k.lower(): v for k, v in ports.items()},
+                                              "nats_url": None, "database_url": None}), base
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -313,7 +365,8 @@ async def settle(url: str, settings: Settings, limit_s: float = 180.0) -> float:
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
     only = set(args.only or ["ceilings", "nats", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
-    async with _system(settings) as (url, base):
+    async with _system(settings) as (settings, base):
+        url = settings.resolved_nats_url()
         if "ceilings" in only:
             results["ceiling_nats_request_reply"] = await ceiling_request_reply(url, args.count, args.inflight)
             results["ceiling_jetstream_publish"] = await ceiling_js_publish(url, min(args.count, 10000), args.inflight)
