@@ -3,15 +3,17 @@ ports in temporary directories. Each test gets its own namespace (subjects, stre
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -37,6 +39,32 @@ from infra.settings import Settings
 from projections.runner import Projector
 
 _counter = itertools.count(1)
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], object] = bool, *, timeout: float = 10.0,
+    every: float = 0.05, failure: str = "never happened",
+) -> T:
+    """Await `probe` until `done` holds for what it returns, and return that; fail with
+    `failure` and the last value seen once `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"{failure} (within {timeout:g} s); last seen: {value!r}"
+        await asyncio.sleep(every)
+
+
+async def until(condition: Callable[[], object], *, timeout: float = 10.0, every: float = 0.05,
+                failure: str = "never happened") -> None:
+    """`eventually` for a condition this process sees without awaiting anything."""
+
+    async def check() -> object:
+        return condition()
+
+    await eventually(check, timeout=timeout, every=every, failure=failure)
 
 
 @pytest.fixture(scope="session")

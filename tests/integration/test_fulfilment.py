@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from bus.eventstore import EventStore
 from bus.pull import Puller
 from bus.subjects import Context
 from infra.bootstrap import ensure_streams, run_tasks_actor, tasks_context
-from tests.conftest import System
+from tests.conftest import System, eventually
 from tests.integration.test_orders_http import PLACE, get, post
 from tests.task_types import UNFULFILLABLE
 
@@ -31,13 +30,9 @@ async def _paid_order(system: System) -> str:
 
 
 async def _wait_order(system: System, oid: str, check: Any, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        _, _, view = await get(system, f"/orders/{oid}")
-        if check(view):
-            return view
-        assert time.monotonic() < deadline, view
-        await asyncio.sleep(0.1)
+    _, _, view = await eventually(lambda: get(system, f"/orders/{oid}"), lambda r: check(r[2]), timeout=timeout,
+                                  every=0.1, failure=f"order {oid} never got there")
+    return view
 
 
 async def _fulfilment_tasks(system: System) -> list[dict[str, Any]]:
@@ -96,13 +91,8 @@ async def _manager(system: System, tasks: Context) -> AsyncIterator[FulfilmentMa
 
 async def _until_submitted_for(orders: list[str], refs_now: Callable[[], Awaitable[set[str]]]) -> None:
     """Until a fulfilment task was submitted for each order, or fail naming the ones that were."""
-    deadline = time.monotonic() + 30
-    while True:
-        refs = await refs_now()
-        if {f"order:{oid}" for oid in orders} <= refs:
-            return
-        assert time.monotonic() < deadline, f"fulfilment submitted only for {refs}"
-        await asyncio.sleep(0.2)
+    await eventually(refs_now, lambda refs: {f"order:{oid}" for oid in orders} <= refs, timeout=30, every=0.2,
+                     failure="a fulfilment task was not submitted for every order")
 
 
 async def test_an_outage_of_the_task_service_loses_no_paid_order(system: System) -> None:
@@ -152,11 +142,8 @@ async def test_an_older_consumer_definition_is_replaced_without_replaying_what_i
     await handled[-1].ack()
     await old.close()
     floor = handled[-1].metadata.sequence.stream
-    for _ in range(50):
-        info = await js.consumer_info(system.orders.stream, DURABLE)
-        if info.ack_floor and info.ack_floor.stream_seq == floor:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: js.consumer_info(system.orders.stream, DURABLE),
+                     lambda info: info.ack_floor and info.ack_floor.stream_seq == floor, failure="the ack never landed")
 
     async with _manager(system, system.tasks):
         await asyncio.sleep(0.5)

@@ -27,7 +27,7 @@ from bus.pull import Puller
 from projections.runner import Checkpoints, Projector
 from projections.schema import create_pool, ensure_schema
 from projections.tasks import TasksProjection
-from tests.conftest import System
+from tests.conftest import System, eventually, until
 from tests.integration.test_orders_http import PLACE, get, post
 
 
@@ -69,10 +69,7 @@ async def test_redelivered_events_are_not_applied_twice(system: System) -> None:
     projector = Projector(system.nc, pool, system.orders, _Seen(), checkpoints)
     running = asyncio.get_running_loop().create_task(projector.run())
     try:
-        for _ in range(200):
-            if projector.checkpoint >= seq:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: projector.checkpoint >= seq, every=0.02, failure="the projector never caught up")
     finally:
         projector.stop()
         await asyncio.wait_for(running, 10)
@@ -93,13 +90,9 @@ async def test_redelivered_events_are_not_applied_twice(system: System) -> None:
     puller = Puller(system.nc, system.orders.stream, durable)
     running = asyncio.get_running_loop().create_task(replayer._consume(puller))  # noqa: SLF001
     try:
-        for _ in range(100):
-            info = await js.consumer_info(system.orders.stream, durable)
-            if (info.ack_floor and info.ack_floor.stream_seq >= last) or running.done():
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the projector did not consume the redelivered events")
+        await eventually(lambda: js.consumer_info(system.orders.stream, durable),
+                         lambda info: (info.ack_floor and info.ack_floor.stream_seq >= last) or running.done(),
+                         failure="the projector did not consume the redelivered events")
         replayer.stop()
         await asyncio.wait_for(running, 10)  # a second insert of a sequence would raise here
         assert await pool.fetchval("SELECT count(*) FROM seen_once WHERE seq <= $1", seq) == applied
@@ -148,17 +141,15 @@ async def test_a_failed_batch_is_applied_later_even_when_newer_events_arrive_fir
     first = await post(system, "/orders", PLACE)  # delivered to the projector, which fails on it
     running = asyncio.get_running_loop().create_task(projector.run())
     try:
-        for _ in range(100):
-            if projection.failed:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: projection.failed, every=0.02, failure="the first batch never failed")
         _, headers, _ = await post(system, "/orders", PLACE)  # newer, arrives while it recovers
         last = int(headers["X-Stream-Sequence"])
-        for _ in range(200):
-            seen = [r["seq"] for r in await pool.fetch("SELECT seq FROM fails_once_seen ORDER BY seq")]
-            if seen and seen[-1] >= last:
-                break
-            await asyncio.sleep(0.05)
+
+        async def seen_now() -> list[int]:
+            return [r["seq"] for r in await pool.fetch("SELECT seq FROM fails_once_seen ORDER BY seq")]
+
+        seen = await eventually(seen_now, lambda seen: bool(seen) and seen[-1] >= last,
+                                failure="the newer event was never applied")
         assert first[1]["X-Stream-Sequence"] and seen == list(range(1, last + 1))
     finally:
         projector.stop()

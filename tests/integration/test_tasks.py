@@ -16,7 +16,7 @@ from bus.errors import RuleViolationError
 from bus.connection import connect
 from infra.bootstrap import run_tasks_actor
 from infra.embedded import free_port
-from tests.conftest import System
+from tests.conftest import System, eventually, until
 from tests.task_types import GATES, RUNNING, STARTED, STOPPED
 from tests.integration.test_orders_http import get, post
 
@@ -30,24 +30,18 @@ async def submit(system: System, body: dict[str, Any], headers: dict[str, str] |
 async def wait_status(
     system: System, task_id: str, status: str, timeout: float = 20.0, attempt: int | None = None
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        code, _, view = await get(system, f"/tasks/{task_id}")
-        if code == 200 and view["status"] == status and attempt in (None, view["attempt"]):
-            return view
-        assert time.monotonic() < deadline, f"task {task_id} is {view} not {status}"
-        await asyncio.sleep(0.05)
+    _, _, view = await eventually(
+        lambda: get(system, f"/tasks/{task_id}"),
+        lambda r: r[0] == 200 and r[2]["status"] == status and attempt in (None, r[2]["attempt"]),
+        timeout=timeout, failure=f"task {task_id} never became {status} (attempt {attempt})")
+    return view
 
 
 async def wait_completed(system: System, count: int, min_seq: int, timeout: float = 30.0) -> None:
     """Until the read model counts `count` completed tasks (having applied `min_seq` first)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        _, _, stats = await get(system, "/tasks/stats", min_seq=min_seq)
-        if stats["by_status"].get("completed") == count:
-            return
-        assert time.monotonic() < deadline, stats
-        await asyncio.sleep(0.2)
+    await eventually(lambda: get(system, "/tasks/stats", min_seq=min_seq),
+                     lambda r: r[2]["by_status"].get("completed") == count, timeout=timeout, every=0.2,
+                     failure=f"{count} tasks never completed")
 
 
 async def events_of(system: System, task_id: str) -> list[dict[str, Any]]:
@@ -189,10 +183,8 @@ async def test_a_cancel_signalled_after_the_claim_was_checked_never_lets_the_han
         # answer and before the attempt's own task runs.
         status, _, _ = await post(system, f"/tasks/{task.task_id}/cancel")
         assert status == 200
-        deadline = time.monotonic() + 5
-        while task.task_id not in worker._recently_cancelled:  # noqa: SLF001
-            assert time.monotonic() < deadline, "the cancel signal never arrived"
-            await asyncio.sleep(0.01)
+        await until(lambda: task.task_id in worker._recently_cancelled, timeout=5, every=0.01,  # noqa: SLF001
+                         failure="the cancel signal never arrived")
         await run(item, task, slot)
 
     monkeypatch.setattr(worker, "_run", cancelled_first)
@@ -211,13 +203,8 @@ async def test_progress_is_visible_in_the_read_model_and_live(system: System) ->
     sub = await system.nc.subscribe(system.tasks.live("progress", "*"), cb=collect)
     await system.start_worker()
     reply = await submit(system, {"type": "test.gated", "payload": {"gate": "progress"}})
-    deadline = time.monotonic() + 10
-    while True:
-        _, _, view = await get(system, f"/tasks/{reply['task_id']}")
-        if view.get("progress") == 40:
-            break
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    _, _, view = await eventually(lambda: get(system, f"/tasks/{reply['task_id']}"),
+                                  lambda r: r[2].get("progress") == 40, failure="progress 40 never showed")
     assert view["progress_message"] == "almost half" and view["status"] == "running"
     assert any(p["percent"] == 40 and p["task_id"] == reply["task_id"] for p in live)
     GATES["progress"].set()
@@ -325,15 +312,17 @@ async def test_a_claim_on_another_actor_process_sees_a_cancel_it_did_not_store(s
         assert isinstance(task, TaskAccepted)
         task_id = task.task_id
         await other.execute(CancelTask(task_id=task_id), None)
-        deadline = time.monotonic() + 5
-        while True:  # the cancel's signal reaches `first` asynchronously
+
+        async def refusal() -> RuleViolationError | None:
             try:
                 await first.execute(ClaimTask(task_id=task_id, attempt=1), None)
             except RuleViolationError as exc:
-                assert "cancelled" in exc.message
-                break
-            assert time.monotonic() < deadline, "a stale cache granted a claim for a cancelled task"
-            await asyncio.sleep(0.05)
+                return exc
+            return None
+
+        # The cancel's signal reaches `first` asynchronously.
+        refused = await eventually(refusal, timeout=5, failure="a stale cache granted a claim for a cancelled task")
+        assert refused is not None and "cancelled" in refused.message
 
 
 async def test_a_stray_cancel_signal_delays_a_task_but_never_loses_it(system: System) -> None:
@@ -391,10 +380,8 @@ async def test_an_actor_distrusts_its_cache_after_a_reconnect(system: System) ->
             assert transport is not None
             transport.close()
             await other.execute(CancelTask(task_id=task.task_id), None)
-            deadline = time.monotonic() + 10
-            while nc.stats["reconnects"] == reconnects or not nc.is_connected:
-                assert time.monotonic() < deadline, "never reconnected"
-                await asyncio.sleep(0.02)
+            await until(lambda: nc.stats["reconnects"] > reconnects and nc.is_connected, every=0.02,
+                             failure="never reconnected")
             assert not first.cached(task.task_id)
             with pytest.raises(RuleViolationError, match="cancelled"):
                 await first.execute(ClaimTask(task_id=task.task_id, attempt=1), None)
