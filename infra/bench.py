@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -170,13 +171,74 @@ async def _completed_count(nc: Client, ctx: Context) -> int:
     return int(reply["by_status"].get("completed", 0))
 
 
+def role_of(argv: list[str]) -> str:
+    """What a process of a jetsource system is, from its command line: `actor tasks`, `worker`,
+    `projector`, `edge`, `up` (the supervisor), `nats-server`, `postgres`, else its program."""
+    for i, arg in enumerate(argv):
+        if arg == "infra.cli" or os.path.basename(arg) == "jetsource":
+            words = list(itertools.takewhile(lambda a: not a.startswith("-"), argv[i + 1:]))
+            return " ".join(words[:2]) or "jetsource"
+    program = os.path.basename(argv[0]) if argv else "?"
+    if program.startswith("nats-server"):
+        return "nats-server"
+    if program.startswith("postgres"):  # backends retitle themselves `postgres: user db ...`
+        return "postgres"
+    return program
+
+
+class ProcessCpu:
+    """CPU seconds used so far by a process tree, summed by role (Linux `/proc`), plus this load
+    generator's own: a phase's difference, divided by its tasks, charges its work to each
+    process. Processes that exit during a phase take their share with them."""
+
+    def __init__(self, root: int) -> None:
+        self._root = root
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> dict[str, float]:
+        tree: dict[int, list[int]] = {}
+        used: dict[int, tuple[str, float]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue  # gone meanwhile
+            tree.setdefault(int(fields[1]), []).append(int(entry))
+            used[int(entry)] = (role_of(argv), (int(fields[11]) + int(fields[12])) / self._tick)
+        by_role: dict[str, float] = {}
+        todo = [self._root]
+        while todo:
+            pid = todo.pop()
+            if pid in used:
+                role, seconds = used[pid]
+                by_role[role] = by_role.get(role, 0.0) + seconds
+            todo += tree.get(pid, [])
+        own = os.times()
+        by_role["load generator"] = own.user + own.system
+        return by_role
+
+    @staticmethod
+    def per_item(before: Mapping[str, float], after: Mapping[str, float], items: int) -> dict[str, int]:
+        """Microseconds of CPU per item by role, largest first, and their total."""
+        spent = {role: (after[role] - before.get(role, 0.0)) * 1e6 / items for role in after}
+        out = {role: round(us) for role, us in sorted(spent.items(), key=lambda kv: -kv[1]) if us >= 0.5}
+        out["total"] = round(sum(spent.values()))
+        return out
+
+
 async def bench_tasks(
-    url: str, settings: Settings, count: int, inflight: int, batch: int = 1
+    url: str, settings: Settings, count: int, inflight: int, batch: int = 1, cpu: ProcessCpu | None = None,
 ) -> Mapping[str, object]:
     """No-op tasks submitted and completed end to end; then submit-to-start latency when idle.
 
     With batch > 1 the producer submits through `tasks.cmd.submit_batch`, `batch` tasks a
-    request, and the latency part is skipped.
+    request, and the latency part is skipped. With `cpu`, each process's CPU from the first
+    submit until the read model has caught up, per task.
 
     The end of the run is seen by polling the work queues until they are drained (a worker acks
     a work item only once the outcome is stored), so the load generator does not also receive
@@ -201,6 +263,7 @@ async def bench_tasks(
         return not (msg.headers and "Nats-Service-Error-Code" in msg.headers)
 
     since = datetime.now(UTC)
+    cpu_before = cpu.sample() if cpu else {}
     start = time.perf_counter()
     submitting = asyncio.Event()
     probe = asyncio.get_running_loop().create_task(_submit_high_tasks(nc, ctx, submitting))
@@ -214,11 +277,13 @@ async def bench_tasks(
     elapsed = time.perf_counter() - start
     throughput: dict[str, object] = {"tasks": count, "per_s": round(count / elapsed),
                                      "submit_per_s": submitted["per_s"], "submit_p99_ms": submitted["p99_ms"]}
-    if batch == 1:
-        throughput.update(await _idle_start_latency(nc, ctx, body))
     await settle(url, settings)
+    if cpu:
+        throughput["cpu_us_per_task"] = ProcessCpu.per_item(cpu_before, cpu.sample(), count)
     throughput["completed"] = await _completed_count(nc, ctx) - completed_before
     throughput.update(await _priority_under_load(settings, high, since))
+    if batch == 1:
+        throughput.update(await _idle_start_latency(nc, ctx, body))
     await nc.close()
     if batch > 1:
         throughput.update(submitted_in_batches_of=batch, requests_in_flight=inflight)
@@ -300,14 +365,14 @@ async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: in
 
 
 @contextlib.asynccontextmanager
-async def _system(settings: Settings) -> AsyncIterator[tuple[Settings, str]]:
-    """The settings of a running system and its edge base URL; starts `jetsource up` if none
-    answers."""
+async def _system(settings: Settings, pid: int | None) -> AsyncIterator[tuple[Settings, str, int | None]]:
+    """The settings of a running system, its edge base URL and its supervisor's pid (as given,
+    for a running one); starts `jetsource up` if none answers."""
     base = f"http://{settings.http_host}:{settings.http_port}"
     try:
         async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
             if resp.status == 200:
-                yield settings, base
+                yield settings, base, pid
                 return
     except aiohttp.ClientError:
         pass
@@ -331,7 +396,7 @@ async def _system(settings: Settings) -> AsyncIterator[tuple[Settings, str]]:
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
             yield settings.model_copy(update={**{k.lower(): v for k, v in ports.items()},
-                                              "nats_url": None, "database_url": None}), base
+                                              "nats_url": None, "database_url": None}), base, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -365,8 +430,9 @@ async def settle(url: str, settings: Settings, limit_s: float = 180.0) -> float:
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
     only = set(args.only or ["ceilings", "nats", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
-    async with _system(settings) as (settings, base):
+    async with _system(settings, args.pid) as (settings, base, pid):
         url = settings.resolved_nats_url()
+        cpu = ProcessCpu(pid) if pid is not None and os.path.isdir("/proc") else None
         if "ceilings" in only:
             results["ceiling_nats_request_reply"] = await ceiling_request_reply(url, args.count, args.inflight)
             results["ceiling_jetstream_publish"] = await ceiling_js_publish(url, min(args.count, 10000), args.inflight)
@@ -384,14 +450,14 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             results["http_post_orders"] = await bench_http(base, args.count, args.inflight, seconds=10)
         if "tasks" in only:
             await settle(url, settings)
-            results["tasks_noop_end_to_end"] = await bench_tasks(url, settings, args.count, args.inflight)
+            results["tasks_noop_end_to_end"] = await bench_tasks(url, settings, args.count, args.inflight, cpu=cpu)
             # Many producers, each submitting one task a request (what a fleet of web workers does).
             await settle(url, settings)
             results[f"tasks_noop_end_to_end_x{4 * args.inflight}"] = await bench_tasks(
-                url, settings, args.count, 4 * args.inflight)
+                url, settings, args.count, 4 * args.inflight, cpu=cpu)
             await settle(url, settings)
             results["tasks_noop_batched_submit"] = await bench_tasks(
-                url, settings, args.count, max(1, args.inflight // 8), batch=100)
+                url, settings, args.count, max(1, args.inflight // 8), batch=100, cpu=cpu)
     for key, value in results.items():
         print(f"{key:<28} {json.dumps(value)}")
     return 0

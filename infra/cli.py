@@ -237,6 +237,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
     b.add_argument("--only", choices=["ceilings", "nats", "http", "tasks"], action="append")
+    b.add_argument("--pid", type=int, help="a running `jetsource up`'s pid: task phases report CPU per task "
+                                           "for each of its processes (a system the bench starts reports it anyway)")
     b.set_defaults(fn=cmd_bench)
     return p
 
