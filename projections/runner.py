@@ -191,8 +191,8 @@ class Projector:
     async def _consume(self, sub: Puller) -> None:
         while not self._stopping.is_set():
             msgs = await sub.pull(self._batch, wait_s=0.5)
-            self._m_pending.set(position(msgs[-1]).pending if msgs else 0)
             if not msgs:
+                self._m_pending.set(0)
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
                 if await self._checkpoints.get(self._projection.name) < self.checkpoint:
                     raise Rewound("checkpoint was reset")
@@ -212,6 +212,7 @@ class Projector:
                     # projector build will fold it on rebuild.
                     log.error("projection %s skips undecodable event at seq %d", self._projection.name, seq)
                 last_seq = max(last_seq, seq)
+            self._m_pending.set(at.pending)  # what the consumer holds after this batch's last event
             if last_seq > self.checkpoint:
                 async with self._pool.acquire() as conn, conn.transaction():
                     # The stored checkpoint, locked, is the authority: a concurrent projector
