@@ -60,6 +60,30 @@ def _timed_out(task: TaskAccepted) -> tuple[str, Any]:
     return ("fail", f"timed out after {task.timeout_s:g}s")
 
 
+class _Capacity:
+    """A count of free units and a way to wait for one (asyncio.Semaphore cost ~8 % of the
+    worker's CPU with no-op tasks, and it almost never has to wait); units are taken many at
+    a time."""
+
+    __slots__ = ("free", "_freed")
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._freed = asyncio.Event()
+
+    async def available(self) -> None:
+        while self.free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+
+    def take(self, n: int = 1) -> None:
+        self.free -= n
+
+    def give(self) -> None:
+        self.free += 1
+        self._freed.set()
+
+
 class _Slot:
     """One unit of a worker's concurrency, held by one claimed task and released exactly once."""
 
@@ -85,14 +109,9 @@ class Worker:
         self._nc = nc
         self._ctx = ctx
         self._registry = registry
-        self._free = concurrency
-        # Outcomes being stored, at most `concurrency` (a counter: asyncio.Semaphore cost ~8 %
-        # of the worker's CPU with no-op tasks, and it almost never has to wait).
-        self._storing = 0
-        self._max_storing = concurrency
-        self._stored = asyncio.Event()
+        self._slots = _Capacity(concurrency)  # handlers running
+        self._storing = _Capacity(concurrency)  # outcomes being stored
         self._finished: dict[tuple[str, str], Any] = {}  # metric children by (type, outcome)
-        self._slot_freed = asyncio.Event()
         self._lease_s = lease_s
         self.name = name
         self._timeout = request_timeout
@@ -120,15 +139,13 @@ class Worker:
         starts = asyncio.get_running_loop().create_task(self._record_long_starts())
         try:
             while not self._stopping.is_set():
-                while self._free == 0:
-                    self._slot_freed.clear()
-                    await self._slot_freed.wait()
+                await self._slots.available()
                 try:
-                    items = await self._queues.take(self._free)
+                    items = await self._queues.take(self._slots.free)
                 except JetsourceError as exc:
                     log.warning("worker %s: %s", self.name, exc.message)
                     items = []
-                self._free -= len(items)
+                self._slots.take(len(items))
                 if not items:
                     self._ready.clear()
                     with contextlib.suppress(TimeoutError):
@@ -206,10 +223,6 @@ class Worker:
         """A refused claim or start: drop the item if the attempt must not run, else retry soon."""
         await (item.ack() if code in _NOTHING_TO_RUN else item.nak(1.0))
 
-    def _release(self) -> None:
-        self._free += 1
-        self._slot_freed.set()
-
     async def stop(self) -> None:
         """Stop taking work; let running handlers finish (their leases cover a crash)."""
         self._stopping.set()
@@ -247,16 +260,16 @@ class Worker:
                 elif task.run_at > now:
                     await item.nak(task.run_at - now)  # not yet due: come back then
                 else:
-                    slot = _Slot(self._release)
+                    slot = _Slot(self._slots.give)
                     run = self._spawn(self._run(item, task, slot))
                     run.add_done_callback(slot.release)
                     settled += 1
                     continue
-                self._release()
+                self._slots.give()
                 settled += 1
         finally:
             for _ in range(len(items) - settled):
-                self._release()
+                self._slots.give()
 
     async def _started_first(self, item: WorkItem, task: TaskAccepted) -> bool:
         """Store a claimed attempt's start before running it; False (the item settled) when the
@@ -300,20 +313,17 @@ class Worker:
         if counter is None:
             counter = self._finished[task.task_type, kind_label] = metrics.TASKS_FINISHED.labels(task.task_type, kind_label)
         counter.inc()
-        while self._storing >= self._max_storing:
-            self._stored.clear()
-            await self._stored.wait()
+        await self._storing.available()
         # The handler is done: its slot takes new work while this outcome is stored (one group
         # commit, ~25 ms under load). Holding it until then made a worker run in waves of
         # `concurrency` tasks, idle between them. Outcomes being stored are bounded too, so a
         # worker that cannot store them stops taking work.
-        self._storing += 1
+        self._storing.take()
         slot.release()
         try:
             await self._record(item, task, outcome, started_at)
         finally:
-            self._storing -= 1
-            self._stored.set()
+            self._storing.give()
 
     async def _record(self, item: WorkItem, task: TaskAccepted, outcome: tuple[str, Any] | None,
                       started_at: float) -> None:
