@@ -14,6 +14,40 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
+# Deepest nesting of arrays/objects a request body may have. msgspec itself recurses until
+# Python's limit (~1000 levels, a RecursionError), and bodies hundreds deep decode but then
+# break readers downstream (projections, `json` in the CLI). Real bodies are 2-5 deep.
+MAX_DEPTH = 32
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def check_depth(data: bytes) -> None:
+    """Raise MalformedError when the JSON in data nests arrays/objects deeper than MAX_DEPTH."""
+    # Hot path: a body with at most MAX_DEPTH opening brackets cannot be too deep, and counting
+    # bytes is ~100x cheaper than the scan below (which must skip brackets inside strings).
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for bracket in _BRACKET.finditer(_STRING.sub(b"", data)):
+        if bracket.group() in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise MalformedError(f"request body nests deeper than {MAX_DEPTH} levels")
+        else:
+            depth -= 1
+
+
+def decode_json(data: bytes) -> Any:
+    """Untyped JSON with the same depth bound and errors as `Decoder` (for the HTTP edge)."""
+    check_depth(data)
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise MalformedError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedError(f"request body nests deeper than {MAX_DEPTH} levels") from None
+
 
 def encode(obj: Any) -> bytes:
     """Encode a Struct (or plain data) as compact JSON."""
@@ -29,12 +63,15 @@ class Decoder(Generic[T]):
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(type_)
 
     def decode(self, data: bytes) -> T:
+        check_depth(data)
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise validation_error(exc) from None
         except msgspec.DecodeError as exc:
             raise MalformedError(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # a guard, should check_depth ever disagree with msgspec's parser
+            raise MalformedError(f"request body nests deeper than {MAX_DEPTH} levels") from None
 
 
 def validation_error(exc: msgspec.ValidationError) -> ValidationError:

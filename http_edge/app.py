@@ -14,8 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from bus import subjects as h
 from bus.client import call
-from bus.codec import encode
-from bus.errors import MalformedError, UnavailableError, ValidationError
+from bus.codec import decode_json, encode
+from bus.errors import UnavailableError, ValidationError
 from bus.eventstore import EventStore
 from bus.ids import IdSource
 from bus.subjects import Context
@@ -108,10 +108,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         return {}
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise MalformedError(f"request body is not valid JSON: {exc}") from None
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise ValidationError("request body must be a JSON object")
     return body
