@@ -97,6 +97,9 @@ def decide(state: Order, command: OrderCommand) -> list[OrderEvent]:
         case PlaceOrder():
             if state.exists:
                 raise RuleViolationError(f"order {command.order_id} already exists")
+            # The wire type says so too; this holds for commands built in code as well.
+            if not command.lines:
+                raise ValidationError("an order needs at least one line", field="lines")
             seen: set[str] = set()
             for i, line in enumerate(command.lines):
                 if line.sku in seen:

@@ -32,11 +32,11 @@ class OrderLine(Message, frozen=True, kw_only=True):
 
 
 class PlaceOrder(Message, frozen=True, kw_only=True, tag="order.place"):
-    """orders.cmd.place: open a new order; the id is generated unless given."""
+    """orders.cmd.place: open a new order (at least one line); the id is generated unless given."""
 
     customer_id: CustomerId
     currency: Currency
-    lines: Annotated[list[OrderLine], msgspec.Meta(max_length=200)] = []
+    lines: Annotated[list[OrderLine], msgspec.Meta(min_length=1, max_length=200)]
     order_id: OrderId | None = None
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 
 from actors.orders.messages import COMMANDS, OrderEvent, OrderPlaced, PlaceOrder
-from bus.codec import Decoder
+from bus.codec import MAX_DEPTH, Decoder, decode_json
 from bus.errors import MalformedError, ValidationError
 
 
@@ -25,6 +27,8 @@ def test_malformed_json_is_malformed() -> None:
         (b'{"customer_id":"c","currency":"EUR","lines":[{"sku":"a","quantity":1,"unit_price":-5}]}', "lines[0].unit_price"),
         (b'{"customer_id":"c","currency":"EUR","surprise":1}', "surprise"),
         (b'{"customer_id":"c d","currency":"EUR"}', "customer_id"),
+        (b'{"customer_id":"c","currency":"EUR"}', "lines"),
+        (b'{"customer_id":"c","currency":"EUR","lines":[]}', "lines"),
     ],
 )
 def test_bad_fields_are_validation_errors_naming_the_field(body: bytes, field: str) -> None:
@@ -46,3 +50,20 @@ def test_stored_event_tags_are_pinned() -> None:
 
 def test_every_command_subject_has_a_decoder() -> None:
     assert set(COMMANDS) == {"place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel", "fulfilment_failed"}
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 500, 5000])
+def test_bodies_nested_deeper_than_the_limit_are_malformed(depth: int) -> None:
+    # 5000 levels made msgspec raise RecursionError (a 500); 500 decoded and broke readers.
+    body = b'{"customer_id":"c","currency":"EUR","lines":[],"x":' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(MalformedError, match="deeper than 32"):
+        Decoder(PlaceOrder).decode(body)
+    with pytest.raises(MalformedError, match="deeper than 32"):
+        decode_json(body)
+
+
+def test_nesting_up_to_the_limit_and_brackets_inside_strings_are_fine() -> None:
+    nested = b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)
+    assert Decoder(Any).decode(b'{"a":' + nested + b"}") == {"a": msgspec.json.decode(nested)}
+    text = '[{"\\"' * 100  # escaped quotes must not end the string early
+    assert decode_json(msgspec.json.encode({"s": text, "t": "]" * 50 + "{" * 50})) == {"s": text, "t": "]" * 50 + "{" * 50}

@@ -45,7 +45,13 @@ def test_place_emits_order_placed_with_the_lines() -> None:
 
 def test_place_twice_is_a_rule_violation() -> None:
     with pytest.raises(RuleViolationError):
-        domain.decide(given(PLACED), PlaceOrder(customer_id="c1", currency="EUR", order_id=OID))
+        domain.decide(given(PLACED), PlaceOrder(customer_id="c1", currency="EUR", lines=PLACED.lines, order_id=OID))
+
+
+def test_place_without_lines_is_refused_naming_lines() -> None:
+    with pytest.raises(ValidationError) as err:
+        domain.decide(given(), PlaceOrder(customer_id="c1", currency="EUR", lines=[], order_id=OID))
+    assert err.value.field == "lines"
 
 
 def test_place_with_a_repeated_sku_names_the_field() -> None:
