@@ -74,8 +74,9 @@ class Decoder(Generic[T]):
             raise MalformedError(f"request body nests deeper than {MAX_DEPTH} levels") from None
 
 
-def validation_error(exc: msgspec.ValidationError) -> ValidationError:
-    """Turn msgspec's message (`... - at `$.lines[0].sku``) into a named-field error."""
+def validation_error(exc: msgspec.ValidationError, within: str | None = None) -> ValidationError:
+    """Turn msgspec's message (`... - at `$.lines[0].sku``) into a named-field error; `within`
+    names the field that was validated on its own (e.g. a task's `payload`)."""
     text = str(exc)
     match = _PATH.search(text)
     if match:
@@ -83,6 +84,8 @@ def validation_error(exc: msgspec.ValidationError) -> ValidationError:
         message = text[: match.start()]
     else:
         field, message = None, text
+    if within:
+        field = (within + ("" if field.startswith("[") else ".") + field) if field else within
     if message.startswith("Object missing required field"):
         missing = message.split("`")[1]
         field = f"{field}.{missing}" if field else missing

@@ -87,8 +87,8 @@ def run_orders_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsync
 
 def run_tasks_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncContextManager[Actor]:
     ctx = tasks_context(settings)
-    known = build_registry(settings.task_modules).names()
-    return _running(task_actor(nc, _store(settings, nc, ctx), ctx, known, concurrency=settings.actor_concurrency,
+    types = build_registry(settings.task_modules).types()
+    return _running(task_actor(nc, _store(settings, nc, ctx), ctx, types, concurrency=settings.actor_concurrency,
                                max_retries=settings.actor_max_retries))
 
 

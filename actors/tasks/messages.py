@@ -10,7 +10,11 @@ TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 TaskType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 Priority = Literal["high", "normal", "low"]
 TaskStatus = Literal["scheduled", "pending", "running", "retrying", "completed", "dead", "cancelled"]
-Seconds = Annotated[float, msgspec.Meta(ge=0, le=30 * 24 * 3600)]
+# How far ahead a task may be scheduled, by delay_s or run_at (run_at is checked at submit,
+# against the actor's clock).
+HORIZON_S = 30 * 24 * 3600
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=HORIZON_S)]
+EpochSeconds = Annotated[float, msgspec.Meta(ge=0, description="seconds since the epoch, at most 30 days ahead")]
 ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
 # When the actor took the command: it stamps every command (the decider stays pure and
 # replayable), so a value a caller sends is replaced. `readOnly` tells OpenAPI readers so.
@@ -36,19 +40,24 @@ class RetryPolicy(Message, frozen=True, kw_only=True):
 
 
 class SubmitTask(Message, frozen=True, kw_only=True, tag="task.submit"):
-    """tasks.cmd.submit: queue a task of a registered type (optionally delayed)."""
+    """tasks.cmd.submit: queue a task of a registered, non-internal type (optionally delayed)."""
 
     type: TaskType
     payload: Any = None
     priority: Priority = "normal"
     delay_s: Seconds | None = None
-    run_at: float | None = None
+    run_at: EpochSeconds | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
     retry: RetryPolicy = RetryPolicy()
     ref: Annotated[str, msgspec.Meta(max_length=200)] | None = None
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     task_id: TaskId | None = None
     at: StampedAt = 0.0
+
+
+class SubmitInternalTask(SubmitTask, frozen=True, kw_only=True, tag="task.submit_internal"):
+    """tasks.cmd.submit_internal (process managers): as submit, and internal types (`order.fulfil`)
+    are accepted too. Its own subject, so NATS permissions decide who may publish it."""
 
 
 class CancelTask(Message, frozen=True, kw_only=True, tag="task.cancel"):
@@ -127,11 +136,12 @@ class FailTask(Message, frozen=True, kw_only=True, tag="task.fail"):
 
 
 TaskCommand = (
-    SubmitTask | CancelTask | RetryTask | ClaimTask | StartTask | ReportProgress | CompleteTask | FailTask
+    SubmitTask | SubmitInternalTask | CancelTask | RetryTask | ClaimTask | StartTask | ReportProgress | CompleteTask | FailTask
 )
 
 COMMANDS: dict[str, type[TaskCommand]] = {
     "submit": SubmitTask,
+    "submit_internal": SubmitInternalTask,
     "cancel": CancelTask,
     "retry": RetryTask,
     "claim": ClaimTask,

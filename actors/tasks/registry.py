@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.metadata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import aiohttp
+import msgspec
+
+P = TypeVar("P")
 
 
 class TaskFailure(Exception):
@@ -35,14 +38,34 @@ class TaskContext:
 Handler = Callable[[TaskContext], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class TaskType:
+    """What the task actor checks at submit: the payload's schema (any msgspec-decodable type;
+    None = any payload) and whether only process managers may submit it (`internal`)."""
+
+    name: str
+    payload: Any = None
+    internal: bool = False
+
+
 class TaskRegistry:
-    """Task type name → handler."""
+    """Task type name → handler, payload schema and whether it is internal."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._types: dict[str, TaskType] = {}
 
-    def register(self, name: str, handler: Handler | None = None) -> Any:
-        """`registry.register("name", fn)` or `@registry.register("name")`."""
+    def register(self, name: str, handler: Handler | None = None, *, payload: Any = None,
+                 internal: bool = False) -> Any:
+        """`registry.register("name", fn)` or `@registry.register("name")`; `payload=` a schema
+        checked at submit, `internal=True` for types only process managers submit.
+
+        Registering a name again replaces its handler but keeps a schema and the internal flag
+        registered before (an override, e.g. in tests, cannot widen what submit accepts)."""
+        before = self._types.get(name)
+        self._types[name] = TaskType(
+            name, payload if payload is not None else (before.payload if before else None),
+            internal or (before.internal if before else False))
         if handler is not None:
             self._handlers[name] = handler
             return handler
@@ -59,6 +82,65 @@ class TaskRegistry:
     def names(self) -> frozenset[str]:
         return frozenset(self._handlers)
 
+    def types(self) -> Mapping[str, TaskType]:
+        """Every registered type's submit rules, by name (what the task actor needs)."""
+        return dict(self._types)
+
+
+def read_payload(ctx: TaskContext, schema: type[P]) -> P:
+    """The handler's payload as its schema's type. Submit validated it already; a task stored
+    before its type had a schema may still not fit, which fails the attempt (no crash)."""
+    try:
+        return msgspec.convert({} if ctx.payload is None else ctx.payload, schema)
+    except msgspec.ValidationError as exc:
+        raise TaskFailure(f"payload does not fit the task type: {exc}") from None
+
+
+# ---- built-in payloads --------------------------------------------------------------------------------
+
+
+class Payload(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of the built-in task types' payloads (a missing payload is `{}`)."""
+
+
+class SleepPayload(Payload, frozen=True, kw_only=True):
+    """`sleep`: how long to sleep, reporting progress."""
+
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+
+
+class FlakyPayload(Payload, frozen=True, kw_only=True):
+    """`flaky`: how many first attempts fail."""
+
+    fail_times: Annotated[int, msgspec.Meta(ge=0, le=100)] = 1
+
+
+class FailPayload(Payload, frozen=True, kw_only=True):
+    """`fail`: the error every attempt fails with."""
+
+    error: Annotated[str, msgspec.Meta(max_length=2000)] = "failed on purpose"
+
+
+HttpUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/]+\S*$", max_length=2000,
+                                      description="an http:// or https:// URL")]
+
+
+class HttpRequestPayload(Payload, frozen=True, kw_only=True):
+    """`http.request`: one HTTP call; 5xx answers and transport errors fail the attempt."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    url: HttpUrl
+    json: Any = None
+    headers: dict[str, str] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+
+
+class FulfilOrderPayload(Payload, frozen=True, kw_only=True):
+    """`order.fulfil` (internal): the paid order to pick, pack and hand over."""
+
+    order_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    step_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.01
+
 
 # ---- built-ins --------------------------------------------------------------------------------------
 
@@ -68,7 +150,7 @@ async def echo(ctx: TaskContext) -> Any:
 
 
 async def sleep(ctx: TaskContext) -> Any:
-    seconds = float((ctx.payload or {}).get("seconds", 1.0))
+    seconds = read_payload(ctx, SleepPayload).seconds
     steps = max(1, min(20, int(seconds * 4)))
     for i in range(steps):
         await asyncio.sleep(seconds / steps)
@@ -77,25 +159,23 @@ async def sleep(ctx: TaskContext) -> Any:
 
 
 async def fail(ctx: TaskContext) -> Any:
-    raise TaskFailure(str((ctx.payload or {}).get("error", "failed on purpose")))
+    raise TaskFailure(read_payload(ctx, FailPayload).error)
 
 
 async def flaky(ctx: TaskContext) -> Any:
     """Fails the first `fail_times` attempts, then succeeds."""
-    if ctx.attempt <= int((ctx.payload or {}).get("fail_times", 1)):
+    if ctx.attempt <= read_payload(ctx, FlakyPayload).fail_times:
         raise TaskFailure(f"flaky failure on attempt {ctx.attempt}")
     return {"succeeded_on_attempt": ctx.attempt}
 
 
 async def http_request(ctx: TaskContext) -> Any:
     """An HTTP call: payload {method, url, json?, headers?, timeout_s?}; 5xx and errors fail."""
-    p = ctx.payload or {}
-    if not isinstance(p, dict) or not isinstance(p.get("url"), str):
-        raise TaskFailure("payload needs a url")
-    timeout = aiohttp.ClientTimeout(total=float(p.get("timeout_s", 10)))
+    p = read_payload(ctx, HttpRequestPayload)
+    timeout = aiohttp.ClientTimeout(total=p.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         try:
-            async with http.request(p.get("method", "GET"), p["url"], json=p.get("json"), headers=p.get("headers")) as resp:
+            async with http.request(p.method, p.url, json=p.json, headers=p.headers) as resp:
                 body = await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TaskFailure(f"request failed: {type(exc).__name__}: {exc}") from None
@@ -106,11 +186,11 @@ async def http_request(ctx: TaskContext) -> Any:
 
 async def fulfil_order(ctx: TaskContext) -> Any:
     """Pick, pack and hand over an order (simulated warehouse steps with progress)."""
-    p = ctx.payload or {}
+    p = read_payload(ctx, FulfilOrderPayload)
     for percent, step in ((30, "picked"), (70, "packed"), (100, "handed to carrier")):
-        await asyncio.sleep(float(p.get("step_s", 0.01)))
+        await asyncio.sleep(p.step_s)
         await ctx.progress(percent, step)
-    return {"order_id": p.get("order_id"), "carrier": "jetsource-post", "tracking": f"JS{ctx.task_id[:12].upper()}"}
+    return {"order_id": p.order_id, "carrier": "jetsource-post", "tracking": f"JS{ctx.task_id[:12].upper()}"}
 
 
 FULFIL_ORDER = "order.fulfil"
@@ -119,9 +199,12 @@ FULFIL_ORDER = "order.fulfil"
 def build_registry(modules: str = "") -> TaskRegistry:
     """Built-ins, then entry points (`jetsource.tasks`), then modules named in settings."""
     registry = TaskRegistry()
-    for name, handler in (("echo", echo), ("sleep", sleep), ("fail", fail), ("flaky", flaky),
-                          ("http.request", http_request), (FULFIL_ORDER, fulfil_order)):
-        registry.register(name, handler)
+    registry.register("echo", echo)
+    registry.register("sleep", sleep, payload=SleepPayload)
+    registry.register("fail", fail, payload=FailPayload)
+    registry.register("flaky", flaky, payload=FlakyPayload)
+    registry.register("http.request", http_request, payload=HttpRequestPayload)
+    registry.register(FULFIL_ORDER, fulfil_order, payload=FulfilOrderPayload, internal=True)
     for ep in importlib.metadata.entry_points(group="jetsource.tasks"):
         ep.load()(registry)
     for module in (m.strip() for m in modules.split(",") if m.strip()):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -12,7 +14,9 @@ from nats.aio.client import Client
 from actors.tasks import domain
 from actors.tasks.messages import (
     COMMANDS,
+    HORIZON_S,
     ClaimTask,
+    SubmitInternalTask,
     SubmitTask,
     TaskAccepted,
     TaskCancelled,
@@ -22,7 +26,8 @@ from actors.tasks.messages import (
     TaskEvent,
     TaskProgressed,
 )
-from bus.codec import encode
+from actors.tasks.registry import TaskType
+from bus.codec import encode, validation_error
 from bus.errors import ValidationError
 from bus.eventstore import EventStore
 from bus.runtime import Actor, AggregateSpec
@@ -48,14 +53,47 @@ class _ReadySignal:
         await nc.publish(self._subject, b"")
 
 
-def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain.Task, TaskCommand, TaskEvent]:
-    """The task aggregate as the actor runtime drives it."""
+class _SubmitRules:
+    """What a submit must satisfy beyond its wire type: a known type, not internal unless on
+    `submit_internal`, a payload that fits the type's schema, a run_at within the horizon."""
+
+    def __init__(self, types: Mapping[str, TaskType]) -> None:
+        self._types = dict(types)
+        self._public = ", ".join(sorted(n for n, t in self._types.items() if not t.internal))
+        # Converting against a Struct type is the cost of decoding it again: cheap.
+        self._schemas: dict[str, Any] = {n: t.payload for n, t in self._types.items() if t.payload is not None}
+
+    def check(self, command: SubmitTask, now: float) -> None:
+        task_type = self._types.get(command.type)
+        if task_type is None:
+            raise ValidationError(f"unknown task type {command.type!r}; known: {self._public}", field="type")
+        if task_type.internal and not isinstance(command, SubmitInternalTask):
+            raise ValidationError(f"task type {command.type!r} is internal: only process managers submit it",
+                                  field="type")
+        if command.run_at is not None and command.run_at > now + HORIZON_S:
+            raise ValidationError(f"run_at is more than {HORIZON_S // 86400} days ahead", field="run_at")
+        schema = self._schemas.get(command.type)
+        if schema is not None:
+            payload = {} if command.payload is None and _is_struct(schema) else command.payload
+            try:
+                msgspec.convert(payload, schema)
+            except msgspec.ValidationError as exc:
+                raise validation_error(exc, within="payload") from None
+
+
+def _is_struct(schema: Any) -> bool:
+    return isinstance(schema, type) and issubclass(schema, msgspec.Struct)
+
+
+def task_spec(ctx: Context, types: Mapping[str, TaskType]) -> AggregateSpec[domain.Task, TaskCommand, TaskEvent]:
+    """The task aggregate as the actor runtime drives it; `types` are the registered task types."""
+    rules = _SubmitRules(types)
 
     def prepare(command: TaskCommand) -> TaskCommand:
-        if isinstance(command, SubmitTask) and command.type not in known_types:
-            raise ValidationError(f"unknown task type {command.type!r}; known: {', '.join(sorted(known_types))}",
-                                  field="type")
-        return msgspec.structs.replace(command, at=time.time())
+        now = time.time()
+        if isinstance(command, SubmitTask):
+            rules.check(command, now)
+        return msgspec.structs.replace(command, at=now)
 
     def outbox(state: domain.Task, events: list[TaskEvent]) -> list[tuple[str, bytes]]:
         work = [(ctx.queue(p), encode(d)) for p, d in domain.dispatches(state, events)]
@@ -95,9 +133,9 @@ def task_spec(ctx: Context, known_types: frozenset[str]) -> AggregateSpec[domain
     )
 
 
-def task_actor(nc: Client, store: EventStore, ctx: Context, known_types: frozenset[str], *,
+def task_actor(nc: Client, store: EventStore, ctx: Context, types: Mapping[str, TaskType], *,
                concurrency: int, max_retries: int) -> Actor:
     """Build (not start) the task actor."""
-    return Actor(nc, store, task_spec(ctx, known_types), concurrency=concurrency, max_retries=max_retries)
+    return Actor(nc, store, task_spec(ctx, types), concurrency=concurrency, max_retries=max_retries)
 
 

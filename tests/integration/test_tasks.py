@@ -73,6 +73,59 @@ async def test_unknown_types_and_bad_fields_are_rejected_naming_the_field(system
     assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 0
 
 
+async def _stored(system: System) -> int:
+    return (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"type": "echo", "run_at": -1e300}, "run_at"),
+    ({"type": "echo", "run_at": 1e300}, "run_at"),
+    ({"type": "echo", "run_at": time.time() + 31 * 86400}, "run_at"),
+    ({"type": "echo", "delay_s": 31 * 86400}, "delay_s"),
+    ({"type": "echo", "timeout_s": 0}, "timeout_s"),
+    ({"type": "echo", "retry": {"backoff_s": -1}}, "retry.backoff_s"),
+    ({"type": "echo", "retry": {"backoff_max_s": 86401}}, "retry.backoff_max_s"),
+    ({"type": "sleep", "payload": {"seconds": 3601}}, "payload.seconds"),
+    ({"type": "flaky", "payload": {"fail_times": "twice"}}, "payload.fail_times"),
+    ({"type": "fail", "payload": {"error": 7}}, "payload.error"),
+    ({"type": "http.request", "payload": {"url": "file:///etc/passwd"}}, "payload.url"),
+    ({"type": "http.request", "payload": {"url": "http://x", "method": "TRACE"}}, "payload.method"),
+    ({"type": "http.request", "payload": {"method": "GET"}}, "payload.url"),
+    ({"type": "order.fulfil", "payload": {"order_id": "o1"}}, "type"),
+])
+async def test_out_of_range_times_and_bad_payloads_are_422_naming_the_field_and_store_nothing(
+    system: System, body: dict[str, Any], field: str
+) -> None:
+    status, _, reply = await post(system, "/tasks", body)
+    assert (status, reply["error"]["code"], reply["error"]["field"]) == (422, "validation", field), reply
+    assert await _stored(system) == 0
+
+
+async def test_a_deeply_nested_body_is_400_malformed(system: System) -> None:
+    deep = "[" * 2000 + "]" * 2000  # msgspec alone raised RecursionError: a 500
+    for path in ("/tasks", "/orders/o1/pay"):  # the actor's decoder, the edge's own
+        async with system.http.post(system.base + path, data='{"type":"echo","payload":' + deep + "}",
+                                    headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == "malformed"
+    assert await _stored(system) == 0
+
+
+async def test_internal_types_are_refused_on_submit_and_accepted_on_submit_internal(system: System) -> None:
+    body = {"type": "order.fulfil", "payload": {"order_id": "o1"}}
+    refused = await system.request(system.tasks.command("submit"), body)
+    assert refused.headers and refused.headers["Nats-Service-Error-Code"] == "422"
+    assert json.loads(refused.data)["error"]["field"] == "type"
+    batch = await system.request(system.tasks.command("submit_batch"), {"items": [body]})
+    assert json.loads(batch.data)["results"][0]["refused"]["field"] == "type"
+    assert await _stored(system) == 0
+    accepted = await system.request(system.tasks.command("submit_internal"), body)
+    assert json.loads(accepted.data)["task_type"] == "order.fulfil", accepted.data
+    bad = await system.request(system.tasks.command("submit_internal"), {"type": "order.fulfil", "payload": {}})
+    assert json.loads(bad.data)["error"]["field"] == "payload.order_id"
+    # The public types are accepted there too (same body as submit).
+    assert json.loads((await system.request(system.tasks.command("submit_internal"), {"type": "echo"})).data)["status"]
+
+
 async def test_a_caller_cannot_set_the_time_the_actor_stamps(system: System) -> None:
     t0 = time.time()
     reply = await submit(system, {"type": "echo", "at": 1.0, "delay_s": 3600})
