@@ -34,6 +34,8 @@ class EdgeConfig:
     max_inflight: int = 2048
     rate_limit_per_s: float = 0.0
     api_tokens: tuple[str, ...] = ()
+    api_read_tokens: tuple[str, ...] = ()
+    metrics_open: bool = False
 
 
 class _Written(msgspec.Struct):
@@ -313,7 +315,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 def create_app(nc: Client, orders: Context, tasks: Context, config: EdgeConfig) -> web.Application:
     """Build the edge application around an injected NATS connection."""
-    guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens)
+    guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens, config.api_read_tokens,
+                    config.metrics_open)
     metrics_ = Metrics(lambda: guards.inflight)
 
     @web.middleware

@@ -144,6 +144,10 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[Project
         await pool.close()
 
 
+def _tokens(setting: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in setting.split(",") if t.strip())
+
+
 def edge_app(settings: Settings, nc: Client) -> web.Application:
     config = EdgeConfig(
         request_timeout=settings.request_timeout_s,
@@ -151,7 +155,9 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
         max_body_bytes=settings.max_body_bytes,
         max_inflight=settings.max_inflight,
         rate_limit_per_s=settings.rate_limit_per_s,
-        api_tokens=tuple(t.strip() for t in settings.api_tokens.split(",") if t.strip()),
+        api_tokens=_tokens(settings.api_tokens),
+        api_read_tokens=_tokens(settings.api_read_tokens),
+        metrics_open=settings.metrics_open,
     )
     return create_app(nc, orders_context(settings), tasks_context(settings), config)
 

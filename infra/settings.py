@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     projector_nice: int = Field(10, description="`jetsource up` runs the projector at this nice level (0 = same as others)")
     rate_limit_per_s: float = Field(0.0, description="edge requests per second per client IP; 0 = off")
     max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
-    api_tokens: str = Field("", description="comma-separated bearer tokens for writes; empty = open")
+    api_tokens: str = Field("", description="comma-separated read-write bearer tokens; with none here nor in "
+                                            "api_read_tokens the edge is open")
+    api_read_tokens: str = Field("", description="comma-separated read-only bearer tokens (GET/HEAD)")
+    metrics_open: bool = Field(False, description="serve the edge's /metrics without a token when tokens are set")
     task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
     worker_concurrency: int = Field(256, description="tasks one worker process runs at once (asyncio: cheap while they await I/O)")
     task_lease_s: float = Field(30.0, description="a running task's lease; its worker renews it every third")

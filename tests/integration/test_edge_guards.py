@@ -1,4 +1,4 @@
-"""Admission at the edge: bearer tokens for writes, per-client rate limits, bounded in-flight."""
+"""Admission at the edge: bearer tokens (read-only, read-write), per-client rate limits, bounded in-flight."""
 
 from __future__ import annotations
 
@@ -10,18 +10,77 @@ from tests.conftest import System
 from tests.integration.test_orders_http import PLACE
 
 
-async def test_writes_need_a_token_when_tokens_are_configured(system: System) -> None:
+def _bearer(token: str, scheme: str = "Bearer") -> dict[str, str]:
+    return {"Authorization": f"{scheme} {token}"}
+
+
+async def test_with_tokens_configured_writes_and_reads_need_one(system: System) -> None:
     settings = system.settings.model_copy(update={"http_port": free_port(), "api_tokens": "s3cret,other"})
     base = f"http://127.0.0.1:{settings.http_port}"
     async with run_edge(settings, system.nc):
         async with system.http.post(base + "/orders", json=PLACE) as resp:
             assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
-        async with system.http.post(base + "/orders", json=PLACE, headers={"Authorization": "Bearer nope"}) as resp:
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+        async with system.http.post(base + "/orders", json=PLACE, headers=_bearer("nope")) as resp:
             assert resp.status == 401
-        async with system.http.post(base + "/orders", json=PLACE, headers={"Authorization": "Bearer other"}) as resp:
+        async with system.http.post(base + "/orders", json=PLACE, headers=_bearer("other")) as resp:
             assert resp.status == 201
-        async with system.http.get(base + "/orders") as resp:
-            assert resp.status == 200  # reads stay open
+        for path in ("/orders", "/tasks/stats", "/openapi.json", "/metrics"):
+            async with system.http.get(base + path) as resp:
+                assert resp.status == 401, path
+                assert (await resp.json())["error"]["code"] == "unauthorized"
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+            async with system.http.get(base + path, headers=_bearer("s3cret")) as resp:
+                assert resp.status == 200, path
+        for path in ("/healthz", "/readyz"):
+            async with system.http.get(base + path) as resp:
+                assert resp.status == 200, path  # probes answer without credentials
+
+
+async def test_the_scheme_is_case_insensitive_and_other_schemes_are_refused(system: System) -> None:
+    settings = system.settings.model_copy(update={"http_port": free_port(), "api_tokens": "s3cret"})
+    base = f"http://127.0.0.1:{settings.http_port}"
+    async with run_edge(settings, system.nc):
+        for scheme in ("bearer", "BEARER", "BeArEr"):
+            async with system.http.get(base + "/orders", headers=_bearer("s3cret", scheme)) as resp:
+                assert resp.status == 200, scheme
+        for header in ("Basic s3cret", "Bearers3cret", "s3cret", "Bearer s3cret2", "Bearer s3cre"):
+            async with system.http.get(base + "/orders", headers={"Authorization": header}) as resp:
+                assert resp.status == 401, header
+
+
+async def test_a_read_only_token_reads_but_cannot_write(system: System) -> None:
+    settings = system.settings.model_copy(update={
+        "http_port": free_port(), "api_tokens": "writer", "api_read_tokens": "reader,auditor"})
+    base = f"http://127.0.0.1:{settings.http_port}"
+    async with run_edge(settings, system.nc):
+        async with system.http.get(base + "/orders", headers=_bearer("auditor")) as resp:
+            assert resp.status == 200
+        async with system.http.head(base + "/orders", headers=_bearer("reader")) as resp:
+            assert resp.status == 200
+        async with system.http.post(base + "/orders", json=PLACE, headers=_bearer("reader")) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "forbidden"
+        async with system.http.post(base + "/tasks", json={"type": "echo"}, headers=_bearer("reader")) as resp:
+            assert resp.status == 403
+        assert (await system.nc.jetstream().stream_info(system.orders.stream)).state.messages == 0
+        assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 0
+        async with system.http.post(base + "/orders", json=PLACE, headers=_bearer("writer")) as resp:
+            assert resp.status == 201  # read-write tokens read and write
+        async with system.http.get(base + "/orders", headers=_bearer("writer")) as resp:
+            assert resp.status == 200
+
+
+async def test_metrics_need_a_token_unless_opened_by_the_setting(system: System) -> None:
+    closed = system.settings.model_copy(update={"http_port": free_port(), "api_tokens": "s3cret"})
+    opened = system.settings.model_copy(update={"http_port": free_port(), "api_tokens": "s3cret", "metrics_open": True})
+    async with run_edge(closed, system.nc), run_edge(opened, system.nc):
+        async with system.http.get(f"http://127.0.0.1:{closed.http_port}/metrics") as resp:
+            assert resp.status == 401
+        async with system.http.get(f"http://127.0.0.1:{opened.http_port}/metrics") as resp:
+            assert resp.status == 200 and "jetsource_http_requests" in await resp.text()
+        async with system.http.get(f"http://127.0.0.1:{opened.http_port}/orders") as resp:
+            assert resp.status == 401  # only /metrics is opened
 
 
 async def test_a_client_over_its_rate_gets_429_with_retry_after(system: System) -> None:
