@@ -56,11 +56,13 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> Callable[[], None]
     return lambda: nc.reconnect_listeners.remove(listener)
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Client:
-    """Connect with the reconnect policy every jetsource process uses."""
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0, once: bool = False) -> Client:
+    """Connect with the reconnect policy every jetsource process uses; `once` (CLI commands):
+    no reconnects, and an unreachable NATS raises within connect_timeout (the caller reports it)."""
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats error (%s): %s", name, exc)
+        if not once:  # else the caller gets (and reports) the error itself
+            log.warning("nats error (%s): %s", name, exc)
 
     holder: list[Client] = []
 
@@ -80,11 +82,13 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
     # nats-py annotates the timeouts as int; they are seconds and take fractions.
     options: dict[str, Any] = {"connect_timeout": connect_timeout, "reconnect_time_wait": 0.5}
     nc = _Client()
-    await nc.connect(
+    connecting = nc.connect(
         servers=url.split(","),
         name=name,
-        max_reconnect_attempts=-1,
-        allow_reconnect=True,
+        # nats-py's server selection never gives up on 0 attempts, so `once` allows 1 and
+        # bounds the whole connect below.
+        max_reconnect_attempts=1 if once else -1,
+        allow_reconnect=not once,
         pending_size=64 * 1024 * 1024,
         drain_timeout=10,
         error_cb=on_error,
@@ -92,6 +96,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
         reconnected_cb=on_reconnected,
         **options,
     )
+    await (asyncio.wait_for(connecting, connect_timeout) if once else connecting)
     holder.append(nc)
     return nc
 

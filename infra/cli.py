@@ -12,11 +12,31 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infra.settings import Settings
 
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
 log = logging.getLogger("jetsource")
+
+
+class UnreachableError(Exception):
+    """A one-shot command could not reach NATS in time: one line on stderr, exit 1."""
+
+
+async def _connect_once(settings: Settings, name: str, timeout: float) -> Client:
+    """The CLI's connection: one attempt within `timeout`, never the roles' reconnect-forever."""
+    from nats.errors import Error as NatsError
+
+    from bus.connection import connect
+
+    url = settings.resolved_nats_url()
+    try:
+        return await connect(url, name, connect_timeout=timeout, once=True)
+    except (OSError, TimeoutError, NatsError):
+        raise UnreachableError(f"cannot reach NATS at {url} within {timeout:g}s") from None
 
 
 def _setup_logging(settings: Settings, role: str) -> None:
@@ -132,11 +152,11 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
-    from bus.connection import connect, request
+    from bus.connection import request
 
     async def main() -> int:
         headers = dict(kv.split("=", 1) for kv in args.header)
-        nc = await connect(settings.resolved_nats_url(), "jetsource-send")
+        nc = await _connect_once(settings, "jetsource-send", args.timeout)
         try:
             try:
                 msg = await request(nc, args.subject, args.json.encode(), timeout=args.timeout, headers=headers or None)
@@ -153,19 +173,17 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
-    from bus.connection import connect
     from bus.eventstore import EventStore
     from bus.subjects import Context
 
     async def main() -> int:
         ctx = Context(args.context, settings.namespace)
-        nc = await connect(settings.resolved_nats_url(), "jetsource-replay")
+        nc = await _connect_once(settings, "jetsource-replay", args.timeout)
         try:
             store = EventStore(nc, ctx.stream)
             subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
-            since = datetime.fromisoformat(args.since) if args.since else None
             count = 0
-            async for e in store.read(subject, from_seq=args.from_seq, since=since, follow=args.follow):
+            async for e in store.read(subject, from_seq=args.from_seq, since=args.since, follow=args.follow):
                 out = {
                     "seq": e.seq, "subject": e.subject, "time": e.headers.get(h.EV_TIME, e.time),
                     "event": json.loads(e.data), "command_id": e.headers.get(h.EV_COMMAND_ID),
@@ -186,7 +204,14 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from infra.status import status
 
-    return _run(lambda: status(settings))
+    async def main() -> int:
+        nc = await _connect_once(settings, "jetsource-status", args.timeout)
+        try:
+            return await status(settings, nc)
+        finally:
+            await nc.close()
+
+    return _run(main)
 
 
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
@@ -200,6 +225,33 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from infra.bench import bench
 
     return _run(lambda: bench(settings, args))
+
+
+def _iso_datetime(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO datetime: {text!r} (e.g. 2026-01-01T00:00:00+00:00)") from None
+
+
+def _sequence(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a stream sequence is an integer >= 1, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds in (0, 3600], not {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -218,16 +270,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("subject")
     s.add_argument("json", nargs="?", default="{}")
     s.add_argument("-H", "--header", action="append", default=[], help="K=V, e.g. Idempotency-Key=abc")
-    s.add_argument("--timeout", type=float, default=5.0)
+    s.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect, and then for the reply")
     s.set_defaults(fn=cmd_send)
     r = sub.add_parser("replay", help="print an aggregate's or a stream's events")
     r.add_argument("context", choices=["orders", "tasks"])
     r.add_argument("aggregate_id", nargs="?")
-    r.add_argument("--from-seq", type=int)
-    r.add_argument("--since", help="ISO time, e.g. 2026-01-01T00:00:00+00:00")
+    r.add_argument("--from-seq", type=_sequence)
+    r.add_argument("--since", type=_iso_datetime, help="ISO time, e.g. 2026-01-01T00:00:00+00:00")
     r.add_argument("--follow", "-f", action="store_true")
+    r.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
     r.set_defaults(fn=cmd_replay)
-    sub.add_parser("status", help="services, streams and projection lag").set_defaults(fn=cmd_status)
+    st = sub.add_parser("status", help="services, streams and projection lag")
+    st.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
+    st.set_defaults(fn=cmd_status)
     pr = sub.add_parser("projections", help="projection maintenance")
     prs = pr.add_subparsers(dest="action", required=True)
     rb = prs.add_parser("rebuild", help="rebuild read models from the streams")
@@ -246,7 +301,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = Settings()
-    return int(args.fn(settings, args))
+    try:
+        return int(args.fn(settings, args))
+    except UnreachableError as exc:
+        print(f"jetsource: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

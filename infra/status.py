@@ -73,41 +73,38 @@ async def _consumer_line(nc: Client, stream: str, durable: str, label: str) -> s
     return f"  {label:<26} pending={info.num_pending or 0} in_flight={info.num_ack_pending or 0} acked_through={floor}"
 
 
-async def status(settings: Settings) -> int:
-    nc = await connect(settings.resolved_nats_url(), "jetsource-status")
-    try:
-        js = nc.jetstream()
-        services = await _discover(nc)
-        print("services:")
-        for svc in sorted(services, key=lambda s: (str(s["name"]), str(s["id"]))):
-            endpoints = ", ".join(str(e["subject"]) for e in svc.get("endpoints", []))  # type: ignore[attr-defined]
-            print(f"  {svc['name']:<26} {svc['id']}  {endpoints}")
-        if not services:
-            print("  (none answering)")
-        code = 0
-        print("streams:")
-        for model in read_models(settings):
-            try:
-                info = await js.stream_info(model.ctx.stream)
-                print(f"  {model.ctx.stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
-                      f"replicas={info.config.num_replicas}")
-            except NotFoundError:
-                print(f"  {model.ctx.stream:<26} missing (run `jetsource up` once)")
-                code = 1
-        print("projections (lag = events not yet applied):")
-        for model in read_models(settings):
-            durable = model.ctx.consumer(model.projection.name)
-            print(await _consumer_line(nc, model.ctx.stream, durable, model.projection.name))
-        print("work queues:")
-        tasks = tasks_context(settings)
-        for priority in PRIORITIES:
-            print(await _consumer_line(nc, tasks.stream, tasks.work_consumer(priority), f"tasks {priority}"))
-        print("process manager:")
-        for ctx in (orders_context(settings), tasks):
-            print(await _consumer_line(nc, ctx.stream, FULFILMENT_DURABLE, f"fulfilment <- {ctx.stream}"))
-        return code
-    finally:
-        await nc.close()
+async def status(settings: Settings, nc: Client) -> int:
+    """Print services, streams, projection lag, work queues and process-manager lag."""
+    js = nc.jetstream()
+    services = await _discover(nc)
+    print("services:")
+    for svc in sorted(services, key=lambda s: (str(s["name"]), str(s["id"]))):
+        endpoints = ", ".join(str(e["subject"]) for e in svc.get("endpoints", []))  # type: ignore[attr-defined]
+        print(f"  {svc['name']:<26} {svc['id']}  {endpoints}")
+    if not services:
+        print("  (none answering)")
+    code = 0
+    print("streams:")
+    for model in read_models(settings):
+        try:
+            info = await js.stream_info(model.ctx.stream)
+            print(f"  {model.ctx.stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
+                  f"replicas={info.config.num_replicas}")
+        except NotFoundError:
+            print(f"  {model.ctx.stream:<26} missing (run `jetsource up` once)")
+            code = 1
+    print("projections (lag = events not yet applied):")
+    for model in read_models(settings):
+        durable = model.ctx.consumer(model.projection.name)
+        print(await _consumer_line(nc, model.ctx.stream, durable, model.projection.name))
+    print("work queues:")
+    tasks = tasks_context(settings)
+    for priority in PRIORITIES:
+        print(await _consumer_line(nc, tasks.stream, tasks.work_consumer(priority), f"tasks {priority}"))
+    print("process manager:")
+    for ctx in (orders_context(settings), tasks):
+        print(await _consumer_line(nc, ctx.stream, FULFILMENT_DURABLE, f"fulfilment <- {ctx.stream}"))
+    return code
 
 
 async def rebuild(settings: Settings, only: str | None = None) -> int:

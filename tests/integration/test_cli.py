@@ -1,0 +1,49 @@
+"""The CLI fails fast and plainly: an unreachable NATS is one line on stderr and a non-zero exit
+within the command's timeout; bad arguments are usage errors, not tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.embedded import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(tmp_path: Path, *args: str, nats_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if nats_url:
+        env["JETSOURCE_NATS_URL"] = nats_url
+    # cwd: an empty directory, so no .env file of the checkout changes the settings.
+    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", [
+    ["send", "orders.query.list", "{}"],
+    ["status"],
+    ["replay", "orders"],
+])
+def test_an_unreachable_nats_is_one_line_naming_the_url_and_a_failure_exit(tmp_path: Path, command: list[str]) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    done = _cli(tmp_path, *command, "--timeout", "1", nats_url=url)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"jetsource: cannot reach NATS at {url} within 1s"], done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "complaint"), [
+    (["--since", "yesterday"], "argument --since: not an ISO datetime"),
+    (["--from-seq", "0"], "argument --from-seq: a stream sequence is an integer >= 1"),
+    (["--from-seq", "x"], "argument --from-seq"),
+])
+def test_bad_replay_arguments_are_usage_errors(tmp_path: Path, args: list[str], complaint: str) -> None:
+    done = _cli(tmp_path, "replay", "orders", *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: jetsource replay") and complaint in done.stderr
+    assert "Traceback" not in done.stderr
