@@ -18,10 +18,13 @@ from actors.orders.messages import (
     ShipOrder,
 )
 from actors.tasks.messages import CancelTask, SubmitTask, TaskAccepted, TaskPage, TaskStatsView, TaskView
+from actors.tasks.registry import FailPayload, FlakyPayload, HttpRequestPayload, SleepPayload
 from bus.runtime import ErrorReply
 
+# The public built-in task types' payloads (checked at submit); internal types are not listed.
+_PAYLOADS = {"sleep": SleepPayload, "flaky": FlakyPayload, "fail": FailPayload, "http.request": HttpRequestPayload}
 _TYPES = [PlaceOrder, AddItem, PayOrder, ShipOrder, CancelOrder, OrderAccepted, OrderView, OrderPage, ErrorReply,
-          SubmitTask, CancelTask, TaskAccepted, TaskView, TaskPage, TaskStatsView]
+          SubmitTask, CancelTask, TaskAccepted, TaskView, TaskPage, TaskStatsView, *_PAYLOADS.values()]
 
 
 def _ref(t: type) -> dict[str, str]:
@@ -52,7 +55,7 @@ def _write(summary: str, body: type | None, ok: int = 200) -> dict[str, Any]:
         "summary": summary,
         "parameters": ([_ID] if ok == 200 else []) + _WRITE_HEADERS,
         "responses": {str(ok): {"description": "accepted; ETag is the new version", "content": _json(OrderAccepted)},
-                      **_errors(400, 404, 409, 412, 413, 422, 429, 503, 504)},
+                      **_errors(400, 401, 403, 404, 409, 412, 413, 422, 429, 503, 504)},
     }
     if body is not None:
         op["requestBody"] = {"required": ok == 201, "content": _json(body)}
@@ -100,10 +103,13 @@ def openapi_document() -> bytes:
         "/tasks": {
             "post": {
                 "summary": "Submit a task (type, payload, priority, delay_s | run_at, timeout_s, retry)",
+                "description": "The payload is checked against its type's schema: "
+                               + ", ".join(f"{name} → {t.__name__}" for name, t in _PAYLOADS.items())
+                               + "; echo and types without a schema take any JSON. run_at is at most 30 days ahead.",
                 "parameters": _WRITE_HEADERS[:1],
                 "requestBody": {"required": True, "content": _json(SubmitTask)},
                 "responses": {"202": {"description": "accepted; Location is the task", "content": _json(TaskAccepted)},
-                              **_errors(400, 413, 422, 429, 503, 504)},
+                              **_errors(400, 401, 403, 413, 422, 429, 503, 504)},
             },
             "get": {
                 "summary": "List tasks (newest first, keyset pagination)",
@@ -140,12 +146,17 @@ def openapi_document() -> bytes:
             "summary": "The task's event history, from JetStream", "parameters": [{**_ID, "name": "task_id"}],
             "responses": {"200": {"description": "events in order"}, **_errors(404, 422)},
         }},
-        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "Readiness (NATS and JetStream reachable)",
+        "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness (NATS and JetStream reachable)", "security": [],
                             "responses": {"200": {"description": "ready"}, **_errors(503)}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (without a token when JETSOURCE_METRICS_OPEN)",
+                             "responses": {"200": {"description": "text format"}}}},
     }
     return msgspec.json.encode(
         {"openapi": "3.1.0", "info": {"title": "jetsource", "version": "0.1.0"}, "paths": paths,
-         "components": {"schemas": components}}
+         # With tokens configured every other route needs one (401; a read-only token writing: 403);
+         # without, the edge is open: hence the empty alternative.
+         "security": [{"bearer": []}, {}],
+         "components": {"schemas": components,
+                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
     )
