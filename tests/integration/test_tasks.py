@@ -126,6 +126,15 @@ async def test_internal_types_are_refused_on_submit_and_accepted_on_submit_inter
     assert json.loads((await system.request(system.tasks.command("submit_internal"), {"type": "echo"})).data)["status"]
 
 
+async def test_the_edge_exposes_no_worker_command_nor_internal_submit(system: System) -> None:
+    for name in ("submit_internal", "claim", "start", "progress", "complete", "fail", "claim_batch",
+                 "start_batch", "complete_batch"):
+        for path in (f"/tasks/{name}", f"/tasks/t1/{name}"):
+            status, _, body = await post(system, path, {"type": "order.fulfil", "payload": {"order_id": "o1"}})
+            assert status in (404, 405), (path, status, body)
+    assert await _stored(system) == 0
+
+
 async def test_a_caller_cannot_set_the_time_the_actor_stamps(system: System) -> None:
     t0 = time.time()
     reply = await submit(system, {"type": "echo", "at": 1.0, "delay_s": 3600})
