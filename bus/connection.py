@@ -14,6 +14,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
 from bus import subjects as h
+from bus.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,14 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> Callable[[], None]
 async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Client:
     """Connect with the reconnect policy every jetsource process uses."""
 
+    failing: list[bool] = []  # set while reconnects fail: one log line per outage, not one per attempt
+
     async def on_error(exc: Exception) -> None:
+        if isinstance(exc, OSError) and failing:
+            log.debug("nats error (%s): %s", name, exc)
+            return
+        if isinstance(exc, OSError):
+            failing.append(True)
         log.warning("nats error (%s): %s", name, exc)
 
     holder: list[Client] = []
@@ -70,6 +78,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
         log.warning("nats disconnected (%s)", name)
 
     async def on_reconnected() -> None:
+        failing.clear()
         log.info("nats reconnected (%s)", name)
         for listener in nc.reconnect_listeners:
             try:
@@ -112,8 +121,12 @@ async def request(
     Profiling the edge showed nats-py's request spending ~10 % of the process on a token drawn
     from os.urandom, `asyncio.wait_for` and a done-callback per call. Here the token is a NUID
     (22 characters, unique in this process; nats-py's own tokens are 26, so they never meet) and
-    the timeout is one timer handle. Raises what `nc.request` raises.
+    the timeout is one timer handle. Raises what `nc.request` raises, and UnavailableError at
+    once while the connection is down: nats-py would buffer the request and send it after a
+    reconnect, long after its caller gave up (a command stored that its client was told failed).
     """
+    if not nc.is_connected:
+        raise UnavailableError("not connected to NATS (reconnecting)")
     if not nc._resp_sub_prefix:  # noqa: SLF001 - the client's reply multiplexer, see above
         await nc._init_request_sub()  # noqa: SLF001
     prefix = nc._resp_sub_prefix  # noqa: SLF001

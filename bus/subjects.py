@@ -23,6 +23,8 @@ TRACE_ID = "Trace-Id"
 CORRELATION_ID = "Correlation-Id"
 CAUSATION_ID = "Causation-Id"
 MIN_SEQ = "Min-Seq"
+# When the caller stops waiting (epoch milliseconds): an actor never executes a command past it.
+DEADLINE = "Deadline"
 
 # jetsource headers on stored events
 EV_COMMAND_ID = "Jetsource-Command-Id"
@@ -31,6 +33,8 @@ EV_CAUSATION_ID = "Jetsource-Causation-Id"
 EV_TRACE_ID = "Jetsource-Trace-Id"
 EV_TIME = "Jetsource-Time"
 EV_REPLY = "Jetsource-Reply"
+# A digest of the keyed request that stored these events: the same key with another request is refused.
+EV_REQUEST_HASH = "Jetsource-Request-Hash"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
