@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client
@@ -57,7 +59,45 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> Callable[[], None]
     return lambda: nc.reconnect_listeners.remove(listener)
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Client:
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a process is on NATS: one of user + password, a token, a credentials file (JWT +
+    nkey, needs the `nkeys` package) or an nkey seed file; optionally TLS (a CA to trust, a client
+    certificate and key). `inbox` is the prefix of its reply subjects, `_INBOX.<role>`, so a
+    role's permissions can let it receive only its own replies."""
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    inbox: str = "_INBOX"
+
+    def options(self) -> dict[str, Any]:
+        """nats-py connect options for these credentials."""
+        out: dict[str, Any] = {"inbox_prefix": self.inbox}
+        if self.user is not None:
+            out["user"], out["password"] = self.user, self.password or ""
+        if self.token is not None:
+            out["token"] = self.token
+        if self.creds_file:
+            out["user_credentials"] = self.creds_file
+        if self.nkey_seed_file:
+            out["nkeys_seed"] = self.nkey_seed_file
+        if self.tls_ca or self.tls_cert:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            out["tls"] = context
+        return out
+
+
+async def connect(
+    url: str, name: str, *, connect_timeout: float = 5.0, credentials: Credentials | None = None
+) -> Client:
     """Connect with the reconnect policy every jetsource process uses."""
 
     failing: list[bool] = []  # set while reconnects fail: one log line per outage, not one per attempt
@@ -100,6 +140,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Clien
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnected,
         **options,
+        **(credentials or Credentials()).options(),
     )
     holder.append(nc)
     return nc

@@ -54,19 +54,22 @@ async def prepare(settings: Settings) -> None:
     await ensure_schema(settings.resolved_database_url(), settings.db_schema)
 
 
-def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]) -> int:
+def _role(
+    settings: Settings, name: str, role: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]
+) -> int:
+    """Run one role's parts on a connection with that role's NATS identity. Roles do not create
+    streams (their identities may not): `jetsource prepare` or `jetsource up` does, as admin."""
     _setup_logging(settings, name)
 
     async def main() -> int:
-        from infra.bootstrap import ensure_streams, nats_connection
+        from infra.bootstrap import nats_connection
 
         if settings.metrics_port:
             from prometheus_client import start_http_server
 
             start_http_server(settings.metrics_port, addr=settings.http_host)
         async with contextlib.AsyncExitStack() as stack:
-            nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}"))
-            await ensure_streams(nc, settings)
+            nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}", role))
             await parts(nc, stack)
             # Everything alive now (modules, clients) lives as long as the process: keep it
             # out of the cyclic GC's full collections, which otherwise rescan it every time.
@@ -83,6 +86,7 @@ def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncE
 
 
 def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
     from infra.bootstrap import run_orders_actor, run_tasks_actor
 
     run = run_orders_actor if args.context == "orders" else run_tasks_actor
@@ -90,37 +94,61 @@ def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(run(settings, nc))
 
-    return _role(settings, f"actor-{args.context}", parts)
+    role = auth.ORDERS_ACTOR if args.context == "orders" else auth.TASKS_ACTOR
+    return _role(settings, f"actor-{args.context}", role, parts)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.bootstrap import run_worker
+    from infra import auth
+    from infra.bootstrap import nats_connection, run_worker
 
     if args.concurrency:
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run_worker(settings, nc))
+        # The process manager is a role of its own: it may send what workers may not.
+        manager_nc = await stack.enter_async_context(nats_connection(settings, "jetsource-fulfilment", auth.FULFILMENT))
+        await stack.enter_async_context(run_worker(settings, nc, manager_nc=manager_nc))
 
-    return _role(settings, "worker", parts)
+    return _role(settings, "worker", auth.WORKER, parts)
 
 
 def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
     from infra.bootstrap import run_projector
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(run_projector(settings, nc))
 
-    return _role(settings, "projector", parts)
+    return _role(settings, "projector", auth.PROJECTOR, parts)
 
 
 def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
     from infra.bootstrap import run_edge
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(run_edge(settings, nc))
 
-    return _role(settings, "edge", parts)
+    return _role(settings, "edge", auth.EDGE, parts)
+
+
+def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
+    _setup_logging(settings, "prepare")
+
+    async def main() -> int:
+        await prepare(settings)
+        print("jetsource: streams, consumers and read-model schema are in place")
+        return 0
+
+    return _run(main)
+
+
+def cmd_nats_config(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
+
+    print(auth.server_config_block(settings, auth.ensure_secrets(settings)), end="")
+    return 0
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -132,14 +160,17 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
+    from bus.client import with_deadline
     from bus.connection import connect, request
+    from infra.auth import ADMIN, credentials
 
     async def main() -> int:
         headers = dict(kv.split("=", 1) for kv in args.header)
-        nc = await connect(settings.resolved_nats_url(), "jetsource-send")
+        nc = await connect(settings.resolved_nats_url(), "jetsource-send", credentials=credentials(settings, ADMIN))
         try:
             try:
-                msg = await request(nc, args.subject, args.json.encode(), timeout=args.timeout, headers=headers or None)
+                msg = await request(nc, args.subject, args.json.encode(), timeout=args.timeout,
+                                    headers=with_deadline(headers, args.timeout))
             except Exception as exc:  # noqa: BLE001 - the CLI's one catch-all: print, exit 1
                 print(json.dumps({"error": {"code": "unavailable", "message": f"{type(exc).__name__}: {exc}"}}))
                 return 1
@@ -154,12 +185,13 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
     from bus.connection import connect
+    from infra.auth import ADMIN, credentials
     from bus.eventstore import EventStore
     from bus.subjects import Context
 
     async def main() -> int:
         ctx = Context(args.context, settings.namespace)
-        nc = await connect(settings.resolved_nats_url(), "jetsource-replay")
+        nc = await connect(settings.resolved_nats_url(), "jetsource-replay", credentials=credentials(settings, ADMIN))
         try:
             store = EventStore(nc, ctx.stream)
             subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
@@ -214,6 +246,10 @@ def parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=cmd_worker)
     sub.add_parser("projector", help="run the projections and the query endpoints").set_defaults(fn=cmd_projector)
     sub.add_parser("edge", help="run the HTTP edge").set_defaults(fn=cmd_edge)
+    sub.add_parser("prepare", help="create streams, consumers and the read-model schema (admin; `up` does it too)"
+                   ).set_defaults(fn=cmd_prepare)
+    sub.add_parser("nats-config", help="print the nats-server `authorization` block: every role's user and "
+                                       "permissions (passwords from the data directory)").set_defaults(fn=cmd_nats_config)
     s = sub.add_parser("send", help="send a command or query and print the reply")
     s.add_argument("subject")
     s.add_argument("json", nargs="?", default="{}")

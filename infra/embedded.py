@@ -71,10 +71,11 @@ def nats_server_binary() -> str:
 class EmbeddedNats:
     """A single nats-server with JetStream, durable writes, bound to 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, port: int, monitor_port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, monitor_port: int, *, authorization: str = "") -> None:
         self.dir = data_dir / "nats"
         self.port = port
         self.monitor_port = monitor_port
+        self.authorization = authorization  # an `authorization { ... }` block; empty = no auth (tests)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,12 +95,16 @@ class EmbeddedNats:
             "  # acknowledged means on disk\n"
             "  sync_interval: always\n"
             "}\n"
+            + self.authorization
         )
 
     def start(self, timeout: float = 20.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
-        conf.write_text(self.config())
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the roles' passwords
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config())
+        os.chmod(conf, 0o600)
         with open(self.dir / "nats-server.log", "ab") as log:  # the child keeps its own copy
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(conf)],

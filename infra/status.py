@@ -15,6 +15,7 @@ from actors.fulfilment import DURABLE as FULFILMENT_DURABLE
 from actors.tasks.messages import PRIORITIES
 from bus.connection import connect
 from bus.subjects import Context
+from infra.auth import ADMIN, credentials
 from infra.bootstrap import orders_context, tasks_context
 from infra.settings import Settings
 from projections.orders import OrdersProjection
@@ -74,7 +75,7 @@ async def _consumer_line(nc: Client, stream: str, durable: str, label: str) -> s
 
 
 async def status(settings: Settings) -> int:
-    nc = await connect(settings.resolved_nats_url(), "jetsource-status")
+    nc = await connect(settings.resolved_nats_url(), "jetsource-status", credentials=credentials(settings, ADMIN))
     try:
         js = nc.jetstream()
         services = await _discover(nc)
@@ -115,7 +116,7 @@ async def rebuild(settings: Settings, only: str | None = None) -> int:
     dsn = settings.resolved_database_url()
     await ensure_schema(dsn, settings.db_schema)
     pool = await create_pool(dsn, settings.db_schema)
-    nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild")
+    nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild", credentials=credentials(settings, ADMIN))
     try:
         for model in read_models(settings):
             name = model.projection.name

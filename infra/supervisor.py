@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from infra import auth
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, _die_with_parent, stop_process
 from infra.settings import Settings
 
@@ -82,17 +83,20 @@ def up(settings: Settings) -> int:
     children: list[Child] = []
     try:
         if settings.nats_embedded:
-            nats = EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port)
+            # No anonymous access: every role connects as itself (infra.auth).
+            authorization = auth.server_config_block(settings, auth.ensure_secrets(settings))
+            nats = EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port,
+                                authorization=authorization)
             nats.start()
         if settings.postgres_embedded:
             pg = EmbeddedPostgres(settings.data_dir, settings.postgres_port)
             pg.start()
+        # Children find the embedded server from the same settings (and their identities in the
+        # data directory); only an external database URL is spelled out for them.
         env = dict(os.environ)
-        env["JETSOURCE_NATS_URL"] = settings.resolved_nats_url()
+        env["JETSOURCE_DATA_DIR"] = str(settings.data_dir.resolve())
         env["JETSOURCE_DATABASE_URL"] = settings.resolved_database_url()
-        child_settings = settings.model_copy(
-            update={"nats_url": env["JETSOURCE_NATS_URL"], "database_url": env["JETSOURCE_DATABASE_URL"]}
-        )
+        child_settings = settings.model_copy(update={"database_url": env["JETSOURCE_DATABASE_URL"]})
         from infra.cli import prepare
 
         asyncio.run(prepare(child_settings))
