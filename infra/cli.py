@@ -256,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
         pka = pks.add_parser(name, help=what)
         pka.add_argument("target", nargs="*", metavar="READER STREAM SEQ", help="one parked event")
         pka.add_argument("--all", action="store_true", help="every parked event (of --reader, when given)")
-        pka.add_argument("--reader", help="with --all: only this reader's")
+        pka.add_argument("--reader", default=argparse.SUPPRESS, help="with --all: only this reader's")
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)

@@ -89,7 +89,7 @@ def decode_event(projection: Projection, stored: StoredEvent) -> Any:
     """Decode with the projection's decoder; raises one of UNDECODABLE for what it cannot read."""
     event = projection.decode(stored)
     v = getattr(event, "v", None)
-    if v is not None and v > _known_version(type(event)):
+    if v is not None and v > (_known_versions.get(type(event)) or _known_version(type(event))):
         raise UnknownVersionError(f"schema version {v} of {type(event).__name__} is newer than this code knows")
     return event
 

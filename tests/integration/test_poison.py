@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from infra import parked as parked_cli
 from infra.bootstrap import ensure_streams, nats_connection, orders_context, parked_subjects, run_orders_actor
 from infra.embedded import EmbeddedPostgres, free_port
 from infra.status import rebuild
+from infra.status import status as status_command
 from projections.orders import OrdersProjection
 from projections.runner import Checkpoints, Projector
 from projections.schema import create_pool, ensure_schema
@@ -201,11 +203,22 @@ async def test_the_fulfilment_manager_parks_a_malformed_outbox_event_and_fulfils
     assert await parking.get(system.nc, parked_subjects(system.settings), *target) is None
 
 
-async def test_a_rebuild_with_poison_in_the_stream_completes_and_parks_it_again(system: System) -> None:
+async def test_a_rebuild_with_poison_in_the_stream_completes_and_parks_it_again(
+    system: System, capsys: pytest.CaptureFixture[str],
+) -> None:
     seq = await _publish(system, system.orders.events("poison-r"), b"not json")
     status, headers, body = await post(system, "/orders", PLACE)
     [before] = await _parked(system, "orders_projection", 1)
     assert before.seq == seq
+    # The operator sees it in `jetsource status` and in `jetsource projections parked`.
+    capsys.readouterr()
+    assert await status_command(system.settings) == 0
+    shown = capsys.readouterr().out
+    section = shown.split("\nparked")[-1].splitlines()
+    assert section[1].split() == ["orders_projection", "1"] and "jetsource projections parked" in section[2]
+    assert await parked_cli.command(system.settings, "list") == 0
+    [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (listed["reader"], listed["seq"], listed["body"], listed["size"]) == ("orders_projection", seq, "not json", 8)
     assert await rebuild(system.settings, "orders") == 0
     [after] = await _parked(system, "orders_projection", 1)
     assert after.seq == seq and after.parked_seq > before.parked_seq
