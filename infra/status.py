@@ -14,6 +14,7 @@ from nats.js.errors import NotFoundError
 from actors.fulfilment import DURABLE as FULFILMENT_DURABLE
 from actors.tasks.messages import PRIORITIES
 from bus import parking
+from bus import subjects as h
 from bus.connection import connect
 from bus.subjects import Context
 from infra.bootstrap import orders_context, parked_subjects, tasks_context
@@ -57,6 +58,8 @@ async def _discover(nc: Client, timeout: float = 0.5) -> list[dict[str, object]]
     try:
         while True:
             msg = await sub.next_msg(timeout)
+            if msg.headers and h.STATUS in msg.headers:
+                break  # "no responders": nothing answers (status must still report the rest)
             found.append(msgspec.json.decode(msg.data))
     except NatsTimeoutError:
         pass
