@@ -21,8 +21,8 @@ from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import EventStore
 from bus.runtime import Actor
-from bus.streams import ensure_stream, ensure_work_consumers, event_stream
-from bus.subjects import Context
+from bus.streams import ensure_stream, ensure_work_consumers, event_stream, parked_stream
+from bus.subjects import Context, Parked
 from http_edge.app import EdgeConfig, create_app
 from infra import auth
 from infra.settings import Settings
@@ -41,6 +41,10 @@ def orders_context(settings: Settings) -> Context:
 
 def tasks_context(settings: Settings) -> Context:
     return Context("tasks", settings.namespace)
+
+
+def parked_subjects(settings: Settings) -> Parked:
+    return Parked(settings.namespace)
 
 
 def _store(settings: Settings, nc: Client, ctx: Context) -> EventStore:
@@ -69,6 +73,7 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
     for ctx, with_queue in ((orders_context(settings), False), (tasks_context(settings), True)):
         await ensure_stream(js, event_stream(ctx, replicas=settings.stream_replicas,
                                              duplicate_window_s=settings.duplicate_window_s, with_queue=with_queue))
+    await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
     await ensure_work_consumers(js, tasks_context(settings), PRIORITIES, settings.task_lease_s)
 
 

@@ -228,6 +228,20 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     return _run(lambda: rebuild(settings, args.only))
 
 
+def cmd_parked(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.parked import command
+
+    action = args.parked_action or "list"
+    target = None
+    if action != "list":
+        if len(args.target) == 3 and not args.all:
+            target = (args.target[0], args.target[1], int(args.target[2]))
+        elif args.target or not args.all:
+            print("name one parked event (READER STREAM SEQ) or pass --all", file=sys.stderr)
+            return 2
+    return _run(lambda: command(settings, action, everything=args.all, reader=args.reader, target=target))
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from infra.bench import bench
 
@@ -269,6 +283,16 @@ def parser() -> argparse.ArgumentParser:
     rb = prs.add_parser("rebuild", help="rebuild read models from the streams")
     rb.add_argument("--only", choices=["orders", "tasks"])
     rb.set_defaults(fn=cmd_rebuild)
+    pk = prs.add_parser("parked", help="events a reader could not decode or apply: list (JSON lines), retry, skip")
+    pk.add_argument("--reader", help="only this reader's, e.g. orders_projection, fulfilment_manager")
+    pk.set_defaults(fn=cmd_parked, parked_action=None, all=False, target=[])
+    pks = pk.add_subparsers(dest="parked_action")
+    for name, what in (("retry", "apply again with the current code; resolved ones are deleted"),
+                       ("skip", "delete without applying")):
+        pka = pks.add_parser(name, help=what)
+        pka.add_argument("target", nargs="*", metavar="READER STREAM SEQ", help="one parked event")
+        pka.add_argument("--all", action="store_true", help="every parked event (of --reader, when given)")
+        pka.add_argument("--reader", default=argparse.SUPPRESS, help="with --all: only this reader's")
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)

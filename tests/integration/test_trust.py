@@ -21,6 +21,7 @@ import aiohttp
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from infra import auth
 from infra.bootstrap import (
@@ -106,8 +107,8 @@ async def _post(s: Secured, path: str, body: object = None) -> tuple[int, dict]:
         return resp.status, await resp.json()
 
 
-async def _get(s: Secured, path: str, **params: object) -> tuple[int, dict]:
-    async with s.http.get(s.base + path, params=params) as resp:
+async def _get(s: Secured, path: str) -> tuple[int, dict]:
+    async with s.http.get(s.base + path) as resp:
         return resp.status, await resp.json()
 
 
@@ -168,7 +169,7 @@ async def test_only_the_orders_actor_can_join_the_orders_command_queue(secured: 
     fakes: list[tuple[Client, list[str]]] = []
     heard: list[str] = []
 
-    async def answer(msg: nats.aio.msg.Msg) -> None:  # what the fake responder did: a 201 for nothing
+    async def answer(msg: Msg) -> None:  # what the fake responder did: a 201 for nothing
         heard.append(msg.subject)
         await msg.respond(b'{"order_id":"fake","status":"placed","total":0,"version":1,"seq":1}')
 
