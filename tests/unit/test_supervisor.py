@@ -3,6 +3,7 @@ back-off, reaping every exit) and tells a stale PostgreSQL lock from a held one.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -117,3 +118,29 @@ def test_a_stale_lock_names_a_postgres_process_only_while_one_runs_with_that_pid
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_postgres_waits_while_processes_of_a_dead_postmaster_still_attach_its_shared_memory(tmp_path: Path) -> None:
+    # A System V segment this test attaches, as an orphaned backend would hold the dead one's.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    libc.shmdt.argtypes = [ctypes.c_void_p]
+    shmid = libc.shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    assert shmid >= 0, os.strerror(ctypes.get_errno())
+    address = libc.shmat(shmid, None, 0)
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        pg = EmbeddedPostgres(tmp_path, 5998)
+        pg.pgdata.mkdir(parents=True)
+        (pg.pgdata / "postmaster.pid").write_text(
+            f"{dead.pid}\n{pg.pgdata}\n0\n5998\n{pg.pgdata}\n127.0.0.1\n  5998001 {shmid:10d}\nready\n")
+        assert pg.blocked() == f"1 processes of the old postmaster still attach its shared memory (id {shmid})"
+        libc.shmdt(ctypes.c_void_p(address))
+        address = None
+        assert pg.blocked() is None
+    finally:
+        if address is not None:
+            libc.shmdt(ctypes.c_void_p(address))
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
