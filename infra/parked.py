@@ -20,6 +20,7 @@ from nats.aio.client import Client
 
 from actors.fulfilment import DURABLE as FULFILMENT_READER
 from actors.fulfilment import FulfilmentManager
+from actors.tasks.worker import PARKED_READER as WORKERS_READER
 from bus import parking
 from bus.connection import connect
 from bus.errors import JetsourceError, MalformedError, NotFoundError, RuleViolationError, ValidationError
@@ -83,6 +84,8 @@ async def retry(nc: Client, pool: asyncpg.Pool, settings: Settings, events: list
             outcome = await _retry(nc, settings, event, lambda e: _apply(pool, models[e.reader], e))
         elif event.reader == FULFILMENT_READER:
             outcome = await _retry(nc, settings, event, lambda e: _handle(manager, e))
+        elif event.reader == WORKERS_READER:
+            outcome = await _retry(nc, settings, event, lambda e: _requeue(nc, e))
         else:
             outcome = RetryOutcome(event, False, f"no reader named {event.reader!r} here")
         out.append(outcome)
@@ -119,6 +122,11 @@ async def _apply(pool: asyncpg.Pool, model: ReadModel, event: ParkedEvent) -> No
         # Serialise with a running projector, which holds this row while it applies a batch.
         await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", projection.name)
         await projection.apply(conn, [(stored, decode_event(projection, stored))])
+
+
+async def _requeue(nc: Client, event: ParkedEvent) -> None:
+    """A work item goes back on its queue as it was; a worker parks it again if still unreadable."""
+    await nc.jetstream().publish(event.subject, event.data)
 
 
 async def _handle(manager: FulfilmentManager, event: ParkedEvent) -> None:

@@ -43,13 +43,16 @@ from bus.errors import (
     UnavailableError,
     from_code,
 )
+from bus import parking
+from bus.pull import position
 from bus.runtime import ErrorBody
-from bus.subjects import Context
+from bus.subjects import Context, Parked
 from bus.workqueue import PriorityQueues, WorkItem
 
 log = logging.getLogger(__name__)
 
 _dispatch = msgspec.json.Decoder(Dispatch)
+PARKED_READER = "workers"  # work items no worker could read are parked under this reader
 class _Outcome(msgspec.Struct, frozen=True):
     accepted: TaskAccepted | None = None
     refused: ErrorBody | None = None
@@ -124,6 +127,7 @@ class Worker:
     ) -> None:
         self._nc = nc
         self._ctx = ctx
+        self._parked = Parked(ctx.namespace)
         self._registry = registry
         self._slots = _Capacity(concurrency)  # handlers running
         self._storing = _Capacity(concurrency)  # outcomes being stored
@@ -271,8 +275,21 @@ class Worker:
     async def _start(self, items: list[WorkItem]) -> None:
         """Claim everything one pull gave us with one request, then run what may run now."""
         settled = 0  # items whose slot is accounted for (released, or held by a running handler)
+        taken = len(items)
         try:
-            dispatches = [_dispatch.decode(item.data) for item in items]
+            dispatches: list[Dispatch] = []
+            readable: list[WorkItem] = []
+            for item in items:
+                try:
+                    dispatches.append(_dispatch.decode(item.data))
+                    readable.append(item)
+                except msgspec.DecodeError as exc:  # redelivered, it would come back forever
+                    await self._park(item, exc)
+                    self._slots.give()
+                    settled += 1
+            items = readable
+            if not items:
+                return
             body = {"items": [{"task_id": d.task_id, "attempt": d.attempt} for d in dispatches]}
             try:
                 results = _batch.decode(await self._command("claim_batch", body)).results
@@ -299,8 +316,21 @@ class Worker:
                 self._slots.give()
                 settled += 1
         finally:
-            for _ in range(len(items) - settled):
+            for _ in range(taken - settled):
                 self._slots.give()
+
+    async def _park(self, item: WorkItem, error: Exception) -> None:
+        """Park a work item this code cannot read (reader `workers`) and drop it from the queue."""
+        msg = item.msg
+        try:
+            await parking.park(self._nc, self._parked, reader=PARKED_READER, stream=self._ctx.stream,
+                               seq=position(msg).stream_seq, subject=msg.subject, data=msg.data,
+                               headers=msg.headers or {}, error=error, timeout=self._timeout)
+        except JetsourceError as exc:
+            log.warning("could not park an unreadable work item: %s; it will come back", exc.message)
+            await item.nak(1.0)
+            return
+        await item.ack()
 
     async def _started_first(self, item: WorkItem, task: TaskAccepted) -> bool:
         """Store a claimed attempt's start before running it; False (the item settled) when the

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from actors.fulfilment import DURABLE as FULFILMENT_READER
 from actors.orders.messages import OrderLine, OrderPlaced
 from actors.tasks.messages import RetryPolicy, TaskSubmitted
+from actors.tasks.worker import PARKED_READER as WORKERS_READER
 from bus import parking
 from bus.eventstore import StoredEvent
 from bus.parking import ParkedEvent
@@ -201,6 +202,23 @@ async def test_the_fulfilment_manager_parks_a_malformed_outbox_event_and_fulfils
     assert still is not None and still.parked_seq > found.parked_seq
     assert await parked_cli.command(system.settings, "skip", target=target) == 0
     assert await parking.get(system.nc, parked_subjects(system.settings), *target) is None
+
+
+async def test_a_worker_parks_an_unreadable_work_item_and_runs_the_tasks_after_it(system: System) -> None:
+    queue = system.tasks.queue("high")
+    seq = await _publish(system, queue, b'{"type": "task.dispatch", "task_id": 7}')
+    await system.start_worker()
+    status, _, accepted = await post(system, "/tasks", {"type": "echo", "priority": "high", "payload": {"n": 1}})
+    assert status == 202
+    await eventually(lambda: get(system, f"/tasks/{accepted['task_id']}"),
+                     lambda r: r[0] == 200 and r[2]["status"] == "completed", failure="the task never ran")
+    [found] = await _parked(system, WORKERS_READER, 1)
+    assert (found.stream, found.seq, found.subject) == (system.tasks.stream, seq, queue)
+    # retried, it goes back on its queue and is parked again (still unreadable)
+    target = (WORKERS_READER, system.tasks.stream, seq)
+    assert await parked_cli.command(system.settings, "retry", target=target) == 0
+    [again] = await _parked(system, WORKERS_READER, 1)
+    assert again.subject == queue and again.seq > seq
 
 
 async def test_a_rebuild_with_poison_in_the_stream_completes_and_parks_it_again(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from infra.bootstrap import (
     run_tasks_actor,
     run_worker,
 )
-from infra.embedded import EmbeddedNats, free_port
+from infra.embedded import EmbeddedNats, free_port, nats_server_binary, wait_for_port
 from infra.settings import NatsIdentity, Settings
 from tests.conftest import eventually, make_settings
 
@@ -229,3 +230,46 @@ async def test_each_role_is_refused_what_its_job_does_not_need(secured: Secured,
         await nc.close()
     assert (await secured.messages("orders"), await secured.messages("tasks")) == before
     await secured.admin.jetstream().stream_info(f"{ns.upper()}_ORDERS")  # still there
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+async def test_a_role_connects_over_mutual_tls_with_its_settings(tmp_path: Path) -> None:
+    # A CA, a server certificate for 127.0.0.1 and a client certificate, as an operator would have.
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp_path)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=tmp_path)
+        (tmp_path / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=tmp_path)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f'tls {{ cert_file: "{tmp_path}/server.pem", key_file: "{tmp_path}/server.key", '
+        f'ca_file: "{tmp_path}/ca.pem", verify: true }}\n'
+        'authorization { users = [ { user: "edge", password: "s3cret" } ] }\n'
+    )
+    server = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 10, server, "nats-server")
+        settings = Settings(_env_file=None, nats_url=f"tls://127.0.0.1:{port}", nats_identities={"edge": NatsIdentity(
+            user="edge", password="s3cret", tls_ca=tmp_path / "ca.pem", tls_cert=tmp_path / "client.pem",
+            tls_key=tmp_path / "client.key")})
+        async with nats_connection(settings, "tls-test", auth.EDGE) as nc:
+            sub = await nc.subscribe("_INBOX.edge.probe")
+            await nc.publish("_INBOX.edge.probe", b"over tls")
+            assert (await sub.next_msg(5)).data == b"over tls"
+        # without the client certificate the server refuses the handshake
+        plain = settings.model_copy(update={"nats_identities": {"edge": NatsIdentity(
+            user="edge", password="s3cret", tls_ca=tmp_path / "ca.pem")}})
+        with pytest.raises(Exception):
+            await nats.connect(plain.resolved_nats_url(), allow_reconnect=False, max_reconnect_attempts=0,
+                               connect_timeout=2, **auth.credentials(plain, auth.EDGE).options())
+    finally:
+        server.kill()
+        server.wait()
