@@ -36,6 +36,7 @@ from infra.bootstrap import (
 )
 from infra.embedded import EmbeddedNats, free_port, nats_server_binary, wait_for_port
 from infra.settings import NatsIdentity, Settings
+from infra.status import _discover as discover_services
 from tests.conftest import eventually, make_settings
 
 PLACE = {"customer_id": "c-1", "currency": "EUR", "lines": [{"sku": "apple", "quantity": 2, "unit_price": 150}]}
@@ -103,6 +104,10 @@ async def secured(database_url: str) -> AsyncIterator[Secured]:
             server.stop()
 
 
+async def _discover(nc: Client) -> list[str]:
+    return [str(svc["name"]) for svc in await discover_services(nc)]
+
+
 async def _post(s: Secured, path: str, body: object = None) -> tuple[int, dict]:
     async with s.http.post(s.base + path, json=body) as resp:
         return resp.status, await resp.json()
@@ -127,6 +132,12 @@ async def test_every_role_runs_as_itself_end_to_end(secured: Secured) -> None:
     assert status == 202
     await eventually(lambda: _get(secured, f"/tasks/{task['task_id']}"),
                      lambda r: r[0] == 200 and r[1]["status"] == "completed", timeout=30)
+
+
+async def test_standard_discovery_sees_every_service_through_the_permissions(secured: Secured) -> None:
+    found = await eventually(lambda: _discover(secured.admin), lambda names: len(names) >= 4)
+    ns = secured.settings.namespace
+    assert sorted(found) == sorted(f"{ns}_{name}" for name in ("orders_actor", "tasks_actor", "orders_query", "tasks_query"))
 
 
 async def test_anonymous_and_wrong_password_connections_are_refused(secured: Secured) -> None:
