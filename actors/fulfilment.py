@@ -5,7 +5,8 @@ or replayed events never submit a second); the task's completion ships the order
 letter records a `order.fulfilment_failed` event on the order. It consumes the outbox subjects
 (`orders.outbox.paid`, `tasks.outbox.ended`: copies of those events stored atomically with them)
 through durable consumers, so the server filters out every other event, and it only issues
-idempotent commands, so at-least-once is enough."""
+idempotent commands, so at-least-once is enough. An event it cannot decode or handle is parked
+(`bus.parking`, reader `fulfilment_manager`) and acked: one bad message never stops it."""
 
 from __future__ import annotations
 
@@ -22,25 +23,32 @@ from nats.js.errors import APIError
 from actors.orders.messages import OrderEvent, OrderPaid
 from actors.tasks.messages import TaskCompleted, TaskDeadLettered, TaskEvent
 from actors.tasks.registry import FULFIL_ORDER
+from bus import parking
 from bus import subjects as h
 from bus.client import call
 from bus.codec import encode
-from bus.errors import JetsourceError, NotFoundError, RuleViolationError, ValidationError
-from bus.pull import Puller
-from bus.subjects import Context
+from bus.errors import JetsourceError, MalformedError, NotFoundError, RuleViolationError, ValidationError
+from bus.pull import Puller, position
+from bus.subjects import Context, Parked
 
 log = logging.getLogger(__name__)
 DURABLE = "fulfilment_manager"
-_PERMANENT = (RuleViolationError, NotFoundError, ValidationError)
+# A legitimate refusal of a command (the order moved on): nothing to repair, skip the event.
+_REFUSED = (RuleViolationError, NotFoundError)
+# The event itself is bad (cannot be decoded, or its command is invalid): park it for an operator.
+_POISON = (ValidationError, MalformedError)
 
 
 class FulfilmentManager:
     """Reacts to OrderPaid, TaskCompleted and TaskDeadLettered."""
 
-    def __init__(self, nc: Client, orders: Context, tasks: Context, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, nc: Client, orders: Context, tasks: Context, *, timeout: float = 5.0, parked: Parked | None = None
+    ) -> None:
         self._nc = nc
         self._orders = orders
         self._tasks = tasks
+        self._parked = parked or Parked(orders.namespace)
         self._timeout = timeout
         self._stopping = asyncio.Event()
         self._order_events = msgspec.json.Decoder(OrderEvent)
@@ -51,6 +59,16 @@ class FulfilmentManager:
             self._consume(self._orders, self._on_order_event),
             self._consume(self._tasks, self._on_task_event),
         )
+
+    async def handle(self, stream: str, data: bytes, headers: dict[str, str]) -> None:
+        """Handle one raw outbox event of either stream (a parked event, retried): raises what
+        handling raises."""
+        if stream == self._orders.stream:
+            await self._on_order_event(data, headers)
+        elif stream == self._tasks.stream:
+            await self._on_task_event(data, headers)
+        else:
+            raise ValueError(f"the fulfilment manager reads {self._orders.stream} and {self._tasks.stream}, not {stream}")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -64,7 +82,7 @@ class FulfilmentManager:
                     while not self._stopping.is_set():
                         msgs = await puller.pull(500, wait_s=0.5)
                         if msgs:
-                            await self._handle_batch(msgs, handle)
+                            await self._handle_batch(ctx, msgs, handle)
                 finally:
                     await puller.close()
             except asyncio.CancelledError:
@@ -99,8 +117,8 @@ class FulfilmentManager:
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
         await js.add_consumer(ctx.stream, config)
 
-    async def _handle_batch(self, msgs: list[Any], handle: Any) -> None:
-        """Handle in order, acking each event once it is handled (or skipped as permanent).
+    async def _handle_batch(self, ctx: Context, msgs: list[Any], handle: Any) -> None:
+        """Handle in order, acking each event once it is handled, skipped (refused) or parked.
 
         Acks are per event (explicit), never cumulative: an event that a crashed manager had
         been given but not handled comes back after the ack wait whatever happened after it.
@@ -113,8 +131,11 @@ class FulfilmentManager:
                 try:
                     await handle(msg.data, msg.headers or {})
                     break
-                except _PERMANENT as exc:
+                except _REFUSED as exc:
                     log.warning("fulfilment: %s; skipping the event", exc.message)
+                    break
+                except _POISON as exc:
+                    await self._park(ctx, msg, exc)
                     break
                 except JetsourceError as exc:
                     log.warning("fulfilment: %s; retrying in %.1fs", exc.message, backoff)
@@ -122,7 +143,19 @@ class FulfilmentManager:
                     if await self._pause(backoff):
                         return
                     backoff = min(backoff * 2, 2.0)  # well inside the 5 s ack wait
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug on this event: park it, never restart-loop
+                    await self._park(ctx, msg, exc)
+                    break
             await msg.ack()
+
+    async def _park(self, ctx: Context, msg: Any, error: Exception) -> None:
+        """Park the event; acknowledged by JetStream before the caller acks the event."""
+        await parking.park(
+            self._nc, self._parked, reader=DURABLE, stream=ctx.stream, seq=position(msg).stream_seq,
+            subject=msg.subject, data=msg.data, headers=msg.headers or {}, error=error, timeout=self._timeout,
+        )
 
     async def _command(self, subject: str, body: dict[str, Any], key: str, causation: str | None) -> None:
         headers = {h.IDEMPOTENCY_KEY: key}
@@ -133,8 +166,8 @@ class FulfilmentManager:
     async def _on_order_event(self, data: bytes, headers: dict[str, str]) -> None:
         try:
             event = self._order_events.decode(data)
-        except msgspec.ValidationError:
-            return
+        except msgspec.DecodeError as exc:  # includes an unknown type or the wrong shape
+            raise MalformedError(f"undecodable order event: {exc}") from None
         if isinstance(event, OrderPaid):
             await self._command(
                 self._tasks.command("submit"),
@@ -145,8 +178,8 @@ class FulfilmentManager:
     async def _on_task_event(self, data: bytes, headers: dict[str, str]) -> None:
         try:
             event = self._task_events.decode(data)
-        except msgspec.ValidationError:
-            return
+        except msgspec.DecodeError as exc:
+            raise MalformedError(f"undecodable task event: {exc}") from None
         if not isinstance(event, TaskCompleted | TaskDeadLettered) or event.task_type != FULFIL_ORDER:
             return
         if not (event.ref or "").startswith("order:"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, NoRespondersError
@@ -26,12 +28,21 @@ def raise_for_error(data: bytes, headers: dict[str, str] | None) -> None:
         raise from_code("internal", headers.get(h.SERVICE_ERROR, "service error")) from None
 
 
+def with_deadline(headers: dict[str, str] | None, timeout: float) -> dict[str, str]:
+    """The headers plus a `Deadline` (epoch ms) `timeout` from now, unless they carry one: a
+    service never executes a command whose caller has stopped waiting for it."""
+    out = dict(headers) if headers else {}
+    out.setdefault(h.DEADLINE, str(int((time.time() + timeout) * 1000)))
+    return out
+
+
 async def call(
     nc: Client, subject: str, body: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
 ) -> bytes:
-    """Request-reply to a service; returns the success body or raises a coded error."""
+    """Request-reply to a service with a deadline; returns the success body or raises a coded
+    error (UnavailableError at once while NATS is unreachable)."""
     try:
-        msg = await request(nc, subject, body, timeout=timeout, headers=headers or None)
+        msg = await request(nc, subject, body, timeout=timeout, headers=with_deadline(headers, timeout))
     except NoRespondersError:
         raise UnavailableError(f"no service answers {subject}") from None
     except NatsTimeoutError:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client
@@ -14,6 +16,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
 from bus import subjects as h
+from bus.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +59,60 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> Callable[[], None]
     return lambda: nc.reconnect_listeners.remove(listener)
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0, once: bool = False) -> Client:
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a process is on NATS: one of user + password, a token, a credentials file (JWT +
+    nkey, needs the `nkeys` package) or an nkey seed file; optionally TLS (a CA to trust, a client
+    certificate and key). `inbox` is the prefix of its reply subjects, `_INBOX.<role>`, so a
+    role's permissions can let it receive only its own replies."""
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    inbox: str = "_INBOX"
+
+    def options(self) -> dict[str, Any]:
+        """nats-py connect options for these credentials."""
+        out: dict[str, Any] = {"inbox_prefix": self.inbox}
+        if self.user is not None:
+            out["user"], out["password"] = self.user, self.password or ""
+        if self.token is not None:
+            out["token"] = self.token
+        if self.creds_file:
+            out["user_credentials"] = self.creds_file
+        if self.nkey_seed_file:
+            out["nkeys_seed"] = self.nkey_seed_file
+        if self.tls_ca or self.tls_cert:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            out["tls"] = context
+        return out
+
+
+async def connect(
+    url: str, name: str, *, connect_timeout: float = 5.0, credentials: Credentials | None = None,
+    once: bool = False,
+) -> Client:
     """Connect with the reconnect policy every jetsource process uses; `once` (CLI commands):
     no reconnects, and an unreachable NATS raises within connect_timeout (the caller reports it)."""
 
+    failing: list[bool] = []  # set while reconnects fail: one log line per outage, not one per attempt
+
     async def on_error(exc: Exception) -> None:
-        if not once:  # else the caller gets (and reports) the error itself
-            log.warning("nats error (%s): %s", name, exc)
+        if once:
+            return  # the caller gets (and reports) the error itself
+        if isinstance(exc, OSError) and failing:
+            log.debug("nats error (%s): %s", name, exc)
+            return
+        if isinstance(exc, OSError):
+            failing.append(True)
+        log.warning("nats error (%s): %s", name, exc)
 
     holder: list[Client] = []
 
@@ -72,6 +122,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0, once: bo
         log.warning("nats disconnected (%s)", name)
 
     async def on_reconnected() -> None:
+        failing.clear()
         log.info("nats reconnected (%s)", name)
         for listener in nc.reconnect_listeners:
             try:
@@ -95,6 +146,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0, once: bo
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnected,
         **options,
+        **(credentials or Credentials()).options(),
     )
     await (asyncio.wait_for(connecting, connect_timeout) if once else connecting)
     holder.append(nc)
@@ -117,8 +169,12 @@ async def request(
     Profiling the edge showed nats-py's request spending ~10 % of the process on a token drawn
     from os.urandom, `asyncio.wait_for` and a done-callback per call. Here the token is a NUID
     (22 characters, unique in this process; nats-py's own tokens are 26, so they never meet) and
-    the timeout is one timer handle. Raises what `nc.request` raises.
+    the timeout is one timer handle. Raises what `nc.request` raises, and UnavailableError at
+    once while the connection is down: nats-py would buffer the request and send it after a
+    reconnect, long after its caller gave up (a command stored that its client was told failed).
     """
+    if not nc.is_connected:
+        raise UnavailableError("not connected to NATS (reconnecting)")
     if not nc._resp_sub_prefix:  # noqa: SLF001 - the client's reply multiplexer, see above
         await nc._init_request_sub()  # noqa: SLF001
     prefix = nc._resp_sub_prefix  # noqa: SLF001

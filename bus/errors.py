@@ -60,6 +60,13 @@ class PreconditionFailedError(JetsourceError):
     status = 412
 
 
+class IdempotencyKeyReusedError(JetsourceError):
+    """The Idempotency-Key was used before for a different request (command or body)."""
+
+    code = "idempotency_key_reused"
+    status = 422
+
+
 class RateLimitedError(JetsourceError):
     """The caller sent more than its share; retry later."""
 
@@ -104,6 +111,7 @@ BY_CODE: dict[str, type[JetsourceError]] = {
         RuleViolationError,
         ConflictError,
         PreconditionFailedError,
+        IdempotencyKeyReusedError,
         RateLimitedError,
         PayloadTooLargeError,
         UnavailableError,

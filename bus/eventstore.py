@@ -96,6 +96,7 @@ class _Pending:
     expected_seq: int | None
     extra: list[tuple[str, bytes]]
     future: asyncio.Future[AppendResult] = field(repr=False)
+    deadline: float | None = None  # epoch seconds: past it, the command is dropped unstored
 
     def messages(self) -> list[tuple[str, NewEvent, int | None]]:
         out = [(self.subject, event, self.expected_seq if i == 0 else None) for i, event in enumerate(self.events)]
@@ -148,15 +149,18 @@ class EventStore:
         events: Sequence[NewEvent],
         expected_seq: int | None,
         extra: Sequence[tuple[str, bytes]] = (),
+        *,
+        deadline: float | None = None,
     ) -> AppendResult:
         """Append one command's events atomically (with `extra` messages on other subjects of
-        the stream, e.g. work items); raises WrongExpectedSequence on conflict."""
+        the stream, e.g. work items); raises WrongExpectedSequence on conflict, and
+        DeadlineError (nothing stored) if the batch would go out after `deadline`."""
         if not events:
             raise ValueError("nothing to append")
         if self._committer is None or self._committer.done():
             self._committer = asyncio.get_running_loop().create_task(self._commit_loop())
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(subject, list(events), expected_seq, list(extra), future))
+        self._queue.append(_Pending(subject, list(events), expected_seq, list(extra), future, deadline))
         self._wake.set()
         return await future
 
@@ -190,8 +194,16 @@ class EventStore:
         batch: list[_Pending] = []
         count = 0
         seen: set[str] = set()
+        now = time.time()
         while self._queue:
             item = self._queue[0]
+            if item.deadline is not None and now > item.deadline:
+                # Its caller has stopped waiting (the queue backed up): never store it late.
+                self._queue.popleft()
+                if not item.future.done():
+                    item.future.set_exception(
+                        DeadlineError("the command's deadline passed before it was stored; nothing was stored"))
+                continue
             n = len(item.events) + len(item.extra)
             # One command per aggregate per batch: the server checks the expected
             # sequence against the stream as it was before the batch.
@@ -205,6 +217,8 @@ class EventStore:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
+            if not batch:
+                return
             if len(batch) == 1:
                 await self._append_alone(batch[0])
                 return
@@ -309,6 +323,8 @@ class EventStore:
         return [e async for e in self._direct_get(subject, after_seq + 1)]
 
     async def _direct_get(self, subject: str, start_seq: int, batch: int = 1000) -> AsyncIterator[StoredEvent]:
+        if not self._nc.is_connected:
+            raise UnavailableError("not connected to NATS")
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         api = f"$JS.API.DIRECT.GET.{self.stream}"

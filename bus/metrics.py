@@ -31,6 +31,8 @@ PROJECTION_CHECKPOINT = Gauge(
     "jetsource_projection_checkpoint", "Last stream sequence a read model has applied", ["projection"])
 PROJECTION_PENDING = Gauge(
     "jetsource_projection_pending", "Events stored but not yet applied to a read model (its lag)", ["projection"])
+PARKED_EVENTS = Counter(
+    "jetsource_parked_events", "Events a reader could not decode or apply and parked", ["reader"])
 TASKS_RUNNING = Gauge("jetsource_tasks_running", "Task handlers running in this worker process")
 WORKER_REQUEST_SECONDS = Histogram(
     "jetsource_worker_request_seconds", "Round trip of a worker's request to the task actor (a batch counts once)",

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import logging
-
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from bus.codec import Decoder, encode
 from bus.connection import on_reconnect
 from bus.errors import (
     ConflictError,
+    DeadlineError,
+    IdempotencyKeyReusedError,
     InternalError,
     JetsourceError,
     NotFoundError,
@@ -129,6 +132,9 @@ class Concurrency:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+ANY_VERSION = -1  # `Expected-Version: *` (HTTP `If-Match: *`): any current version, i.e. it exists
+
+
 @dataclass(frozen=True, slots=True)
 class CommandMeta:
     """What travels with a command besides its body."""
@@ -139,6 +145,8 @@ class CommandMeta:
     trace_id: str
     correlation_id: str
     causation_id: str | None
+    deadline: float | None = None  # epoch seconds; None: the caller waits as long as it takes
+    fingerprint: str | None = None  # digest of a keyed request, bound to its key
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str] | None, ids: IdSource) -> CommandMeta:
@@ -153,10 +161,18 @@ class CommandMeta:
         expected_raw = hdrs.get(h.EXPECTED_VERSION)
         expected: int | None = None
         if expected_raw is not None:
+            expected_raw = expected_raw.strip().strip('"')
             try:
-                expected = int(expected_raw.strip().strip('"'))
+                expected = ANY_VERSION if expected_raw == "*" else int(expected_raw)
             except ValueError:
-                raise ValidationError("Expected-Version must be an integer", field=h.EXPECTED_VERSION) from None
+                raise ValidationError("Expected-Version must be an integer or *", field=h.EXPECTED_VERSION) from None
+        deadline_raw = hdrs.get(h.DEADLINE)
+        deadline: float | None = None
+        if deadline_raw is not None:
+            try:
+                deadline = int(deadline_raw) / 1000
+            except ValueError:
+                raise ValidationError("Deadline must be epoch milliseconds", field=h.DEADLINE) from None
         trace_id = hdrs.get(h.TRACE_ID) or ids.next()
         return cls(
             command_id=key or ids.next(),
@@ -165,7 +181,22 @@ class CommandMeta:
             trace_id=trace_id,
             correlation_id=hdrs.get(h.CORRELATION_ID) or trace_id,
             causation_id=hdrs.get(h.CAUSATION_ID),
+            deadline=deadline,
         )
+
+    def check_deadline(self) -> None:
+        """Refuse to go on once the caller has stopped waiting: it was told the outcome is
+        unknown (or its request was buffered through an outage), so nothing may be stored now."""
+        if self.deadline is not None and time.time() > self.deadline:
+            raise DeadlineError("the command's deadline passed before it was executed; nothing was stored")
+
+
+def fingerprint(command: Any) -> str:
+    """A digest of a decoded command (its type tag and every field but the key itself, which may
+    come in the body or in a header): what a key is bound to."""
+    if getattr(command, "idempotency_key", None) is not None:
+        command = msgspec.structs.replace(command, idempotency_key=None)
+    return hashlib.blake2b(encode(command), digest_size=12).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -205,7 +236,8 @@ class _Entry(msgspec.Struct, gc=False):
 
     state: Any
     version: int
-    commands: dict[str, int] = {}
+    # command id -> (stream sequence of its last event, fingerprint of the keyed request or "")
+    commands: dict[str, tuple[int, str]] = {}
     loaded: bool = False
 
 
@@ -322,7 +354,7 @@ class Actor(Generic[S, C, E]):
             # Keys and expected versions address one aggregate: never shared by a batch. One
             # request is one trace.
             headers = {k: v for k, v in (request.headers or {}).items()
-                       if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID)}
+                       if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID, h.DEADLINE)}
             headers.setdefault(h.TRACE_ID, self._ids.next())
             outcomes: list[Any] = [self._answer_from_cache(c) for c in batch.items]
             rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
@@ -375,9 +407,12 @@ class Actor(Generic[S, C, E]):
     async def execute(self, command: C, headers: Mapping[str, str] | None) -> msgspec.Struct:
         """Decide and store one command; returns the reply Struct or raises a coded error."""
         meta = CommandMeta.from_headers(headers, self._ids)
+        meta.check_deadline()
         body_key = getattr(command, "idempotency_key", None)
         if body_key and not meta.keyed:
             meta = dataclasses.replace(meta, command_id=body_key, keyed=True)
+        if meta.keyed:
+            meta = dataclasses.replace(meta, fingerprint=fingerprint(command))
         if self._spec.prepare is not None:
             command = self._spec.prepare(command)
         aggregate_id = self._spec.aggregate_id(command)
@@ -417,13 +452,15 @@ class Actor(Generic[S, C, E]):
             verified = True
         seen = entry.commands.get(meta.command_id)
         if seen is not None:
-            return self._spec.reply(aggregate_id, entry.state, seen)
-        if meta.expected_version is not None and meta.expected_version != entry.version:
+            return await self._repeat(aggregate_id, subject, seen, meta)
+        if meta.expected_version is not None and not self._version_matches(meta.expected_version, entry):
             if attempt == 0:
                 await self._catch_up(entry, subject)
-            if meta.expected_version != entry.version:
+            if not self._version_matches(meta.expected_version, entry):
+                expected = "any version" if meta.expected_version == ANY_VERSION else f"version {meta.expected_version}"
                 raise PreconditionFailedError(
-                    f"expected version {meta.expected_version}, but the aggregate is at {entry.version}"
+                    f"expected {expected}, but the aggregate is at {entry.version}"
+                    + (" (it does not exist)" if entry.version == 0 else "")
                 )
         try:
             events = self._spec.decide(entry.state, command)
@@ -441,8 +478,9 @@ class Actor(Generic[S, C, E]):
             return self._spec.reply(aggregate_id, entry.state, entry.version)
         new = self._new_events(aggregate_id, events, meta)
         extra = self._spec.outbox(entry.state, events) if self._spec.outbox else ()
+        meta.check_deadline()
         try:
-            result = await self._store.append(subject, new, entry.version, extra)
+            result = await self._store.append(subject, new, entry.version, extra, deadline=meta.deadline)
         except WrongExpectedSequence:
             entry.loaded = False
             return None
@@ -451,10 +489,30 @@ class Actor(Generic[S, C, E]):
             state = self._spec.evolve(state, event)
         entry.state = state
         entry.version = result.last_seq
-        entry.commands[meta.command_id] = result.last_seq
+        entry.commands[meta.command_id] = (result.last_seq, meta.fingerprint or "")
         if self._spec.after_commit is not None:
             await self._spec.after_commit(self._nc, state, events)
         return self._spec.reply(aggregate_id, state, result.last_seq)
+
+    @staticmethod
+    def _version_matches(expected: int, entry: _Entry) -> bool:
+        return entry.version > 0 if expected == ANY_VERSION else entry.version == expected
+
+    async def _repeat(self, aggregate_id: str, subject: str, seen: tuple[int, str], meta: CommandMeta) -> msgspec.Struct:
+        """A command id seen before: the same request gets the answer it got first (the state
+        right after its events, folded again from the stream); another request under the same
+        key is refused. Events stored before requests were fingerprinted bind nothing."""
+        seq, stored_fingerprint = seen
+        if meta.keyed and stored_fingerprint and stored_fingerprint != meta.fingerprint:
+            raise IdempotencyKeyReusedError(
+                f"Idempotency-Key {meta.command_id!r} was used for a different request on this aggregate; "
+                "use a new key for a new request", field=h.IDEMPOTENCY_KEY)
+        state = self._spec.initial
+        for stored in await self._store.load(subject):
+            if stored.seq > seq:
+                break
+            state = self._spec.evolve(state, self._event_decoder.decode(stored.data))
+        return self._spec.reply(aggregate_id, state, seq)
 
     def _new_id(self) -> str:
         return self._ids.next()
@@ -469,6 +527,8 @@ class Actor(Generic[S, C, E]):
         }
         if meta.causation_id:
             base[h.EV_CAUSATION_ID] = meta.causation_id
+        if meta.fingerprint:
+            base[h.EV_REQUEST_HASH] = meta.fingerprint
         if len(events) == 1 and not meta.keyed:
             return [NewEvent(encode(events[0]), base)]
         out = []
@@ -506,7 +566,7 @@ class Actor(Generic[S, C, E]):
             state = self._spec.evolve(state, self._event_decoder.decode(stored.data))
             command_id = stored.headers.get(h.EV_COMMAND_ID)
             if command_id:
-                entry.commands[command_id] = stored.seq
+                entry.commands[command_id] = (stored.seq, stored.headers.get(h.EV_REQUEST_HASH, ""))
             entry.version = stored.seq
         entry.state = state
         entry.loaded = True

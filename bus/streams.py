@@ -6,7 +6,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from bus.subjects import Context
+from bus.subjects import Context, Parked
 
 
 def event_stream(
@@ -29,6 +29,23 @@ def event_stream(
         deny_purge=True,
         allow_direct=True,
         allow_atomic=True,
+    )
+
+
+def parked_stream(parked: Parked, *, replicas: int = 1) -> StreamConfig:
+    """The dead-letter stream of events readers parked. Not a source of truth: deletes and
+    purges are allowed (a resolved event is deleted), and one message per subject makes
+    parking the same event twice (a redelivery, a rebuild) replace it."""
+    return StreamConfig(
+        name=parked.stream,
+        description="jetsource parked events (could not be decoded or applied)",
+        subjects=[parked.wildcard],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        deny_delete=False,
+        deny_purge=False,
+        allow_direct=True,
     )
 
 

@@ -23,6 +23,8 @@ TRACE_ID = "Trace-Id"
 CORRELATION_ID = "Correlation-Id"
 CAUSATION_ID = "Causation-Id"
 MIN_SEQ = "Min-Seq"
+# When the caller stops waiting (epoch milliseconds): an actor never executes a command past it.
+DEADLINE = "Deadline"
 
 # jetsource headers on stored events
 EV_COMMAND_ID = "Jetsource-Command-Id"
@@ -31,6 +33,18 @@ EV_CAUSATION_ID = "Jetsource-Causation-Id"
 EV_TRACE_ID = "Jetsource-Trace-Id"
 EV_TIME = "Jetsource-Time"
 EV_REPLY = "Jetsource-Reply"
+# A digest of the keyed request that stored these events: the same key with another request is refused.
+EV_REQUEST_HASH = "Jetsource-Request-Hash"
+EV_HEADER_PREFIX = "Jetsource-"
+
+# jetsource headers on parked events (the dead-letter stream), beside the event's own headers
+PARKED_READER = "Jetsource-Parked-Reader"
+PARKED_STREAM = "Jetsource-Parked-Stream"
+PARKED_SEQ = "Jetsource-Parked-Seq"
+PARKED_SUBJECT = "Jetsource-Parked-Subject"
+PARKED_ERROR = "Jetsource-Parked-Error"
+PARKED_TIME = "Jetsource-Parked-Time"
+PARKED_HEADER_PREFIX = "Jetsource-Parked-"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
@@ -107,3 +121,37 @@ class Context:
     def work_consumer(self, queue: str) -> str:
         """The durable pull consumer the workers share for one work queue (e.g. a priority)."""
         return f"workers_{queue}"
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """Subjects of the dead-letter stream: events a reader could not decode or apply.
+
+    One subject per parked event, `<root>.parked.<reader>.<stream>.<seq>`, so parking the same
+    event again replaces it (the stream keeps one message per subject).
+    """
+
+    namespace: str = ""
+
+    @property
+    def _root(self) -> str:
+        return f"{self.namespace}.parked" if self.namespace else "parked"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace.upper()}_PARKED" if self.namespace else "PARKED"
+
+    @property
+    def wildcard(self) -> str:
+        return f"{self._root}.>"
+
+    def reader_wildcard(self, reader: str) -> str:
+        return f"{self._root}.{reader}.>"
+
+    def subject(self, reader: str, stream: str, seq: int) -> str:
+        return f"{self._root}.{reader}.{stream}.{seq}"
+
+    def parse(self, subject: str) -> tuple[str, str, int]:
+        """(reader, stream, seq) of a parked event's subject."""
+        reader, stream, seq = subject.rsplit(".", 3)[1:]
+        return reader, stream, int(seq)

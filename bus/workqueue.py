@@ -27,6 +27,11 @@ class WorkItem:
     def data(self) -> bytes:
         return self._msg.data
 
+    @property
+    def msg(self) -> Msg:
+        """The delivered message (subject, headers, ack subject with its stream position)."""
+        return self._msg
+
     async def ack(self) -> None:
         """Done with it (success, failure recorded, or stale)."""
         await self._nc.publish(self._msg.reply, b"+ACK")

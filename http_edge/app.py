@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from bus import subjects as h
 from bus.client import call
 from bus.codec import decode_json, encode
-from bus.errors import UnavailableError, ValidationError
+from bus.errors import DeadlineError, UnavailableError, ValidationError
 from bus.eventstore import EventStore
 from bus.ids import IdSource
 from bus.subjects import Context
@@ -128,10 +129,16 @@ def _written_response(request: web.Request, reply: bytes, status: int) -> web.Re
 
 async def _command(request: web.Request, name: str, body: bytes, ctx: web.AppKey[Context] = ORDERS) -> bytes:
     app = request.app
-    return await call(
-        app[NATS], app[ctx].command(name), body,
-        headers=_command_headers(request), timeout=app[CONFIG].request_timeout,
-    )
+    try:
+        return await call(
+            app[NATS], app[ctx].command(name), body,
+            headers=_command_headers(request), timeout=app[CONFIG].request_timeout,
+        )
+    except DeadlineError as exc:
+        # The command may have been stored just before its deadline (the actor stores nothing
+        # after it): only a retry under the same key tells, and it never stores twice.
+        raise DeadlineError(f"{exc.message}; the outcome is unknown: retry with the same Idempotency-Key "
+                            "(a retried request is never stored twice and gets the first answer)") from None
 
 
 async def _order_command(request: web.Request, name: str, extra: dict[str, Any] | None = None) -> web.Response:
@@ -293,12 +300,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+READY_PING_S = 1  # a server that does not answer a ping this fast is not ready (stopped, overloaded)
+
+
 async def readyz(request: web.Request) -> web.Response:
     nc = request.app[NATS]
     if not nc.is_connected:
         raise UnavailableError("not connected to NATS")
     try:
-        await nc.jetstream().stream_info(request.app[ORDERS].stream)
+        await nc.flush(timeout=READY_PING_S)  # a PING answered by a PONG
+    except Exception:
+        raise UnavailableError(f"NATS did not answer a ping within {READY_PING_S:g}s") from None
+    try:
+        await asyncio.wait_for(nc.jetstream().stream_info(request.app[ORDERS].stream), READY_PING_S)
     except Exception:
         raise UnavailableError("JetStream or the order stream is not available") from None
     return web.json_response({"status": "ready", "nats": nc.connected_url.netloc if nc.connected_url else None})

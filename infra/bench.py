@@ -16,7 +16,9 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 from nats.aio.client import Client
@@ -25,8 +27,9 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from actors.tasks.messages import PRIORITIES
-from bus.connection import connect, request
+from bus.connection import Credentials, connect, request
 from bus.subjects import Context
+from infra.auth import ADMIN, credentials
 from infra.bootstrap import orders_context, tasks_context
 from infra.embedded import free_port
 from infra.settings import Settings
@@ -35,6 +38,17 @@ from projections.schema import create_pool
 PLACE = json.dumps(
     {"customer_id": "bench", "currency": "EUR", "lines": [{"sku": "sku-1", "quantity": 2, "unit_price": 1250}]}
 ).encode()
+
+
+@dataclass(frozen=True)
+class Nats:
+    """Where the bench's own connections go, and as whom (the admin: it drives every subject)."""
+
+    url: str
+    credentials: Credentials
+
+    async def connect(self, name: str) -> Client:
+        return await connect(self.url, name, credentials=self.credentials)
 
 
 def _pct(sorted_ms: list[float], p: float) -> float:
@@ -66,11 +80,13 @@ async def _drive(count: int, inflight: int, op: Callable[[], Awaitable[bool]]) -
             "p99_ms": round(_pct(latencies, 0.99), 2), "failed": failures, "count": count}
 
 
-async def ceiling_request_reply(url: str, count: int, inflight: int) -> Mapping[str, object]:
+async def ceiling_request_reply(url: Nats, count: int, inflight: int) -> Mapping[str, object]:
     """A trivial responder in another process, driven like an actor."""
-    responder = subprocess.Popen([sys.executable, "-m", "infra.bench_responder", url, "bench.echo"])
+    env = {**os.environ, "JETSOURCE_NATS_USER": url.credentials.user or "",
+           "JETSOURCE_NATS_PASSWORD": url.credentials.password or ""}
+    responder = subprocess.Popen([sys.executable, "-m", "infra.bench_responder", url.url, "bench.echo"], env=env)
     try:
-        nc = await connect(url, "bench-ceiling")
+        nc = await url.connect("bench-ceiling")
         for _ in range(100):
             try:
                 await request(nc, "bench.echo", b"x", timeout=0.2)
@@ -90,9 +106,9 @@ async def ceiling_request_reply(url: str, count: int, inflight: int) -> Mapping[
         responder.wait(10)
 
 
-async def ceiling_js_publish(url: str, count: int, inflight: int) -> Mapping[str, object]:
+async def ceiling_js_publish(url: Nats, count: int, inflight: int) -> Mapping[str, object]:
     """Plain JetStream publish (one message per publish, same server sync policy)."""
-    nc = await connect(url, "bench-js")
+    nc = await url.connect("bench-js")
     js = nc.jetstream()
     name = f"BENCH_{os.getpid()}"
     await js.add_stream(StreamConfig(name=name, subjects=[f"bench.{os.getpid()}.>"], storage=StorageType.FILE))
@@ -111,8 +127,8 @@ async def ceiling_js_publish(url: str, count: int, inflight: int) -> Mapping[str
         await nc.close()
 
 
-async def bench_nats(url: str, subject: str, count: int, inflight: int) -> Mapping[str, object]:
-    nc = await connect(url, "bench-nats")
+async def bench_nats(url: Nats, subject: str, count: int, inflight: int) -> Mapping[str, object]:
+    nc = await url.connect("bench-nats")
 
     async def op() -> bool:
         msg = await request(nc, subject, PLACE, timeout=10)
@@ -232,7 +248,7 @@ class ProcessCpu:
 
 
 async def bench_tasks(
-    url: str, settings: Settings, count: int, inflight: int, batch: int = 1, cpu: ProcessCpu | None = None,
+    url: Nats, settings: Settings, count: int, inflight: int, batch: int = 1, cpu: ProcessCpu | None = None,
 ) -> Mapping[str, object]:
     """No-op tasks submitted and completed end to end; then submit-to-start latency when idle.
 
@@ -247,7 +263,7 @@ async def bench_tasks(
     event subjects (core NATS sees every event JetStream stores).
     """
     ctx = tasks_context(settings)
-    nc = await connect(url, "bench-tasks")
+    nc = await url.connect("bench-tasks")
     js = nc.jetstream()
     completed_before = await _completed_count(nc, ctx)
     one = {"type": "echo", "payload": None, "priority": "normal"}
@@ -396,18 +412,19 @@ async def _system(settings: Settings, pid: int | None) -> AsyncIterator[tuple[Se
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
             yield settings.model_copy(update={**{k.lower(): v for k, v in ports.items()},
-                                              "nats_url": None, "database_url": None}), base, proc.pid
+                                              "nats_url": None, "database_url": None, "data_dir": Path(tmp)}),\
+                base, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
 
 
-async def settle(url: str, settings: Settings, limit_s: float = 180.0) -> float:
+async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float:
     """Wait until the projections have applied everything stored, so that a phase does not
     compete with the projector catching up on the phase before it; returns the seconds waited."""
     from infra.status import read_models
 
-    nc = await connect(url, "bench-settle")
+    nc = await url.connect("bench-settle")
     js = nc.jetstream()
     start = time.perf_counter()
     try:
@@ -431,7 +448,7 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
     only = set(args.only or ["ceilings", "nats", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
     async with _system(settings, args.pid) as (settings, base, pid):
-        url = settings.resolved_nats_url()
+        url = Nats(settings.resolved_nats_url(), credentials(settings, ADMIN))
         cpu = ProcessCpu(pid) if pid is not None and os.path.isdir("/proc") else None
         if "ceilings" in only:
             results["ceiling_nats_request_reply"] = await ceiling_request_reply(url, args.count, args.inflight)

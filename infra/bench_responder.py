@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bus.connection import connect
+from bus.connection import Credentials, connect
+from infra.settings import Settings
 
 
 async def main(url: str, subject: str) -> None:
-    nc = await connect(url, "bench-responder")
+    settings = Settings()  # the bench hands its identity down in JETSOURCE_NATS_USER / _PASSWORD
+    nc = await connect(url, "bench-responder",
+                       credentials=Credentials(user=settings.nats_user or None, password=settings.nats_password))
 
     async def reply(msg: object) -> None:
         await msg.respond(b'{"ok":true}')  # type: ignore[attr-defined]

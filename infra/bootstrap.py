@@ -21,9 +21,10 @@ from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import EventStore
 from bus.runtime import Actor
-from bus.streams import ensure_stream, ensure_work_consumers, event_stream
-from bus.subjects import Context
+from bus.streams import ensure_stream, ensure_work_consumers, event_stream, parked_stream
+from bus.subjects import Context, Parked
 from http_edge.app import EdgeConfig, create_app
+from infra import auth
 from infra.settings import Settings
 from projections.orders import OrdersProjection
 from projections.tasks import TasksProjection
@@ -42,6 +43,10 @@ def tasks_context(settings: Settings) -> Context:
     return Context("tasks", settings.namespace)
 
 
+def parked_subjects(settings: Settings) -> Parked:
+    return Parked(settings.namespace)
+
+
 def _store(settings: Settings, nc: Client, ctx: Context) -> EventStore:
     return EventStore(
         nc, ctx.stream, timeout=settings.request_timeout_s,
@@ -50,8 +55,9 @@ def _store(settings: Settings, nc: Client, ctx: Context) -> EventStore:
 
 
 @contextlib.asynccontextmanager
-async def nats_connection(settings: Settings, name: str) -> AsyncIterator[Client]:
-    nc = await connect(settings.resolved_nats_url(), name)
+async def nats_connection(settings: Settings, name: str, role: str = auth.ADMIN) -> AsyncIterator[Client]:
+    """A connection with the identity of `role` (see infra.auth), drained on exit."""
+    nc = await connect(settings.resolved_nats_url(), name, credentials=auth.credentials(settings, role))
     try:
         yield nc
     finally:
@@ -67,6 +73,7 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
     for ctx, with_queue in ((orders_context(settings), False), (tasks_context(settings), True)):
         await ensure_stream(js, event_stream(ctx, replicas=settings.stream_replicas,
                                              duplicate_window_s=settings.duplicate_window_s, with_queue=with_queue))
+    await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
     await ensure_work_consumers(js, tasks_context(settings), PRIORITIES, settings.task_lease_s)
 
 
@@ -94,15 +101,18 @@ def run_tasks_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncC
 
 @contextlib.asynccontextmanager
 async def run_worker(
-    settings: Settings, nc: Client, registry: TaskRegistry | None = None, name: str | None = None
+    settings: Settings, nc: Client, registry: TaskRegistry | None = None, name: str | None = None,
+    manager_nc: Client | None = None,
 ) -> AsyncIterator[Worker]:
-    """Task workers plus the fulfilment process manager."""
+    """Task workers plus the fulfilment process manager (on `manager_nc`, its own identity's
+    connection, when given)."""
     worker = Worker(
         nc, tasks_context(settings), registry or build_registry(settings.task_modules),
         concurrency=settings.worker_concurrency, lease_s=settings.task_lease_s,
         name=name or f"{socket.gethostname()}:{os.getpid()}", request_timeout=settings.request_timeout_s,
     )
-    manager = FulfilmentManager(nc, orders_context(settings), tasks_context(settings), timeout=settings.request_timeout_s)
+    manager = FulfilmentManager(manager_nc or nc, orders_context(settings), tasks_context(settings),
+                                timeout=settings.request_timeout_s)
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(worker.run()), loop.create_task(manager.run())]
     try:

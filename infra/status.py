@@ -13,9 +13,12 @@ from nats.js.errors import NotFoundError
 
 from actors.fulfilment import DURABLE as FULFILMENT_DURABLE
 from actors.tasks.messages import PRIORITIES
+from bus import parking
+from bus import subjects as h
 from bus.connection import connect
 from bus.subjects import Context
-from infra.bootstrap import orders_context, tasks_context
+from infra.auth import ADMIN, credentials
+from infra.bootstrap import orders_context, parked_subjects, tasks_context
 from infra.settings import Settings
 from projections.orders import OrdersProjection
 from projections.runner import Checkpoints, Projection, Projector
@@ -56,6 +59,8 @@ async def _discover(nc: Client, timeout: float = 0.5) -> list[dict[str, object]]
     try:
         while True:
             msg = await sub.next_msg(timeout)
+            if msg.headers and h.STATUS in msg.headers:
+                break  # "no responders": nothing answers (status must still report the rest)
             found.append(msgspec.json.decode(msg.data))
     except NatsTimeoutError:
         pass
@@ -74,7 +79,7 @@ async def _consumer_line(nc: Client, stream: str, durable: str, label: str) -> s
 
 
 async def status(settings: Settings, nc: Client) -> int:
-    """Print services, streams, projection lag, work queues and process-manager lag."""
+    """Print services, streams, projection lag, work queues, process-manager lag and parked counts."""
     js = nc.jetstream()
     services = await _discover(nc)
     print("services:")
@@ -104,6 +109,14 @@ async def status(settings: Settings, nc: Client) -> int:
     print("process manager:")
     for ctx in (orders_context(settings), tasks):
         print(await _consumer_line(nc, ctx.stream, FULFILMENT_DURABLE, f"fulfilment <- {ctx.stream}"))
+    print("parked (events a reader could not decode or apply, and moved past):")
+    parked = await parking.counts(nc, parked_subjects(settings))
+    for reader, n in sorted(parked.items()):
+        print(f"  {reader:<26} {n}")
+    if parked:
+        print("  list them with `jetsource projections parked`; then `... parked retry` or `... parked skip`")
+    else:
+        print("  (none)")
     return code
 
 
@@ -112,13 +125,15 @@ async def rebuild(settings: Settings, only: str | None = None) -> int:
     dsn = settings.resolved_database_url()
     await ensure_schema(dsn, settings.db_schema)
     pool = await create_pool(dsn, settings.db_schema)
-    nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild")
+    nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild", credentials=credentials(settings, ADMIN))
     try:
         for model in read_models(settings):
             name = model.projection.name
             if only and name != only:
                 continue
             target = await last_event_seq(nc, model.ctx)
+            # What this projection parked is forgotten: the re-fold parks again whatever still fails.
+            await parking.clear(nc, parked_subjects(settings), model.ctx.consumer(name))
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name)
                 await conn.execute("TRUNCATE " + ", ".join(model.tables))

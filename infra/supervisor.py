@@ -1,5 +1,9 @@
 """`jetsource up`: embedded servers plus supervised role processes, restarted when they crash,
-stopped (drained) on Ctrl-C or SIGTERM with nothing left behind."""
+stopped (drained) on Ctrl-C or SIGTERM with nothing left behind.
+
+One loop watches every process it started, servers and roles alike: it polls each one (so an
+exited one is reaped, never left a zombie) and starts a crashed one again with back-off.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,28 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from infra import auth
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, _die_with_parent, stop_process
 from infra.settings import Settings
 
 log = logging.getLogger("jetsource.up")
+
+UPTIME_RESETS_BACKOFF_S = 60.0
+
+
+class Supervised(Protocol):
+    """A process `jetsource up` keeps running: an embedded server or a role."""
+
+    name: str
+    proc: subprocess.Popen[bytes] | None
+
+    def launch(self) -> None:
+        """Start the process, without waiting for it to be ready."""
+
+    def blocked(self) -> str | None:
+        """Why it may not start now (a previous instance still holds something), or None."""
 
 
 @dataclass
@@ -25,13 +46,11 @@ class Child:
     name: str
     args: list[str]
     nice: int = 0
-    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's environment
+    env: dict[str, str] = field(default_factory=dict)  # on top of `base_env`
+    base_env: dict[str, str] = field(default_factory=dict)  # the supervisor's environment
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
 
-    def start(self, env: dict[str, str]) -> None:
+    def launch(self) -> None:
         nice = self.nice
 
         def prepare() -> None:
@@ -39,9 +58,63 @@ class Child:
             if nice:
                 os.nice(nice)
 
-        self.proc = subprocess.Popen(self.args, env={**env, **self.env}, preexec_fn=prepare)
-        self.started_at = time.monotonic()
-        log.info("started %s (pid %d)", self.name, self.proc.pid)
+        self.proc = subprocess.Popen(self.args, env={**self.base_env, **self.env}, preexec_fn=prepare)
+
+    def blocked(self) -> str | None:
+        return None
+
+
+def backoff(restarts: int) -> float:
+    """The delay before restarting a process that crashed `restarts` times in a row: 0.5 s
+    doubling to 30 s."""
+    return min(30.0, 0.5 * 2 ** min(restarts, 6))
+
+
+@dataclass
+class Watch:
+    """A supervised process and its restart back-off."""
+
+    process: Supervised
+    restarts: int = 0  # crashes in a row, each within a minute of its start
+    due: float = 0.0  # when a crashed process starts again; 0.0 while it runs
+    started_at: float = 0.0
+    waiting: str | None = None  # why it may not start yet, as last logged
+
+    def started(self, now: float) -> None:
+        assert self.process.proc is not None
+        self.started_at, self.due, self.waiting = now, 0.0, None
+        log.info("started %s (pid %d)", self.process.name, self.process.proc.pid)
+
+    def _crashed(self, now: float, what: str) -> None:
+        if now - self.started_at >= UPTIME_RESETS_BACKOFF_S:
+            self.restarts = 0
+        delay = backoff(self.restarts)
+        self.restarts += 1
+        self.due = now + delay
+        log.warning("%s %s; restarting in %.1fs", self.process.name, what, delay)
+
+    def check(self, now: float) -> None:
+        """Reap the process if it exited and schedule its restart; restart it once due."""
+        proc = self.process.proc
+        if self.due == 0.0:
+            code = proc.poll() if proc is not None else None
+            if code is not None:
+                self._crashed(now, f"exited with code {code}")
+            return
+        if now < self.due:
+            return
+        reason = self.process.blocked()
+        if reason is not None:
+            if reason != self.waiting:
+                log.warning("%s: not restarting yet: %s", self.process.name, reason)
+                self.waiting = reason
+            return
+        try:
+            self.process.launch()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            self._crashed(now, f"did not start ({exc})")
+            return
+        self.started(now)
 
 
 def role_commands(settings: Settings) -> list[Child]:
@@ -80,44 +153,45 @@ def up(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     nats = pg = None
     children: list[Child] = []
+    watches: list[Watch] = []
     try:
+        # The first start waits for each server: the roles' preparation needs them. A restart
+        # does not (clients reconnect on their own), so role crashes are seen meanwhile.
         if settings.nats_embedded:
-            nats = EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port)
+            # No anonymous access: every role connects as itself (infra.auth).
+            authorization = auth.server_config_block(settings, auth.ensure_secrets(settings))
+            nats = EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port,
+                                authorization=authorization)
             nats.start()
+            watches.append(Watch(nats))
+            watches[-1].started(time.monotonic())
         if settings.postgres_embedded:
             pg = EmbeddedPostgres(settings.data_dir, settings.postgres_port)
             pg.start()
+            watches.append(Watch(pg))
+            watches[-1].started(time.monotonic())
+        # Children find the embedded server from the same settings (and their identities in the
+        # data directory); only an external database URL is spelled out for them.
         env = dict(os.environ)
-        env["JETSOURCE_NATS_URL"] = settings.resolved_nats_url()
+        env["JETSOURCE_DATA_DIR"] = str(settings.data_dir.resolve())
         env["JETSOURCE_DATABASE_URL"] = settings.resolved_database_url()
-        child_settings = settings.model_copy(
-            update={"nats_url": env["JETSOURCE_NATS_URL"], "database_url": env["JETSOURCE_DATABASE_URL"]}
-        )
+        child_settings = settings.model_copy(update={"database_url": env["JETSOURCE_DATABASE_URL"]})
         from infra.cli import prepare
 
         asyncio.run(prepare(child_settings))
         children = role_commands(settings)
         for child in children:
-            child.start(env)
+            child.base_env = env
+            child.launch()
+            watches.append(Watch(child))
+            watches[-1].started(time.monotonic())
         _print_banner(settings, nats, pg, metrics_ports(children))
         while not stopping:
             time.sleep(0.2)
             now = time.monotonic()
-            for child in children:
-                assert child.proc is not None
-                code = child.proc.poll()
-                if code is None or stopping:
-                    continue
-                if child.next_start == 0.0:
-                    # Crash-looping children back off: 0.5 s doubling to 30 s; a run of a
-                    # minute or more resets the back-off.
-                    delay = 0.5 if now - child.started_at > 60 else min(30.0, 0.5 * 2 ** min(child.restarts, 6))
-                    child.next_start = now + delay
-                    log.warning("%s exited with code %s; restarting in %.1fs", child.name, code, delay)
-                elif now >= child.next_start:
-                    child.restarts += 1
-                    child.next_start = 0.0
-                    child.start(env)
+            for watch in watches:
+                if not stopping:
+                    watch.check(now)
         print("jetsource: stopping (draining)...", flush=True)
         return 0
     finally:

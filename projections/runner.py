@@ -1,12 +1,16 @@
 """The projector: a durable JetStream consumer per projection. Each batch of events is applied
 and its checkpoint (last stream sequence) stored in the same PostgreSQL transaction, then acked.
-Events at or below the checkpoint are skipped, so redelivery never double-applies."""
+Events at or below the checkpoint are skipped, so redelivery never double-applies.
+
+An event the projection cannot decode (or of a newer schema version) or cannot apply is parked
+(`bus.parking`) and the projection moves past it: one poison event never stops a read model."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import sys
 import zlib
 from typing import Any, Protocol
 
@@ -16,10 +20,12 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from bus import metrics
+from bus import metrics, parking
+from bus.errors import DeadlineError, UnavailableError
 from bus.eventstore import StoredEvent
 from bus.pull import Puller, position
-from bus.subjects import Context
+from bus.subjects import Context, Parked
+from projections.schema import DATABASE_DOWN
 
 log = logging.getLogger(__name__)
 # After a partial batch the projector waits a little for more events, so each transaction (and
@@ -33,6 +39,56 @@ BUSY_BATCH = 100
 
 class Rewound(Exception):
     """The stored checkpoint went backwards (a rebuild): restart the consumer from it."""
+
+
+class UnknownVersionError(Exception):
+    """A stored event of a schema version newer than this code knows (a newer writer stored it)."""
+
+
+class _LockLost(ConnectionError):
+    """The connection holding the advisory lock died (PostgreSQL restarted): take it again."""
+
+
+class _ApplyFailed(Exception):
+    """Applying a batch failed deterministically: apply it again one event at a time."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+# Failures that say nothing about the events: a dependency is away or overloaded. The batch is
+# retried whole after a back-off; anything else that apply raises is the event's fault.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    *DATABASE_DOWN,
+    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+    UnavailableError,
+    DeadlineError,
+)
+# What decoding raises for bytes this code cannot read: not JSON, the wrong shape, an unknown
+# `type` tag (msgspec.ValidationError is a DecodeError), or a newer schema version.
+UNDECODABLE: tuple[type[Exception], ...] = (msgspec.DecodeError, UnknownVersionError)
+
+_known_versions: dict[type, int] = {}
+
+
+def _known_version(cls: type) -> int:
+    """The `v` default of an event Struct: the newest schema version this code writes."""
+    known = _known_versions.get(cls)
+    if known is None:
+        defaults = {f.name: f.default for f in msgspec.structs.fields(cls)} if hasattr(cls, "__struct_fields__") else {}
+        default = defaults.get("v")
+        known = _known_versions[cls] = default if isinstance(default, int) else sys.maxsize
+    return known
+
+
+def decode_event(projection: Projection, stored: StoredEvent) -> Any:
+    """Decode with the projection's decoder; raises one of UNDECODABLE for what it cannot read."""
+    event = projection.decode(stored)
+    v = getattr(event, "v", None)
+    if v is not None and v > (_known_versions.get(type(event)) or _known_version(type(event))):
+        raise UnknownVersionError(f"schema version {v} of {type(event).__name__} is newer than this code knows")
+    return event
 
 
 class Projection(Protocol):
@@ -94,6 +150,7 @@ class Projector:
         *,
         batch: int = 500,
         busy_linger_s: float = 0.1,
+        parked: Parked | None = None,
     ) -> None:
         self._nc = nc
         self._pool = pool
@@ -102,7 +159,11 @@ class Projector:
         self._checkpoints = checkpoints
         self._batch = batch
         self._busy_linger_s = busy_linger_s
+        self._parked = parked or Parked(ctx.namespace)
         self._stopping = asyncio.Event()
+        self._lock_conn: asyncpg.Connection | None = None
+        self._outage: str | None = None
+        self._backoff = 0.1
         self.checkpoint = 0
         self._m_events = metrics.PROJECTED_EVENTS.labels(projection.name)
         self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(projection.name)
@@ -146,20 +207,45 @@ class Projector:
         return Puller(self._nc, self._ctx.stream, self.durable)
 
     async def run(self) -> None:
-        """Consume until stop() is called; failures back off and retry (nothing is skipped).
+        """Consume until stop() is called; failures back off and retry (nothing is skipped
+        silently: what cannot be decoded or applied is parked).
 
         One projector per projection is active at a time (a PostgreSQL advisory lock); any
-        others wait as hot standbys and take over when the active one goes away.
+        others wait as hot standbys and take over when the active one goes away. An outage of
+        PostgreSQL (or NATS) is waited out, logged once: the lock is taken again and the
+        projection resumes from its stored checkpoint.
         """
         key = zlib.crc32(f"jetsource:{self._ctx.stream}:{self._projection.name}".encode())
-        async with self._pool.acquire() as lock_conn:
-            while not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-                if await self._sleep(1.0):
-                    return
+        while not self._stopping.is_set():
             try:
-                await self._run_active()
-            finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock($1)", key)
+                async with self._pool.acquire() as lock_conn:
+                    while not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                        if await self._sleep(1.0):
+                            return
+                    self._lock_conn = lock_conn
+                    try:
+                        await self._run_active()
+                    finally:
+                        self._lock_conn = None
+                        with contextlib.suppress(*TRANSIENT):  # a dead connection took the lock with it
+                            await lock_conn.execute("SELECT pg_advisory_unlock($1)", key)
+                return
+            except asyncio.CancelledError:
+                raise
+            except TRANSIENT as exc:
+                if self._outage is None:
+                    self._outage = parking.describe(exc)
+                    log.warning("projection %s: %s; retrying until it is back", self._projection.name, self._outage)
+                if await self._sleep(self._backoff):
+                    return
+                self._backoff = min(self._backoff * 2, 5.0)
+
+    def _recovered(self) -> None:
+        self._backoff = 0.1
+        if self._outage is not None:
+            log.info("projection %s: resuming from checkpoint %d after: %s", self._projection.name, self.checkpoint,
+                     self._outage)
+            self._outage = None
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopped; True when stopping."""
@@ -170,26 +256,29 @@ class Projector:
         return self._stopping.is_set()
 
     async def _run_active(self) -> None:
-        backoff = 0.1
         while not self._stopping.is_set():
             try:
                 sub = await self._bind()
+                self._recovered()
                 try:
                     await self._consume(sub)
                 finally:
                     await sub.close()
-                backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except Rewound as exc:
                 log.warning("projection %s: %s; restarting from there", self._projection.name, exc)
+            except TRANSIENT:
+                raise  # run() waits the outage out, then takes the lock again
             except Exception:
-                log.exception("projection %s failed; retrying in %.1fs", self._projection.name, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                log.exception("projection %s failed; retrying in %.1fs", self._projection.name, self._backoff)
+                await self._sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 5.0)
 
     async def _consume(self, sub: Puller) -> None:
         while not self._stopping.is_set():
+            if self._lock_conn is not None and self._lock_conn.is_closed():
+                raise _LockLost("the connection holding the projection's lock was lost")
             msgs = await sub.pull(self._batch, wait_s=0.5)
             if not msgs:
                 self._m_pending.set(0)
@@ -198,6 +287,7 @@ class Projector:
                     raise Rewound("checkpoint was reset")
                 continue
             batch: list[tuple[StoredEvent, Any]] = []
+            poison: list[tuple[StoredEvent, BaseException]] = []
             last_seq = self.checkpoint
             for msg in msgs:
                 at = position(msg)
@@ -206,39 +296,78 @@ class Projector:
                     continue  # applied already (redelivery)
                 stored = StoredEvent(subject=msg.subject, seq=seq, time=at.time, data=msg.data, headers=msg.headers or {})
                 try:
-                    batch.append((stored, self._projection.decode(stored)))
-                except msgspec.ValidationError:
-                    # An event type this version does not know: skip it, loudly; a newer
-                    # projector build will fold it on rebuild.
-                    log.error("projection %s skips undecodable event at seq %d", self._projection.name, seq)
+                    batch.append((stored, decode_event(self._projection, stored)))
+                except UNDECODABLE as exc:
+                    poison.append((stored, exc))
                 last_seq = max(last_seq, seq)
             self._m_pending.set(at.pending)  # what the consumer holds after this batch's last event
             if last_seq > self.checkpoint:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    # The stored checkpoint, locked, is the authority: a concurrent projector
-                    # may have moved it on (skip what it applied) or a rebuild reset it.
-                    applied = int(await conn.fetchval(
-                        "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self._projection.name
-                    ) or 0)
-                    if applied < self.checkpoint:
-                        raise Rewound(f"checkpoint went back from {self.checkpoint} to {applied}")
-                    batch = [(e, ev) for e, ev in batch if e.seq > applied]
-                    if batch:
-                        await self._projection.apply(conn, batch)
-                    await conn.execute(
-                        """INSERT INTO projection_checkpoints (name, last_seq, updated_at) VALUES ($1, $2, now())
-                           ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(projection_checkpoints.last_seq, EXCLUDED.last_seq),
-                           updated_at = now()""",
-                        self._projection.name, last_seq,
-                    )
+                try:
+                    applied = await self._commit(batch, poison, last_seq, one_by_one=False)
+                except _ApplyFailed as failed:
+                    log.warning("projection %s: a batch of %d events failed (%s); applying them one at a time",
+                                self._projection.name, len(batch), parking.describe(failed.cause))
+                    applied = await self._commit(batch, poison, last_seq, one_by_one=True)
                 self.checkpoint = last_seq
                 await self._checkpoints.advanced(self._projection.name, last_seq)
-                self._m_events.inc(len(batch))
+                self._m_events.inc(applied)
                 self._m_checkpoint.set(last_seq)
             if msgs:
                 await msgs[-1].ack()
             if len(msgs) < self._batch:
                 await asyncio.sleep(self._busy_linger_s if len(msgs) >= BUSY_BATCH else LINGER_S)
+
+    async def _commit(
+        self, batch: list[tuple[StoredEvent, Any]], poison: list[tuple[StoredEvent, BaseException]], last_seq: int,
+        *, one_by_one: bool,
+    ) -> int:
+        """Apply the batch, park the poison and store the checkpoint in one transaction; returns
+        how many events were applied.
+
+        Whole, a deterministic failure of apply raises _ApplyFailed (rolling everything back).
+        One by one, each event is applied in a savepoint and those that fail are parked too.
+        Every park is acknowledged by JetStream before the checkpoint moves past the event.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The stored checkpoint, locked, is the authority: a concurrent projector may have
+            # moved it on (skip what it applied) or a rebuild reset it.
+            applied = int(await conn.fetchval(
+                "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self._projection.name
+            ) or 0)
+            if applied < self.checkpoint:
+                raise Rewound(f"checkpoint went back from {self.checkpoint} to {applied}")
+            batch = [(e, ev) for e, ev in batch if e.seq > applied]
+            failed = [(e, why) for e, why in poison if e.seq > applied]
+            done = len(batch)
+            if batch and not one_by_one:
+                try:
+                    await self._projection.apply(conn, batch)
+                except TRANSIENT:
+                    raise
+                except Exception as exc:  # the projector's catch-all: this batch holds poison
+                    raise _ApplyFailed(exc) from exc
+            elif batch:
+                for item in batch:
+                    try:
+                        async with conn.transaction():  # a savepoint: a failure undoes this event only
+                            await self._projection.apply(conn, [item])
+                    except TRANSIENT:
+                        raise
+                    except Exception as exc:  # the event's fault: park it, apply the others
+                        failed.append((item[0], exc))
+                        done -= 1
+            for stored, why in sorted(failed, key=lambda f: f[0].seq):
+                await parking.park(
+                    self._nc, self._parked, reader=self.durable, stream=self._ctx.stream, seq=stored.seq,
+                    subject=stored.subject, data=stored.data, headers=stored.headers, error=why,
+                )
+            await conn.execute(
+                """INSERT INTO projection_checkpoints (name, last_seq, updated_at) VALUES ($1, $2, now())
+                   ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(projection_checkpoints.last_seq, EXCLUDED.last_seq),
+                   updated_at = now()""",
+                self._projection.name, last_seq,
+            )
+        return done
 
     def stop(self) -> None:
         self._stopping.set()

@@ -58,6 +58,18 @@ CREATE TABLE IF NOT EXISTS order_lines (
 """
 
 
+# What a lost or refused database connection raises (an outage, not a bad query): retried or
+# answered `unavailable`, never treated as a defect of the data.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    TimeoutError,
+)
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,12 +14,15 @@ from nats.micro.service import EndpointConfig, Service
 
 from actors.orders.messages import GetOrder, ListOrders
 from bus.codec import Decoder
-from bus.errors import DeadlineError
+from bus.errors import DeadlineError, UnavailableError
 from bus.runtime import Concurrency, respond
 from bus.subjects import Context
 from actors.tasks.messages import GetTask, ListTasks, TaskStats
 from projections import orders, tasks
 from projections.runner import Checkpoints
+from projections.schema import DATABASE_DOWN
+
+log = logging.getLogger(__name__)
 
 
 class QueryService:
@@ -33,6 +37,7 @@ class QueryService:
         self._wait = read_wait_timeout
         self._concurrency = Concurrency(concurrency)
         self._services: list[Service] = []
+        self._outage = False  # logged once per database outage, not once per query
 
     async def add_orders(self, ctx: Context) -> None:
         await self._add(
@@ -85,9 +90,20 @@ class QueryService:
         async def execute(data: bytes) -> Any:
             query = decoder.decode(data)
             min_seq = getattr(query, "min_seq", None)
-            if min_seq and not await self._checkpoints.wait(projection, min_seq, self._wait):
-                raise DeadlineError(f"the {projection} read model has not reached sequence {min_seq} yet")
-            return await run(query)
+            try:
+                if min_seq and not await self._checkpoints.wait(projection, min_seq, self._wait):
+                    raise DeadlineError(f"the {projection} read model has not reached sequence {min_seq} yet")
+                result = await run(query)
+            except DATABASE_DOWN as exc:
+                if not self._outage:
+                    self._outage = True
+                    log.warning("read-model database unavailable (%s: %s); answering queries 503 until it is back",
+                                type(exc).__name__, exc)
+                raise UnavailableError("the read-model database is unavailable; retry shortly") from None
+            if self._outage:
+                self._outage = False
+                log.info("read-model database is back")
+            return result
 
         async def handle(request: Request) -> None:
             await respond(request, lambda: execute(request.data))

@@ -115,6 +115,7 @@ class System:
     actor: Actor
     projector: Projector
     stack: contextlib.AsyncExitStack
+    tasks_actor: contextlib.AsyncExitStack  # the task actor's lifetime, which a test may end early
 
     @property
     def orders(self) -> Context:
@@ -127,6 +128,13 @@ class System:
     async def start_worker(self, name: str = "w1", **overrides: Any) -> Worker:
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         return await self.stack.enter_async_context(run_worker(settings, self.nc, name=name))
+
+    async def stop_tasks_actor(self) -> None:
+        """Take the task actor away, as in an outage: its commands get no responders."""
+        await self.tasks_actor.aclose()
+
+    async def start_tasks_actor(self) -> None:
+        await self.tasks_actor.enter_async_context(run_tasks_actor(self.settings, self.nc))
 
     async def request(self, subject: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None) -> Msg:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -147,8 +155,9 @@ async def system(namespace: str, nats_url: str, database_url: str) -> AsyncItera
         nc = await stack.enter_async_context(nats_connection(settings, "test"))
         await ensure_streams(nc, settings)
         actor = await stack.enter_async_context(run_orders_actor(settings, nc))
-        await stack.enter_async_context(run_tasks_actor(settings, nc))
+        tasks_actor = await stack.enter_async_context(contextlib.AsyncExitStack())
+        await tasks_actor.enter_async_context(run_tasks_actor(settings, nc))
         projector = await stack.enter_async_context(run_projector(settings, nc))
         await stack.enter_async_context(run_edge(settings, nc))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actor, projector, stack)
+        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actor, projector, stack, tasks_actor)

@@ -13,6 +13,7 @@ GATES: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 STOPPED: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 UNFULFILLABLE: set[str] = set()
 RUNNING: dict[str, int] = {"now": 0, "most": 0}
+RUNS: defaultdict[str, int] = defaultdict(int)  # handler runs by task id
 
 
 async def record(ctx: TaskContext) -> Any:
@@ -43,6 +44,15 @@ async def quiet(ctx: TaskContext) -> Any:
         raise
 
 
+async def counted(ctx: TaskContext) -> Any:
+    """Counts its runs, waits for its gate, then fails if its payload asks it to."""
+    RUNS[ctx.task_id] += 1
+    await GATES[ctx.payload["gate"]].wait()
+    if ctx.payload.get("fail"):
+        raise TaskFailure("asked to fail")
+    return ctx.attempt
+
+
 async def overlapping(ctx: TaskContext) -> Any:
     """Runs 50 ms, counting how many of its kind run at once."""
     RUNNING["now"] += 1
@@ -71,6 +81,7 @@ def register(registry: TaskRegistry) -> None:
     registry.register("test.record", record)
     registry.register("test.gated", gated)
     registry.register("test.overlapping", overlapping)
+    registry.register("test.counted", counted)
     registry.register("test.quiet", quiet)
     registry.register("test.stubborn", stubborn)
     registry.register(FULFIL_ORDER, fulfil_unless_unfulfillable)

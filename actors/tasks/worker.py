@@ -9,7 +9,9 @@ group commits, and shows `running` only once it has run that long.
 
 `concurrency` bounds the handlers running at once. A slot takes new work as soon as its handler
 returns; the outcome is stored meanwhile (at most `concurrency` outcomes at a time) and the work
-item is acked once it is.
+item is acked once it is. An outcome that cannot be stored for a transient reason (the task actor
+unavailable, a JetStream leader failover) is tried again in place while the work item's lease is
+renewed, so a handler never runs again because of an outage.
 """
 
 from __future__ import annotations
@@ -30,14 +32,27 @@ from actors.tasks.registry import TaskContext, TaskFailure, TaskRegistry
 from bus.client import call
 from bus import metrics
 from bus.codec import encode
-from bus.errors import JetsourceError, NotFoundError, RuleViolationError, UnavailableError, from_code
+from bus.errors import (
+    ConflictError,
+    DeadlineError,
+    InternalError,
+    JetsourceError,
+    NotFoundError,
+    RateLimitedError,
+    RuleViolationError,
+    UnavailableError,
+    from_code,
+)
+from bus import parking
+from bus.pull import position
 from bus.runtime import ErrorBody
-from bus.subjects import Context
+from bus.subjects import Context, Parked
 from bus.workqueue import PriorityQueues, WorkItem
 
 log = logging.getLogger(__name__)
 
 _dispatch = msgspec.json.Decoder(Dispatch)
+PARKED_READER = "workers"  # work items no worker could read are parked under this reader
 class _Outcome(msgspec.Struct, frozen=True):
     accepted: TaskAccepted | None = None
     refused: ErrorBody | None = None
@@ -54,6 +69,10 @@ _batch = msgspec.json.Decoder(_BatchReply)
 # Refusals that mean the attempt must not run (cancelled, finished, stale); others are transient.
 _NOTHING_TO_RUN = ("rule_violation", "not_found")
 REPORTERS = 4  # complete_batch requests a worker keeps in flight
+# Failures to store an outcome that a later try may not meet: the actor or JetStream away or slow
+# (a 7 s leader failover dropped 244 of 500 outcomes when these were given up at once).
+_TRANSIENT = (UnavailableError, DeadlineError, ConflictError, RateLimitedError, InternalError)
+RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # back-off between tries to store an outcome
 
 
 def _timed_out(task: TaskAccepted) -> tuple[str, Any]:
@@ -108,6 +127,7 @@ class Worker:
     ) -> None:
         self._nc = nc
         self._ctx = ctx
+        self._parked = Parked(ctx.namespace)
         self._registry = registry
         self._slots = _Capacity(concurrency)  # handlers running
         self._storing = _Capacity(concurrency)  # outcomes being stored
@@ -130,12 +150,17 @@ class Worker:
         self._record_start_after_s = record_start_after_s
         self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._reporters: set[asyncio.Task[None]] = set()
+        # Work items whose outcome is being stored, by task id: their leases are renewed too.
+        self._recording: dict[str, WorkItem] = {}
+        self._retrying = 0  # outcomes waiting to be stored again
+        self._stop_by = 0.0  # once stopping: when outcomes not stored yet are left to their lease
+        self._leases: asyncio.Task[None] | None = None
         metrics.TASKS_RUNNING.set_function(lambda: len(self._handlers))
 
     async def run(self) -> None:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)
         cancels = await self._nc.subscribe(self._ctx.live("cancel", "*"), cb=self._on_cancel)
-        leases = asyncio.get_running_loop().create_task(self._keep_leases())
+        leases = self._leases = asyncio.get_running_loop().create_task(self._keep_leases())
         starts = asyncio.get_running_loop().create_task(self._record_long_starts())
         try:
             while not self._stopping.is_set():
@@ -153,7 +178,8 @@ class Worker:
                     continue
                 self._spawn(self._start(items))
         finally:
-            leases.cancel()
+            if not self._stopping.is_set():
+                leases.cancel()  # else `stop` does, once what runs has finished
             starts.cancel()
             await sub.unsubscribe()
             await cancels.unsubscribe()
@@ -173,10 +199,13 @@ class Worker:
             running[0].cancel()
 
     async def _keep_leases(self) -> None:
-        """Renew the lease (ack wait) of every running task, three times per lease."""
+        """Renew the lease (ack wait) of every running task and of every task whose outcome is
+        being stored, three times per lease."""
         while True:
             await asyncio.sleep(self._lease_s / 3)
             for _, item in list(self._handlers.values()):
+                await item.extend()
+            for item in list(self._recording.values()):
                 await item.extend()
 
     async def _record_long_starts(self) -> None:
@@ -224,11 +253,17 @@ class Worker:
         await (item.ack() if code in _NOTHING_TO_RUN else item.nak(1.0))
 
     async def stop(self) -> None:
-        """Stop taking work; let running handlers finish (their leases cover a crash)."""
+        """Stop taking work; let running handlers finish and their outcomes be stored, for at most
+        a lease (their leases are renewed meanwhile and cover a crash)."""
         self._stopping.set()
         self._ready.set()
-        if self._running:
-            await asyncio.wait(self._running, timeout=self._lease_s)
+        self._stop_by = time.monotonic() + self._lease_s
+        try:
+            if self._running:
+                await asyncio.wait(self._running, timeout=self._lease_s)
+        finally:
+            if self._leases is not None:
+                self._leases.cancel()
 
     async def _command(self, name: str, body: dict[str, Any]) -> bytes:
         sent = time.perf_counter()
@@ -240,8 +275,21 @@ class Worker:
     async def _start(self, items: list[WorkItem]) -> None:
         """Claim everything one pull gave us with one request, then run what may run now."""
         settled = 0  # items whose slot is accounted for (released, or held by a running handler)
+        taken = len(items)
         try:
-            dispatches = [_dispatch.decode(item.data) for item in items]
+            dispatches: list[Dispatch] = []
+            readable: list[WorkItem] = []
+            for item in items:
+                try:
+                    dispatches.append(_dispatch.decode(item.data))
+                    readable.append(item)
+                except msgspec.DecodeError as exc:  # redelivered, it would come back forever
+                    await self._park(item, exc)
+                    self._slots.give()
+                    settled += 1
+            items = readable
+            if not items:
+                return
             body = {"items": [{"task_id": d.task_id, "attempt": d.attempt} for d in dispatches]}
             try:
                 results = _batch.decode(await self._command("claim_batch", body)).results
@@ -268,8 +316,21 @@ class Worker:
                 self._slots.give()
                 settled += 1
         finally:
-            for _ in range(len(items) - settled):
+            for _ in range(taken - settled):
                 self._slots.give()
+
+    async def _park(self, item: WorkItem, error: Exception) -> None:
+        """Park a work item this code cannot read (reader `workers`) and drop it from the queue."""
+        msg = item.msg
+        try:
+            await parking.park(self._nc, self._parked, reader=PARKED_READER, stream=self._ctx.stream,
+                               seq=position(msg).stream_seq, subject=msg.subject, data=msg.data,
+                               headers=msg.headers or {}, error=error, timeout=self._timeout)
+        except JetsourceError as exc:
+            log.warning("could not park an unreadable work item: %s; it will come back", exc.message)
+            await item.nak(1.0)
+            return
+        await item.ack()
 
     async def _started_first(self, item: WorkItem, task: TaskAccepted) -> bool:
         """Store a claimed attempt's start before running it; False (the item settled) when the
@@ -313,36 +374,71 @@ class Worker:
         if counter is None:
             counter = self._finished[task.task_type, kind_label] = metrics.TASKS_FINISHED.labels(task.task_type, kind_label)
         counter.inc()
-        await self._storing.available()
-        # The handler is done: its slot takes new work while this outcome is stored (one group
-        # commit, ~25 ms under load). Holding it until then made a worker run in waves of
-        # `concurrency` tasks, idle between them. Outcomes being stored are bounded too, so a
-        # worker that cannot store them stops taking work.
-        self._storing.take()
-        slot.release()
+        self._recording[task.task_id] = item  # its lease is renewed until it is settled
         try:
-            await self._record(item, task, outcome, started_at)
+            await self._storing.available()
+            # The handler is done: its slot takes new work while this outcome is stored (one group
+            # commit, ~25 ms under load). Holding it until then made a worker run in waves of
+            # `concurrency` tasks, idle between them. Outcomes being stored are bounded too, so a
+            # worker that cannot store them stops taking work.
+            self._storing.take()
+            slot.release()
+            try:
+                await self._record(item, task, outcome, started_at)
+            finally:
+                self._storing.give()
         finally:
-            self._storing.give()
+            self._recording.pop(task.task_id, None)
 
     async def _record(self, item: WorkItem, task: TaskAccepted, outcome: tuple[str, Any] | None,
                       started_at: float) -> None:
-        """Store an attempt's outcome and settle its work item."""
-        try:
-            if outcome is not None:
-                kind, value = outcome
-                attempt = {"task_id": task.task_id, "attempt": task.attempt, "started_at": started_at,
-                           "worker": self.name}
-                if kind == "complete":
-                    await self._complete({**attempt, "result": value})
-                else:
-                    await self._command("fail", {**attempt, "error": value})
-            await item.ack()
-        except (RuleViolationError, NotFoundError):
-            await item.ack()  # cancelled meanwhile, or another worker finished this attempt
-        except JetsourceError as exc:
-            log.warning("could not record the outcome of %s: %s; it will run again", task.task_id, exc.message)
-            await item.nak(1.0)
+        """Store an attempt's outcome and settle its work item. A transient failure is tried
+        again with back-off (the lease is renewed meanwhile) until the outcome is stored or
+        refused; a stopping worker gives up after its lease and leaves the item un-acked, so it
+        runs again elsewhere (at least once)."""
+        if outcome is not None:
+            kind, value = outcome
+            body = {"task_id": task.task_id, "attempt": task.attempt, "started_at": started_at, "worker": self.name,
+                    ("result" if kind == "complete" else "error"): value}
+            delay = RETRY_FIRST_S
+            retrying = False
+            try:
+                while True:
+                    try:
+                        if kind == "complete":
+                            await self._complete(body)
+                        else:
+                            await self._command("fail", body)
+                        break
+                    except (RuleViolationError, NotFoundError):
+                        # Cancelled meanwhile, finished by another worker, or stored by an
+                        # earlier try whose reply was lost.
+                        break
+                    except _TRANSIENT as exc:
+                        error = exc
+                    except JetsourceError as exc:
+                        log.warning("the outcome of %s was refused: %s; it will run again", task.task_id, exc.message)
+                        await item.nak(1.0)
+                        return
+                    if not retrying:
+                        retrying = True
+                        if not self._retrying:  # one line per outage, not one per outcome
+                            log.warning("could not store the outcome of %s: %s; retrying while its lease is held",
+                                        task.task_id, error.message)
+                        self._retrying += 1
+                    now = time.monotonic()
+                    if self._nc.is_closed or (self._stopping.is_set() and now >= self._stop_by):
+                        log.warning("gave up storing the outcome of %s (%s); it will run again elsewhere",
+                                    task.task_id, error.message)
+                        return
+                    await asyncio.sleep(min(delay, self._stop_by - now) if self._stopping.is_set() else delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+            finally:
+                if retrying:
+                    self._retrying -= 1
+                    if not self._retrying:
+                        log.info("no outcome waits to be stored any more")
+        await item.ack()
 
     async def _complete(self, body: dict[str, Any]) -> None:
         """Report a completion; concurrent ones share a `complete_batch` request (group commit:

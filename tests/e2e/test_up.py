@@ -131,16 +131,16 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                 assert (await resp.json())["status"] == "confirmed"
 
         # The CLI speaks to the same system.
-        sent = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "send", "orders.cmd.pay",
+        sent = _cli(env, "send", "orders.cmd.pay",
                     json.dumps({"order_id": oid, "amount": 1999}))
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert json.loads(sent.stdout)["status"] == "paid"
-        bad = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "send", "orders.cmd.pay", "{}")
+        bad = _cli(env, "send", "orders.cmd.pay", "{}")
         assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "validation"
-        status = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "status")
+        status = _cli(env, "status")
         assert status.returncode == 0, status.stdout + status.stderr
         assert "orders_actor" in status.stdout and "tasks_actor" in status.stdout and "ORDERS" in status.stdout
-        replayed = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "replay", "orders", oid)
+        replayed = _cli(env, "replay", "orders", oid)
         assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()][:3] == [
             "order.placed", "order.confirmed", "order.paid"]
 

@@ -17,7 +17,7 @@ from bus.connection import connect
 from infra.bootstrap import run_tasks_actor
 from infra.embedded import free_port
 from tests.conftest import System, eventually, until
-from tests.task_types import GATES, RUNNING, STARTED, STOPPED
+from tests.task_types import GATES, RUNNING, RUNS, STARTED, STOPPED
 from tests.integration.test_orders_http import get, post
 
 
@@ -459,3 +459,21 @@ async def test_a_worker_runs_at_most_its_concurrency_of_handlers_at_once(system:
     for task in tasks:
         await wait_status(system, task["task_id"], "completed")
     assert RUNNING["most"] == 3
+
+
+async def test_outcomes_are_kept_through_a_task_actor_outage_and_no_handler_runs_again(system: System) -> None:
+    # The handlers end while no task actor answers (as during a JetStream leader failover): each
+    # outcome is tried again, its lease held, until the actor is back.
+    await system.start_worker()
+    tasks = [await submit(system, {"type": "test.counted", "payload": {"gate": "outage", "fail": i % 4 == 0},
+                                   "retry": {"max_attempts": 1}}) for i in range(24)]
+    ids = [t["task_id"] for t in tasks]
+    await until(lambda: all(RUNS[i] for i in ids), failure="not every handler started")
+    await system.stop_tasks_actor()
+    GATES["outage"].set()
+    await asyncio.sleep(system.settings.task_lease_s * 1.5)  # longer than a lease
+    await system.start_tasks_actor()
+    for i, task_id in enumerate(ids):
+        await wait_status(system, task_id, "dead" if i % 4 == 0 else "completed")
+    await asyncio.sleep(1.5)  # a work item redelivered by mistake would have run by now
+    assert {task_id: RUNS[task_id] for task_id in ids} == {task_id: 1 for task_id in ids}
