@@ -170,7 +170,7 @@ class FulfilmentManager:
             raise MalformedError(f"undecodable order event: {exc}") from None
         if isinstance(event, OrderPaid):
             await self._command(
-                self._tasks.command("submit"),
+                self._tasks.command("submit_internal"),
                 {"type": FULFIL_ORDER, "payload": {"order_id": event.order_id}, "ref": f"order:{event.order_id}"},
                 key=f"fulfil:{event.order_id}", causation=headers.get(h.EV_COMMAND_ID),
             )

@@ -36,7 +36,13 @@ async def _connect_once(settings: Settings, name: str, timeout: float) -> Client
     url = settings.resolved_nats_url()
     try:
         return await connect(url, name, connect_timeout=timeout, once=True, credentials=credentials(settings, ADMIN))
-    except (OSError, TimeoutError, NatsError):
+    except NatsError as exc:
+        if "authorization" in str(exc).lower():
+            raise UnreachableError(f"NATS at {url} refused the admin identity (wrong or missing credentials: "
+                                   "JETSOURCE_NATS_* settings, or run from the directory of `jetsource up`'s data)"
+                                   ) from None
+        raise UnreachableError(f"cannot reach NATS at {url} within {timeout:g}s") from None
+    except (OSError, TimeoutError):
         raise UnreachableError(f"cannot reach NATS at {url} within {timeout:g}s") from None
 
 

@@ -140,6 +140,10 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
         status = _cli(env, "status")
         assert status.returncode == 0, status.stdout + status.stderr
         assert "orders_actor" in status.stdout and "tasks_actor" in status.stdout and "ORDERS" in status.stdout
+        # The embedded server admits no anonymous client: naming its URL (so no identity is
+        # taken from the data directory) is refused, in one line.
+        anonymous = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "status", "--timeout", "2")
+        assert anonymous.returncode == 1 and "refused the admin identity" in anonymous.stderr, anonymous.stderr
         replayed = _cli(env, "replay", "orders", oid)
         assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()][:3] == [
             "order.placed", "order.confirmed", "order.paid"]
