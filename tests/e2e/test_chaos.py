@@ -51,7 +51,7 @@ def _role(*args: str) -> Callable[[list[str]], bool]:
     return lambda cmdline: "infra.cli" in cmdline and cmdline[-len(args):] == list(args)
 
 
-FAULTS: list[tuple[str, Callable[[list[str]], bool]]] = [
+ALL_FAULTS: list[tuple[str, Callable[[list[str]], bool]]] = [
     ("nats-server", _is_nats),
     ("postgres", _is_postmaster),
     ("actor orders", _role("actor", "orders")),
@@ -59,6 +59,9 @@ FAULTS: list[tuple[str, Callable[[list[str]], bool]]] = [
     ("projector", _role("projector")),
     ("worker", _role("worker")),
 ]
+# A comma-separated subset, in this order, e.g. `postgres,projector` (to chase one fault).
+_CHOSEN = os.environ.get("JETSOURCE_CHAOS_FAULTS")
+FAULTS = [f for f in ALL_FAULTS if f[0] in _CHOSEN.split(",")] if _CHOSEN else ALL_FAULTS
 
 
 def derived_id(key: str) -> str:
