@@ -67,6 +67,9 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
     TimeoutError,
+    # A connection whose server died under it can refuse the next operation before asyncpg has
+    # seen the socket close ("cannot switch to state 12; another operation (2) is in progress").
+    asyncpg.exceptions.InternalClientError,
 )
 
 
