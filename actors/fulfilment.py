@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
@@ -70,6 +71,11 @@ class FulfilmentManager:
         else:
             raise ValueError(f"the fulfilment manager reads {self._orders.stream} and {self._tasks.stream}, not {stream}")
 
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was called."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -87,6 +93,9 @@ class FulfilmentManager:
                     await puller.close()
             except asyncio.CancelledError:
                 raise
+            except (JetsourceError, NatsError, OSError) as exc:  # NATS away (an outage): one line, no traceback
+                log.warning("fulfilment manager on %s: %s; restarting in 1s", ctx.stream, exc)
+                await self._pause(1.0)
             except Exception:
                 log.exception("fulfilment manager failed on %s; restarting", ctx.stream)
                 await self._pause(1.0)

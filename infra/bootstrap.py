@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -77,6 +78,34 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
     await ensure_work_consumers(js, tasks_context(settings), PRIORITIES, settings.task_lease_s)
 
 
+class Loop(Protocol):
+    """A role's long-running loop: `run` until `stop()`; `stopping` once it was called."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def run(self) -> None: ...
+
+
+async def keep_running(name: str, loop: Loop) -> None:
+    """Run a role's loop again if it ever ends on an error its own loop does not handle: a dead
+    loop inside a live process answers nothing and the supervisor, seeing the process alive,
+    would never restart it (seen once after a PostgreSQL kill, before that error was known)."""
+    backoff = 1.0
+    while True:
+        try:
+            await loop.run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if loop.stopping:
+                return
+            log.exception("%s stopped on an unexpected error; running it again in %.0fs", name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
 @contextlib.asynccontextmanager
 async def _running(actor: Actor) -> AsyncIterator[Actor]:
     await actor.start()
@@ -114,7 +143,8 @@ async def run_worker(
     manager = FulfilmentManager(manager_nc or nc, orders_context(settings), tasks_context(settings),
                                 timeout=settings.request_timeout_s)
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(worker.run()), loop.create_task(manager.run())]
+    tasks = [loop.create_task(keep_running("worker", worker)),
+             loop.create_task(keep_running("fulfilment manager", manager))]
     try:
         yield worker
     finally:
@@ -142,7 +172,8 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[Project
         queries = QueryService(nc, pool, checkpoints, read_wait_timeout=settings.read_wait_timeout_s)
         await queries.add_orders(orders_context(settings))
         await queries.add_tasks(tasks_context(settings))
-        running = [asyncio.get_running_loop().create_task(p.run()) for p in projectors]
+        running = [asyncio.get_running_loop().create_task(keep_running(f"projection {p.durable}", p))
+                   for p in projectors]
         try:
             yield projectors[0]
         finally:

@@ -369,5 +369,10 @@ class Projector:
             )
         return done
 
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was called."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         self._stopping.set()

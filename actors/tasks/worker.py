@@ -252,6 +252,11 @@ class Worker:
         """A refused claim or start: drop the item if the attempt must not run, else retry soon."""
         await (item.ack() if code in _NOTHING_TO_RUN else item.nak(1.0))
 
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was called."""
+        return self._stopping.is_set()
+
     async def stop(self) -> None:
         """Stop taking work; let running handlers finish and their outcomes be stored, for at most
         a lease (their leases are renewed meanwhile and cover a crash)."""
