@@ -28,7 +28,16 @@ from bus import parking
 from bus import subjects as h
 from bus.client import call
 from bus.codec import encode
-from bus.errors import JetsourceError, MalformedError, NotFoundError, RuleViolationError, ValidationError
+from bus.errors import (
+    IdempotencyKeyReusedError,
+    InternalError,
+    JetsourceError,
+    MalformedError,
+    NotFoundError,
+    RuleViolationError,
+    ValidationError,
+)
+from bus.eventstore import appended
 from bus.pull import Puller, position
 from bus.subjects import Context, Parked
 
@@ -36,8 +45,11 @@ log = logging.getLogger(__name__)
 DURABLE = "fulfilment_manager"
 # A legitimate refusal of a command (the order moved on): nothing to repair, skip the event.
 _REFUSED = (RuleViolationError, NotFoundError)
-# The event itself is bad (cannot be decoded, or its command is invalid): park it for an operator.
-_POISON = (ValidationError, MalformedError)
+# The event itself is bad (cannot be decoded, or its command is invalid or collides with another
+# request under the same key): park it for an operator, never retry it forever.
+_POISON = (ValidationError, MalformedError, IdempotencyKeyReusedError)
+# An internal error may be a passing fault; one that persists this many tries is parked.
+_INTERNAL_TRIES = 5
 
 
 class FulfilmentManager:
@@ -135,9 +147,11 @@ class FulfilmentManager:
         handled or the manager stops (then it stays unacked, for whichever manager runs next).
         """
         for msg in msgs:
-            backoff = 0.2
+            backoff, internal = 0.2, 0
             while True:
                 try:
+                    if not appended(msg.headers or {}):
+                        raise MalformedError("not an appended outbox message: no command id (a reply NATS was made to store here)")
                     await handle(msg.data, msg.headers or {})
                     break
                 except _REFUSED as exc:
@@ -147,6 +161,10 @@ class FulfilmentManager:
                     await self._park(ctx, msg, exc)
                     break
                 except JetsourceError as exc:
+                    internal += isinstance(exc, InternalError)
+                    if internal >= _INTERNAL_TRIES:
+                        await self._park(ctx, msg, exc)
+                        break
                     log.warning("fulfilment: %s; retrying in %.1fs", exc.message, backoff)
                     await msg.in_progress()
                     if await self._pause(backoff):

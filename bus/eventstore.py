@@ -15,7 +15,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -61,6 +61,17 @@ class _PubAck(msgspec.Struct):
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
+def appended(headers: Mapping[str, str]) -> bool:
+    """Whether a message on an event subject may be an event an actor appended, not something
+    NATS was made to put there. Any client that may send a request chooses its reply subject,
+    and JetStream answers there whatever the client's permissions: a Direct Get answer, a stream
+    info or a pull's status aimed at `orders.events.<id>` is stored like an event. Those carry no
+    command id; appended events always do. (A copy of another stream's event keeps its headers:
+    readers also check that the event names the subject's aggregate. The server refuses to store
+    a stream's answers into that same stream, measured on nats-server 2.15.)"""
+    return h.EV_COMMAND_ID in headers
+
+
 @dataclass(slots=True)
 class NewEvent:
     """An encoded event about to be appended, with its headers."""
@@ -100,7 +111,12 @@ class _Pending:
 
     def messages(self) -> list[tuple[str, NewEvent, int | None]]:
         out = [(self.subject, event, self.expected_seq if i == 0 else None) for i, event in enumerate(self.events)]
-        out += [(subject, NewEvent(data, {}), None) for subject, data in self.extra]
+        if self.extra:
+            # An outbox copy or work item carries its command's headers (command, trace and
+            # correlation ids), so readers can tell it was appended and trace it; not the
+            # message id, which dedupes the event itself.
+            headers = {k: v for k, v in self.events[0].headers.items() if k != h.MSG_ID}
+            out += [(subject, NewEvent(data, headers), None) for subject, data in self.extra]
         return out
 
 

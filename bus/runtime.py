@@ -39,7 +39,7 @@ from bus.errors import (
     RuleViolationError,
     ValidationError,
 )
-from bus.eventstore import EventStore, NewEvent, WrongExpectedSequence
+from bus.eventstore import EventStore, NewEvent, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
 from bus.subjects import Context
 
@@ -85,8 +85,19 @@ def error_reply(exc: JetsourceError) -> tuple[bytes, dict[str, str]]:
     return body, {h.SERVICE_ERROR_CODE: str(exc.status), h.SERVICE_ERROR: exc.message[:500]}
 
 
+# Reply subjects a service answers on: inboxes (`_INBOX.` and per-role `_INBOX.<role>.`) and
+# replies mapped across accounts (`_R_.`). Any other reply subject is a caller's attempt to make
+# the service publish where it may (its own event stream): such a request is not executed.
+REPLY_PREFIXES = ("_INBOX.", "_R_.")
+
+
 async def respond(request: Request, handler: Callable[[], Any]) -> None:
     """Run a handler and send its reply; the one catch-all of the NATS transport."""
+    reply = request._msg.reply  # noqa: SLF001 - nats.micro's Request does not expose it
+    if not reply.startswith(REPLY_PREFIXES):
+        metrics.COMMAND_ERRORS.labels(request.subject, "reply_refused").inc()
+        log.warning("refused a request on %s whose reply subject %r is not an inbox", request.subject, reply[:200])
+        return
     try:
         reply = await handler()
         await request.respond(reply if isinstance(reply, bytes) else encode(reply))
@@ -229,6 +240,9 @@ class AggregateSpec(Generic[S, C, E]):
     # Commands whose decision never stores anything (a claim): in batch requests they are
     # answered on the spot from a current cache entry, without a task or lock per item.
     read_only: tuple[type, ...] = ()
+    # The aggregate an event names (its id field): a message on the subject that names another
+    # is not this aggregate's event (see `bus.eventstore.appended`).
+    event_id: Callable[[E], str] | None = None
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -511,7 +525,8 @@ class Actor(Generic[S, C, E]):
         for stored in await self._store.load(subject):
             if stored.seq > seq:
                 break
-            state = self._spec.evolve(state, self._event_decoder.decode(stored.data))
+            if (event := self._event_of(stored)) is not None:
+                state = self._spec.evolve(state, event)
         return self._spec.reply(aggregate_id, state, seq)
 
     def _new_id(self) -> str:
@@ -563,13 +578,26 @@ class Actor(Generic[S, C, E]):
         """Fold the events stored after the cached version into the cached state."""
         state = entry.state
         for stored in await self._store.load(subject, after_seq=entry.version):
-            state = self._spec.evolve(state, self._event_decoder.decode(stored.data))
-            command_id = stored.headers.get(h.EV_COMMAND_ID)
-            if command_id:
+            event = self._event_of(stored)
+            if event is not None:
+                state = self._spec.evolve(state, event)
+                command_id = stored.headers[h.EV_COMMAND_ID]
                 entry.commands[command_id] = (stored.seq, stored.headers.get(h.EV_REQUEST_HASH, ""))
-            entry.version = stored.seq
+            entry.version = stored.seq  # the subject's last sequence, which the next append expects
         entry.state = state
         entry.loaded = True
+
+    def _event_of(self, stored: StoredEvent) -> E | None:
+        """The event a stored message holds; None for a message that is not one of this
+        aggregate's appended events (a reply NATS was made to store there), which changes nothing."""
+        if not appended(stored.headers):
+            log.warning("ignoring a message on %s at seq %d that no actor appended", stored.subject, stored.seq)
+            return None
+        event: E = self._event_decoder.decode(stored.data)
+        if self._spec.event_id is not None and not stored.subject.endswith("." + self._spec.event_id(event)):
+            log.warning("ignoring another aggregate's event copied to %s at seq %d", stored.subject, stored.seq)
+            return None
+        return event
 
     async def load(self, aggregate_id: str) -> tuple[S, int]:
         """The current state and version of an aggregate, straight from the stream."""

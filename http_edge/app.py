@@ -17,7 +17,7 @@ from bus import subjects as h
 from bus.client import call
 from bus.codec import decode_json, encode
 from bus.errors import DeadlineError, UnavailableError, ValidationError
-from bus.eventstore import EventStore
+from bus.eventstore import EventStore, appended
 from bus.ids import IdSource
 from bus.subjects import Context
 from http_edge.errors import json_error, to_response
@@ -245,7 +245,8 @@ async def _history(request: web.Request, id_key: str, ctx: web.AppKey[Context], 
     aggregate_id = request.match_info[id_key]
     if not h.valid_token(aggregate_id):
         raise ValidationError(f"{id_key} must be 1..64 letters, digits, '-' or '_'", field=id_key)
-    events = await request.app[store].load(request.app[ctx].events(aggregate_id))
+    # Only what actors appended: not replies a caller had NATS store on the subject.
+    events = [e for e in await request.app[store].load(request.app[ctx].events(aggregate_id)) if appended(e.headers)]
     if not events:
         return json_error(404, "not_found", f"{request.app[ctx].name[:-1]} {aggregate_id} has no events")
     body = {id_key: aggregate_id, "events": [event_out(e) for e in events]}

@@ -30,7 +30,7 @@ from infra.auth import ADMIN, credentials
 from infra.bootstrap import orders_context, parked_subjects, tasks_context
 from infra.settings import Settings
 from infra.status import ReadModel, read_models
-from projections.runner import TRANSIENT, decode_event
+from projections.runner import decode_event, transient
 from projections.schema import create_pool
 
 
@@ -96,18 +96,21 @@ async def _retry(nc: Client, settings: Settings, event: ParkedEvent, attempt: Ca
     parked = parked_subjects(settings)
     try:
         await attempt(event)
-    except TRANSIENT as exc:  # says nothing about the event: keep it as it is
-        return RetryOutcome(event, False, parking.describe(exc))
-    except JetsourceError as exc:
-        if not isinstance(exc, ValidationError | MalformedError):  # unavailable, timeout: try again later
-            return RetryOutcome(event, False, parking.describe(exc))
-        await _repark(nc, settings, event, exc)
-        return RetryOutcome(event, False, parking.describe(exc))
-    except Exception as exc:  # noqa: BLE001 - the CLI's catch-all: the event still fails, keep it parked
-        await _repark(nc, settings, event, exc)
-        return RetryOutcome(event, False, parking.describe(exc))
+    except Exception as exc:
+        if not transient(exc):
+            return await _failed(nc, settings, event, exc)
+        return RetryOutcome(event, False, parking.describe(exc))  # says nothing about the event: keep it
     await parking.delete(nc, parked, event)
     return RetryOutcome(event, True)
+
+
+async def _failed(nc: Client, settings: Settings, event: ParkedEvent, exc: Exception) -> RetryOutcome:
+    """A retry that failed: an invalid event or a bug is re-parked with the new error; another
+    coded refusal (unavailable, timed out, refused for now) keeps it as it was."""
+    if isinstance(exc, JetsourceError) and not isinstance(exc, ValidationError | MalformedError):
+        return RetryOutcome(event, False, parking.describe(exc))
+    await _repark(nc, settings, event, exc)
+    return RetryOutcome(event, False, parking.describe(exc))
 
 
 async def _repark(nc: Client, settings: Settings, event: ParkedEvent, error: Exception) -> None:

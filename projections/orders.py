@@ -79,6 +79,10 @@ class OrdersProjection:
     def __init__(self) -> None:
         self._decoder = msgspec.json.Decoder(OrderEvent)
 
+    @staticmethod
+    def aggregate_id(event: OrderEvent) -> str:
+        return event.order_id
+
     def decode(self, stored: StoredEvent) -> OrderEvent:
         return self._decoder.decode(stored.data)
 

@@ -16,16 +16,17 @@ from typing import Any, Protocol
 
 import asyncpg
 import msgspec
+from nats.errors import Error as NatsError
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from bus import metrics, parking
 from bus.errors import DeadlineError, UnavailableError
-from bus.eventstore import StoredEvent
+from bus.eventstore import StoredEvent, appended
 from bus.pull import Puller, position
 from bus.subjects import Context, Parked
-from projections.schema import DATABASE_DOWN
+from projections.schema import database_down
 
 log = logging.getLogger(__name__)
 # After a partial batch the projector waits a little for more events, so each transaction (and
@@ -45,6 +46,10 @@ class UnknownVersionError(Exception):
     """A stored event of a schema version newer than this code knows (a newer writer stored it)."""
 
 
+class ForeignMessageError(Exception):
+    """A message on an event subject that no actor appended there (a reply NATS was made to store)."""
+
+
 class _LockLost(ConnectionError):
     """The connection holding the advisory lock died (PostgreSQL restarted): take it again."""
 
@@ -57,17 +62,16 @@ class _ApplyFailed(Exception):
         self.cause = cause
 
 
-# Failures that say nothing about the events: a dependency is away or overloaded. The batch is
-# retried whole after a back-off; anything else that apply raises is the event's fault.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    *DATABASE_DOWN,
-    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
-    UnavailableError,
-    DeadlineError,
-)
+def transient(exc: BaseException) -> bool:
+    """Failures that say nothing about the events: a dependency is away, overloaded or unfit
+    (see `database_down`). The batch is retried whole after a back-off; anything else that
+    apply raises is the event's fault."""
+    return database_down(exc) or isinstance(exc, UnavailableError | DeadlineError | NatsError)
+
+
 # What decoding raises for bytes this code cannot read: not JSON, the wrong shape, an unknown
 # `type` tag (msgspec.ValidationError is a DecodeError), or a newer schema version.
-UNDECODABLE: tuple[type[Exception], ...] = (msgspec.DecodeError, UnknownVersionError)
+UNDECODABLE: tuple[type[Exception], ...] = (msgspec.DecodeError, UnknownVersionError, ForeignMessageError)
 
 _known_versions: dict[type, int] = {}
 
@@ -83,11 +87,17 @@ def _known_version(cls: type) -> int:
 
 
 def decode_event(projection: Projection, stored: StoredEvent) -> Any:
-    """Decode with the projection's decoder; raises one of UNDECODABLE for what it cannot read."""
+    """Decode with the projection's decoder; raises one of UNDECODABLE for what it cannot read
+    and for what no actor appended (see `bus.eventstore.appended`)."""
+    if not appended(stored.headers):
+        raise ForeignMessageError("not an appended event: no command id (a reply NATS was made to store here)")
     event = projection.decode(stored)
     v = getattr(event, "v", None)
     if v is not None and v > (_known_versions.get(type(event)) or _known_version(type(event))):
         raise UnknownVersionError(f"schema version {v} of {type(event).__name__} is newer than this code knows")
+    named = projection.aggregate_id(event)
+    if named is not None and not stored.subject.endswith("." + named):
+        raise ForeignMessageError(f"an event of {named} copied to {stored.subject}")
     return event
 
 
@@ -97,6 +107,10 @@ class Projection(Protocol):
     name: str
 
     def decode(self, stored: StoredEvent) -> Any: ...
+
+    def aggregate_id(self, event: Any) -> str | None:
+        """The aggregate a decoded event names (None: the read model does not say)."""
+        ...
 
     async def apply(self, conn: asyncpg.Connection, batch: list[tuple[StoredEvent, Any]]) -> None: ...
 
@@ -227,12 +241,17 @@ class Projector:
                         await self._run_active()
                     finally:
                         self._lock_conn = None
-                        with contextlib.suppress(*TRANSIENT):  # a dead connection took the lock with it
+                        try:
                             await lock_conn.execute("SELECT pg_advisory_unlock($1)", key)
+                        except Exception as exc:  # noqa: BLE001 - a dead connection took the lock with it
+                            if not transient(exc):
+                                raise
                 return
             except asyncio.CancelledError:
                 raise
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if not transient(exc):
+                    raise
                 if self._outage is None:
                     self._outage = parking.describe(exc)
                     log.warning("projection %s: %s; retrying until it is back", self._projection.name, self._outage)
@@ -268,9 +287,9 @@ class Projector:
                 raise
             except Rewound as exc:
                 log.warning("projection %s: %s; restarting from there", self._projection.name, exc)
-            except TRANSIENT:
-                raise  # run() waits the outage out, then takes the lock again
-            except Exception:
+            except Exception as exc:
+                if transient(exc):
+                    raise  # run() waits the outage out, then takes the lock again
                 log.exception("projection %s failed; retrying in %.1fs", self._projection.name, self._backoff)
                 await self._sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, 5.0)
@@ -342,18 +361,18 @@ class Projector:
             if batch and not one_by_one:
                 try:
                     await self._projection.apply(conn, batch)
-                except TRANSIENT:
-                    raise
-                except Exception as exc:  # the projector's catch-all: this batch holds poison
+                except Exception as exc:  # the projector's catch-all: an outage, or this batch holds poison
+                    if transient(exc):
+                        raise
                     raise _ApplyFailed(exc) from exc
             elif batch:
                 for item in batch:
                     try:
                         async with conn.transaction():  # a savepoint: a failure undoes this event only
                             await self._projection.apply(conn, [item])
-                    except TRANSIENT:
-                        raise
-                    except Exception as exc:  # the event's fault: park it, apply the others
+                    except Exception as exc:  # the event's fault (park it, apply the others), or an outage
+                        if transient(exc):
+                            raise
                         failed.append((item[0], exc))
                         done -= 1
             for stored, why in sorted(failed, key=lambda f: f[0].seq):

@@ -58,19 +58,29 @@ CREATE TABLE IF NOT EXISTS order_lines (
 """
 
 
-# What a lost or refused database connection raises (an outage, not a bad query): retried or
-# answered `unavailable`, never treated as a defect of the data.
-DATABASE_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-    TimeoutError,
-    # A connection whose server died under it can refuse the next operation before asyncpg has
-    # seen the socket close ("cannot switch to state 12; another operation (2) is in progress").
-    asyncpg.exceptions.InternalClientError,
-)
+# SQLSTATE classes that say something is wrong with the database or the code reading it, not
+# with one event: connection (08), invalid transaction state such as read-only after a failover
+# (25), authorization (28), missing catalog or schema (3D, 3F), transaction rollback: deadlock,
+# serialization (40), syntax, undefined table or column, privilege (42), resources (53), object
+# state (55), operator intervention: shutdown, cannot connect now (57), system and internal
+# errors (58, XX). Data exceptions (22), constraint violations (23) and the like are the data's.
+_SYSTEMIC_SQLSTATE_CLASSES = frozenset({"08", "25", "28", "3D", "3F", "40", "42", "53", "55", "57", "58", "XX"})
+_CLIENT_DATA_ERROR = asyncpg.exceptions._base.DataError  # noqa: SLF001 - an argument that cannot be encoded
+
+
+def database_down(exc: BaseException) -> bool:
+    """Whether exc says the database is away, overloaded or not fit to use (retry it, answer
+    `unavailable`), rather than that one event's data cannot be stored (park it)."""
+    if isinstance(exc, _CLIENT_DATA_ERROR):  # an InterfaceError too, but about a value: the data's fault
+        return False
+    if isinstance(exc, OSError | TimeoutError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+                  # A connection whose server died under it can refuse the next operation before
+                  # asyncpg has seen the socket close ("cannot switch to state 12 ...").
+                  | asyncpg.exceptions.InternalClientError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in _SYSTEMIC_SQLSTATE_CLASSES
+    return False
 
 
 def quote_ident(name: str) -> str:

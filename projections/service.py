@@ -20,7 +20,7 @@ from bus.subjects import Context
 from actors.tasks.messages import GetTask, ListTasks, TaskStats
 from projections import orders, tasks
 from projections.runner import Checkpoints
-from projections.schema import DATABASE_DOWN
+from projections.schema import database_down
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class QueryService:
                 if min_seq and not await self._checkpoints.wait(projection, min_seq, self._wait):
                     raise DeadlineError(f"the {projection} read model has not reached sequence {min_seq} yet")
                 result = await run(query)
-            except DATABASE_DOWN as exc:
+            except Exception as exc:
+                if not database_down(exc):
+                    raise
                 if not self._outage:
                     self._outage = True
                     log.warning("read-model database unavailable (%s: %s); answering queries 503 until it is back",

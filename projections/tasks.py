@@ -84,6 +84,10 @@ class TasksProjection:
     def __init__(self) -> None:
         self._decoder = msgspec.json.Decoder(TaskEvent)
 
+    @staticmethod
+    def aggregate_id(event: TaskEvent) -> str:
+        return event.task_id
+
     def decode(self, stored: StoredEvent) -> TaskEvent:
         return self._decoder.decode(stored.data)
 

@@ -44,6 +44,7 @@ def order_spec(ctx: Context) -> AggregateSpec[domain.Order, OrderCommand, OrderE
         with_id=_with_id,
         reply=_reply,
         outbox=outbox,
+        event_id=lambda e: e.order_id,
     )
 
 

@@ -130,6 +130,7 @@ def task_spec(ctx: Context, types: Mapping[str, TaskType]) -> AggregateSpec[doma
         # process would grant it: the cancel's signal makes every process reload the task first.
         invalidations=ctx.live("cancel", "*"),
         read_only=(ClaimTask,),
+        event_id=lambda e: e.task_id,
     )
 
 

@@ -19,6 +19,7 @@ from actors.orders.messages import OrderLine, OrderPlaced
 from actors.tasks.messages import RetryPolicy, TaskSubmitted
 from actors.tasks.worker import PARKED_READER as WORKERS_READER
 from bus import parking
+from bus import subjects as h
 from bus.eventstore import StoredEvent
 from bus.parking import ParkedEvent
 from infra import parked as parked_cli
@@ -39,7 +40,9 @@ def _parked_total(reader: str) -> float:
 
 
 async def _publish(system: System, subject: str, data: bytes) -> int:
-    return int((await system.nc.jetstream().publish(subject, data)).seq)
+    """Store data as an actor would have appended it (with a command id): poison from a writer."""
+    headers = {h.EV_COMMAND_ID: f"poison-{subject}"}
+    return int((await system.nc.jetstream().publish(subject, data, headers=headers)).seq)
 
 
 async def _parked(system: System, reader: str, count: int) -> list[ParkedEvent]:
@@ -156,6 +159,10 @@ class _Picky:
     """A read model of order-stream sequences that cannot apply events whose body is `bad`."""
 
     name = "picky"
+
+    @staticmethod
+    def aggregate_id(event: object) -> None:
+        return None
 
     def decode(self, stored: StoredEvent) -> bytes:
         return stored.data

@@ -54,6 +54,10 @@ class _Seen:
 
     name = "seen_once"
 
+    @staticmethod
+    def aggregate_id(event: object) -> None:
+        return None
+
     def decode(self, stored: StoredEvent) -> int:
         return stored.seq
 
@@ -122,6 +126,10 @@ class _FailsOnce:
 
     def __init__(self) -> None:
         self.failed = False
+
+    @staticmethod
+    def aggregate_id(event: object) -> None:
+        return None
 
     def decode(self, stored: StoredEvent) -> int:
         return stored.seq

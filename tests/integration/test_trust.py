@@ -24,6 +24,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus import parking
+from bus.subjects import Parked
 from infra import auth
 from infra.bootstrap import (
     ensure_streams,
@@ -284,3 +286,47 @@ async def test_a_role_connects_over_mutual_tls_with_its_settings(tmp_path: Path)
     finally:
         server.kill()
         server.wait()
+
+
+async def test_replies_a_caller_aims_at_an_event_stream_change_no_state(secured: Secured) -> None:
+    """Any client may choose the reply subject of its requests, and JetStream answers there
+    whatever the client's permissions: the edge can make the server store a Direct Get answer,
+    a stream info or a service reply on `orders.events.<id>`. Nothing folds such messages."""
+    ns, NS = secured.settings.namespace, secured.settings.namespace.upper()
+    status, order = await _post(secured, "/orders", PLACE)
+    assert status == 201
+    oid, placed_seq = order["order_id"], order["seq"]
+    victim = f"{ns}.orders.events.{oid}"
+    js = secured.admin.jetstream()
+    before = (await js.stream_info(f"{NS}_ORDERS", subjects_filter=victim)).state.messages
+    nc, errors = await secured.as_role(auth.EDGE)
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{NS}_ORDERS", json.dumps({"seq": placed_seq}).encode(), reply=victim)
+        await nc.publish(f"$JS.API.DIRECT.GET.{NS}_TASKS", b'{"seq": 999999999}', reply=victim)  # "not found"
+        await nc.publish(f"$JS.API.STREAM.INFO.{NS}_ORDERS", b"", reply=victim)
+        await nc.publish(f"{ns}.tasks.cmd.cancel", b'{"task_id": "nope"}', reply=victim)  # a service's answer
+        await nc.flush()
+    finally:
+        await nc.close()
+    # JetStream stored its answers on the victim's subject (the attack is real) ...
+    stored = await eventually(lambda: js.stream_info(f"{NS}_ORDERS", subjects_filter=victim),
+                              lambda info: info.state.messages >= before + 2, failure="nothing was stored")
+    assert stored.state.messages >= before + 2
+    await asyncio.sleep(0.3)
+    foreign = (await js.stream_info(f"{NS}_ORDERS", subjects_filter=victim)).state.messages - before
+    # Stored: the TASKS Direct Get answer (an empty "not found") and the stream info.
+    # Not stored: the ORDERS Direct Get copy of the order's own event (the server refuses a
+    # stream's answer into itself) and the tasks actor's answer (it does not reply off-inbox).
+    assert foreign == 2, foreign
+    # the order still takes commands, its history and read model show only its own events
+    assert (await _post(secured, f"/orders/{oid}/confirm"))[0] == 200
+    status, paid = await _post(secured, f"/orders/{oid}/pay", {"amount": 300})
+    assert status == 200 and paid["status"] == "paid"
+    status, history = await _get(secured, f"/orders/{oid}/events")
+    types = [e["type"] for e in history["events"]]
+    assert types[:3] == ["order.placed", "order.confirmed", "order.paid"] and set(types[3:]) <= {"order.shipped"}
+    view = await eventually(lambda: _get(secured, f"/orders/{oid}"), lambda r: r[1].get("version", 0) >= paid["version"])
+    assert view[1]["status"] in ("paid", "shipped")
+    parked = await eventually(lambda: parking.unresolved(secured.admin, Parked(ns), "orders_projection"),
+                              lambda found: len([p for p in found if p.subject == victim]) == 2)
+    assert all("not an appended event" in p.error for p in parked if p.subject == victim)
