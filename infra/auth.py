@@ -86,15 +86,16 @@ def _path(value: Path | None) -> str | None:
     return str(value) if value else None
 
 
-def _consumer_api(stream: str, durable: str) -> list[str]:
-    """What a reader needs to own one durable consumer: (re)create it, look at it, delete it,
-    pull from it, and ack what it was given."""
-    return [
-        f"{API}.CONSUMER.CREATE.{stream}.{durable}", f"{API}.CONSUMER.CREATE.{stream}.{durable}.>",
-        f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"{API}.CONSUMER.INFO.{stream}.{durable}",
-        f"{API}.CONSUMER.DELETE.{stream}.{durable}", f"{API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
-        f"$JS.ACK.{stream}.{durable}.>",
-    ]
+def _consumer_api(stream: str, durable: str, *, manage: bool = True) -> list[str]:
+    """What a reader needs of one durable consumer: pull from it and ack what it was given; to
+    `manage` it, also (re)create, look at and delete it (a projection re-creates its consumer at
+    its checkpoint; workers share consumers the admin creates, which no worker may redefine)."""
+    use = [f"{API}.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.>"]
+    if not manage:
+        return use
+    return [*use, f"{API}.CONSUMER.CREATE.{stream}.{durable}", f"{API}.CONSUMER.CREATE.{stream}.{durable}.>",
+            f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"{API}.CONSUMER.INFO.{stream}.{durable}",
+            f"{API}.CONSUMER.DELETE.{stream}.{durable}"]
 
 
 def _root(settings: Settings) -> str:
@@ -172,7 +173,7 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
         return {
             "publish": {
                 "allow": [*(tasks.command(n) for n in TASK_WORKER_COMMANDS),
-                          *(api for p in PRIORITIES for api in _consumer_api(tasks.stream, tasks.work_consumer(p))),
+                          *(api for p in PRIORITIES for api in _consumer_api(tasks.stream, tasks.work_consumer(p), manage=False)),
                           parked],
                 "deny": [*stores, *admin_api, orders.command(">"), tasks.live(">"),
                          *(tasks.command(n) for n in (*TASK_PUBLIC_COMMANDS, *TASK_MANAGER_COMMANDS))],

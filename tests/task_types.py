@@ -77,7 +77,25 @@ async def fulfil_unless_unfulfillable(ctx: TaskContext) -> Any:
     return await fulfil_order(ctx)
 
 
+async def oversized(ctx: TaskContext) -> Any:
+    """A result no event can hold."""
+    return "x" * 300_000
+
+
+async def unencodable(ctx: TaskContext) -> Any:
+    """A result that is not JSON."""
+    return object()
+
+
+async def wordy(ctx: TaskContext) -> Any:
+    """A failure message longer than `tasks.cmd.fail` takes."""
+    raise TaskFailure("why " * 2000)
+
+
 def register(registry: TaskRegistry) -> None:
+    registry.register("test.oversized", oversized)
+    registry.register("test.unencodable", unencodable)
+    registry.register("test.wordy", wordy)
     registry.register("test.record", record)
     registry.register("test.gated", gated)
     registry.register("test.overlapping", overlapping)

@@ -73,10 +73,48 @@ REPORTERS = 4  # complete_batch requests a worker keeps in flight
 # (a 7 s leader failover dropped 244 of 500 outcomes when these were given up at once).
 _TRANSIENT = (UnavailableError, DeadlineError, ConflictError, RateLimitedError, InternalError)
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # back-off between tries to store an outcome
+INTERNAL_TRIES = 5  # an `internal` refusal this many times in a row is not an outage
 
 
 def _timed_out(task: TaskAccepted) -> tuple[str, Any]:
     return ("fail", f"timed out after {task.timeout_s:g}s")
+
+
+MAX_RESULT_BYTES = 256 * 1024  # a result is stored in an event; NATS messages are at most 1 MB
+MAX_ERROR_CHARS = 2000  # what `tasks.cmd.fail` accepts
+MAX_BATCH_BYTES = 512 * 1024  # results in one complete_batch request (plus one result more, at most)
+
+
+def _storable(outcome: tuple[str, Any] | None) -> tuple[str, Any] | None:
+    """The outcome as it can be stored: a result encoded once (kept as raw JSON), or, for one that
+    cannot be encoded or is too large, a failure saying why; an error cut to what `fail` takes.
+    Unstorable outcomes retried as transient would never be stored and would hold the worker."""
+    if outcome is None:
+        return None
+    kind, value = outcome
+    if kind != "complete":
+        return (kind, str(value)[:MAX_ERROR_CHARS])
+    try:
+        raw = encode(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        return ("fail", f"the result cannot be stored as JSON: {exc}"[:MAX_ERROR_CHARS])
+    if len(raw) > MAX_RESULT_BYTES:
+        return ("fail", f"the result is {len(raw)} bytes, more than the {MAX_RESULT_BYTES} a task result may be")
+    return (kind, msgspec.Raw(raw))
+
+
+def _take_bytes(
+    completions: list[tuple[dict[str, Any], asyncio.Future[None]]], limit: int
+) -> tuple[list[tuple[dict[str, Any], asyncio.Future[None]]], list[tuple[dict[str, Any], asyncio.Future[None]]]]:
+    """The completions that fit in one request of about `limit` bytes of results (at least one),
+    and the rest."""
+    total = 0
+    for n, (body, _) in enumerate(completions):
+        result = body.get("result")
+        total += len(result) if isinstance(result, msgspec.Raw) else 0
+        if total > limit and n:
+            return completions[:n], completions[n:]
+    return completions, []
 
 
 class _Capacity:
@@ -370,7 +408,7 @@ class Worker:
         if not start_recorded:
             self._unrecorded[task.task_id] = (task, time.monotonic(), started_at)
         try:
-            outcome = await self._execute(item, task)
+            outcome = _storable(await self._execute(item, task))
         finally:
             # Its start, unless stored meanwhile, goes with the outcome.
             self._unrecorded.pop(task.task_id, None)
@@ -406,7 +444,7 @@ class Worker:
             body = {"task_id": task.task_id, "attempt": task.attempt, "started_at": started_at, "worker": self.name,
                     ("result" if kind == "complete" else "error"): value}
             delay = RETRY_FIRST_S
-            retrying = False
+            retrying, internal = False, 0
             try:
                 while True:
                     try:
@@ -421,6 +459,12 @@ class Worker:
                         break
                     except _TRANSIENT as exc:
                         error = exc
+                        internal += isinstance(exc, InternalError)
+                        if internal >= INTERNAL_TRIES:  # not an outage: a fault that stays
+                            log.warning("the outcome of %s keeps failing: %s; it will run again", task.task_id,
+                                        exc.message)
+                            await item.nak(1.0)
+                            return
                     except JetsourceError as exc:
                         log.warning("the outcome of %s was refused: %s; it will run again", task.task_id, exc.message)
                         await item.nak(1.0)
@@ -460,7 +504,7 @@ class Worker:
 
     async def _report_completions(self) -> None:
         while self._completions:
-            batch, self._completions = self._completions, []
+            batch, self._completions = _take_bytes(self._completions, MAX_BATCH_BYTES)
             try:
                 results = _batch.decode(await self._command("complete_batch", {"items": [b for b, _ in batch]})).results
             except Exception as exc:  # noqa: BLE001 - handed to each waiting handler run

@@ -477,3 +477,17 @@ async def test_outcomes_are_kept_through_a_task_actor_outage_and_no_handler_runs
         await wait_status(system, task_id, "dead" if i % 4 == 0 else "completed")
     await asyncio.sleep(1.5)  # a work item redelivered by mistake would have run by now
     assert {task_id: RUNS[task_id] for task_id in ids} == {task_id: 1 for task_id in ids}
+
+
+async def test_an_outcome_that_cannot_be_stored_fails_the_task_instead_of_holding_the_worker(system: System) -> None:
+    await system.start_worker()
+    once = {"retry": {"max_attempts": 1}}
+    tasks = {name: await submit(system, {"type": name, **once})
+             for name in ("test.oversized", "test.unencodable", "test.wordy")}
+    views = {name: await wait_status(system, t["task_id"], "dead") for name, t in tasks.items()}
+    assert "more than the 262144 a task result may be" in views["test.oversized"]["error"]
+    assert "cannot be stored as JSON" in views["test.unencodable"]["error"]
+    assert views["test.wordy"]["error"].startswith("why why") and len(views["test.wordy"]["error"]) == 2000
+    # and the worker still works
+    echo = await submit(system, {"type": "echo", "payload": {"still": "working"}})
+    assert (await wait_status(system, echo["task_id"], "completed"))["result"] == {"still": "working"}

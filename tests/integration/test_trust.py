@@ -218,6 +218,7 @@ async def test_only_the_orders_actor_can_join_the_orders_command_queue(secured: 
     (auth.WORKER, "Publish", "{ns}.tasks.cmd.submit"),
     (auth.WORKER, "Publish", "{ns}.orders.cmd.ship"),
     (auth.WORKER, "Subscription", "{ns}.tasks.cmd.claim"),
+    (auth.WORKER, "Publish", "$JS.API.CONSUMER.DELETE.{NS}_TASKS.workers_high"),  # shared: the admin's to define
     (auth.PROJECTOR, "Publish", "{ns}.orders.cmd.place"),
     (auth.PROJECTOR, "Publish", "{ns}.tasks.events.t1"),
     (auth.PROJECTOR, "Publish", "$JS.ACK.{NS}_TASKS.workers_high.1.1.1.1.1"),

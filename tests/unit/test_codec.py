@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from actors.orders.messages import COMMANDS, OrderEvent, OrderPlaced, PlaceOrder
-from bus.codec import MAX_DEPTH, Decoder, decode_json
+from bus.codec import MAX_DEPTH, Decoder, check_depth, decode_json
 from bus.errors import MalformedError, ValidationError
 
 
@@ -67,3 +67,10 @@ def test_nesting_up_to_the_limit_and_brackets_inside_strings_are_fine() -> None:
     assert Decoder(Any).decode(b'{"a":' + nested + b"}") == {"a": msgspec.json.decode(nested)}
     text = '[{"\\"' * 100  # escaped quotes must not end the string early
     assert decode_json(msgspec.json.encode({"s": text, "t": "]" * 50 + "{" * 50})) == {"s": text, "t": "]" * 50 + "{" * 50}
+
+
+def test_an_unterminated_string_runs_to_the_end_of_the_body() -> None:
+    # brackets after an unclosed quote are inside a string; the decoder refuses the body later
+    check_depth(b'["' + b'\\"' * 5000 + b"[" * 40)
+    with pytest.raises(MalformedError):
+        Decoder(list).decode(b'["' + b'\\"' * 5000 + b"[" * 40)
