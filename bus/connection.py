@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
@@ -61,14 +61,13 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> Callable[[], None]
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """Who a process is on NATS: one of user + password, a token, a credentials file (JWT +
+    """Who a process is on NATS: one of user + password, a credentials file (JWT +
     nkey, needs the `nkeys` package) or an nkey seed file; optionally TLS (a CA to trust, a client
     certificate and key). `inbox` is the prefix of its reply subjects, `_INBOX.<role>`, so a
     role's permissions can let it receive only its own replies."""
 
     user: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = field(default=None, repr=False)
     creds_file: str | None = None
     nkey_seed_file: str | None = None
     tls_ca: str | None = None
@@ -81,8 +80,6 @@ class Credentials:
         out: dict[str, Any] = {"inbox_prefix": self.inbox}
         if self.user is not None:
             out["user"], out["password"] = self.user, self.password or ""
-        if self.token is not None:
-            out["token"] = self.token
         if self.creds_file:
             out["user_credentials"] = self.creds_file
         if self.nkey_seed_file:

@@ -269,6 +269,11 @@ class EventStore:
             raise
 
     async def _append_alone(self, item: _Pending) -> None:
+        if item.deadline is not None and time.time() > item.deadline:  # a split batch's retry, late
+            if not item.future.done():
+                item.future.set_exception(
+                    DeadlineError("the command's deadline passed before it was stored; nothing was stored"))
+            return
         try:
             if len(item.events) == 1 and not item.extra:
                 ack = await self._publish_one(item.subject, item.events[0], item.expected_seq)

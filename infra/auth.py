@@ -18,6 +18,7 @@ from typing import Any
 from actors.orders.messages import COMMANDS as ORDER_COMMANDS
 from bus.connection import Credentials
 from bus.subjects import Context
+from infra.embedded import write_private
 from infra.settings import NatsIdentity, Settings
 
 ADMIN = "admin"
@@ -53,12 +54,12 @@ def ensure_secrets(settings: Settings) -> dict[str, str]:
     out = {}
     for role in ROLES:
         path = folder / f"{role}.password"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
+        password = path.read_text().strip() if path.exists() else ""
+        if len(password) < 32:  # missing, or cut short: a weak (even empty) password is worse than a new one
+            password = secrets.token_urlsafe(32)
+            write_private(path, password)
         os.chmod(path, 0o600)
-        out[role] = path.read_text().strip()
+        out[role] = password
     return out
 
 

@@ -32,6 +32,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, whole or not at all: a new file of mode 0600 is
+    renamed over the old one (which may have been 0644, and is never truncated in place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,10 +133,7 @@ class EmbeddedNats:
         """Start the server (same config, ports and store: JetStream recovers its data)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the roles' passwords
-        with os.fdopen(fd, "w") as f:
-            f.write(self.config())
-        os.chmod(conf, 0o600)
+        write_private(conf, self.config())  # it holds the roles' passwords
         with open(self.dir / "nats-server.log", "ab") as out:  # the child keeps its own copy
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(conf)],

@@ -13,7 +13,7 @@ class NatsIdentity(BaseModel):
     file or an nkey seed file (both need the `nkeys` package), and optionally TLS."""
 
     user: str | None = None
-    password: str | None = None
+    password: str | None = Field(None, repr=False)
     creds: Path | None = None
     nkey_seed: Path | None = None
     tls_ca: Path | None = None
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # NATS identity for an external server, for whatever role this process runs ...
     nats_user: str | None = None
-    nats_password: str | None = None
+    nats_password: str | None = Field(None, repr=False)
     nats_creds: Path | None = Field(None, description="a .creds file (JWT + nkey)")
     nats_nkey_seed: Path | None = Field(None, description="a file holding an nkey seed")
     nats_tls_ca: Path | None = Field(None, description="CA bundle to verify the server with")
