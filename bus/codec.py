@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +24,9 @@ MAX_DEPTH = 32
 # alternative a body of many escaped quotes made every quote start a scan to the end (64 KB took
 # 8 s, quadratic; now linear). The body is invalid JSON anyway: the decoder then refuses it.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\Z)', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
+# Brackets to +1 (opening, as 2) and -1 (closing, as 0); every other byte dropped.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 def check_depth(data: bytes) -> None:
@@ -31,14 +35,13 @@ def check_depth(data: bytes) -> None:
     # bytes is ~100x cheaper than the scan below (which must skip brackets inside strings).
     if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
         return
-    depth = 0
-    for bracket in _BRACKET.finditer(_STRING.sub(b"", data)):
-        if bracket.group() in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise MalformedError(f"request body nests deeper than {MAX_DEPTH} levels")
-        else:
-            depth -= 1
+    # Outside strings: without escapes, every other piece between quotes (the regex handles
+    # escaped quotes, and is ~10x slower: a batch of 100 tasks took 125 µs that way).
+    structure = _STRING.sub(b"", data) if b"\\" in data else b"".join(data.split(b'"')[::2])
+    steps = structure.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    # depth after the i-th bracket = sum of its steps - i (each step is the bracket's +1/-1, plus 1)
+    if steps and max(map(operator.sub, itertools.accumulate(steps), itertools.count(1))) > MAX_DEPTH:
+        raise MalformedError(f"request body nests deeper than {MAX_DEPTH} levels")
 
 
 def decode_json(data: bytes) -> Any:
