@@ -210,6 +210,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
+    from bus.eventstore import appended
     from bus.eventstore import EventStore
     from bus.subjects import Context
 
@@ -221,11 +222,19 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
             count = 0
             async for e in store.read(subject, from_seq=args.from_seq, since=args.since, follow=args.follow):
+                try:
+                    event = json.loads(e.data)
+                except ValueError:  # shown as it is stored, never a traceback
+                    event = None
                 out = {
                     "seq": e.seq, "subject": e.subject, "time": e.headers.get(h.EV_TIME, e.time),
-                    "event": json.loads(e.data), "command_id": e.headers.get(h.EV_COMMAND_ID),
+                    "event": event, "command_id": e.headers.get(h.EV_COMMAND_ID),
                     "trace_id": e.headers.get(h.EV_TRACE_ID),
                 }
+                if not appended(e.headers):
+                    out["appended"] = False  # stored there, but not by an actor (see Security)
+                if event is None:
+                    out["raw"] = e.data.decode("utf-8", "replace")
                 print(json.dumps(out), flush=True)
                 count += 1
             if count == 0 and args.aggregate_id:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -331,3 +332,14 @@ async def test_replies_a_caller_aims_at_an_event_stream_change_no_state(secured:
     parked = await eventually(lambda: parking.unresolved(secured.admin, Parked(ns), "orders_projection"),
                               lambda found: len([p for p in found if p.subject == victim]) == 2)
     assert all("not an appended event" in p.error for p in parked if p.subject == victim)
+    # the operator's replay shows what is stored, flagged, without a traceback
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")} | {
+        "JETSOURCE_NATS_URL": secured.url, "JETSOURCE_NATS_USER": auth.ADMIN,
+        "JETSOURCE_NATS_PASSWORD": secured.passwords[auth.ADMIN], "JETSOURCE_NAMESPACE": ns}
+    replay = subprocess.run([sys.executable, "-m", "infra.cli", "replay", "orders", oid], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    lines = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert [line.get("appended", True) for line in lines].count(False) == 2
+    assert [line["event"]["type"] for line in lines if line.get("appended", True)][:3] == [
+        "order.placed", "order.confirmed", "order.paid"]
