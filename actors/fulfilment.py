@@ -69,13 +69,15 @@ class FulfilmentManager:
 
     async def run(self) -> None:
         await asyncio.gather(
-            self._consume(self._orders, self._on_order_event),
-            self._consume(self._tasks, self._on_task_event),
+            self._consume(self._orders),
+            self._consume(self._tasks),
         )
 
     async def handle(self, stream: str, data: bytes, headers: dict[str, str]) -> None:
-        """Handle one raw outbox event of either stream (a parked event, retried): raises what
-        handling raises."""
+        """Handle one raw outbox event of either stream (delivered, or a parked one retried):
+        raises what handling raises; MalformedError for a message no actor appended."""
+        if not appended(headers):
+            raise MalformedError("not an appended outbox message: no command id (a reply NATS was made to store here)")
         if stream == self._orders.stream:
             await self._on_order_event(data, headers)
         elif stream == self._tasks.stream:
@@ -91,7 +93,7 @@ class FulfilmentManager:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _consume(self, ctx: Context, handle: Any) -> None:
+    async def _consume(self, ctx: Context) -> None:
         while not self._stopping.is_set():
             try:
                 await self._ensure_consumer(ctx)
@@ -100,7 +102,7 @@ class FulfilmentManager:
                     while not self._stopping.is_set():
                         msgs = await puller.pull(500, wait_s=0.5)
                         if msgs:
-                            await self._handle_batch(ctx, msgs, handle)
+                            await self._handle_batch(ctx, msgs)
                 finally:
                     await puller.close()
             except asyncio.CancelledError:
@@ -138,7 +140,7 @@ class FulfilmentManager:
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
         await js.add_consumer(ctx.stream, config)
 
-    async def _handle_batch(self, ctx: Context, msgs: list[Any], handle: Any) -> None:
+    async def _handle_batch(self, ctx: Context, msgs: list[Any]) -> None:
         """Handle in order, acking each event once it is handled, skipped (refused) or parked.
 
         Acks are per event (explicit), never cumulative: an event that a crashed manager had
@@ -150,9 +152,7 @@ class FulfilmentManager:
             backoff, internal = 0.2, 0
             while True:
                 try:
-                    if not appended(msg.headers or {}):
-                        raise MalformedError("not an appended outbox message: no command id (a reply NATS was made to store here)")
-                    await handle(msg.data, msg.headers or {})
+                    await self.handle(ctx.stream, msg.data, msg.headers or {})
                     break
                 except _REFUSED as exc:
                     log.warning("fulfilment: %s; skipping the event", exc.message)

@@ -17,7 +17,7 @@ from typing import Any
 
 from actors.orders.messages import COMMANDS as ORDER_COMMANDS
 from bus.connection import Credentials
-from bus.subjects import Context
+from bus.subjects import Context, Parked
 from infra.embedded import write_private
 from infra.settings import NatsIdentity, Settings
 
@@ -99,15 +99,11 @@ def _consumer_api(stream: str, durable: str, *, manage: bool = True) -> list[str
             f"{API}.CONSUMER.DELETE.{stream}.{durable}"]
 
 
-def _root(settings: Settings) -> str:
-    return f"{settings.namespace}." if settings.namespace else ""
-
-
 def permissions(settings: Settings, role: str) -> dict[str, Any]:
     """The nats-server permissions of one role. Everything not allowed is denied; the explicit
     denies make the rules that matter most hold even if an allow is widened by mistake."""
     orders, tasks = Context("orders", settings.namespace), Context("tasks", settings.namespace)
-    parked = f"{_root(settings)}parked.>"
+    parked = Parked(settings.namespace)
     inbox = [f"_INBOX.{role}.>"]
     stores = [orders.events_wildcard, orders.outbox_wildcard, tasks.events_wildcard, tasks.outbox_wildcard,
               tasks.queue_wildcard]
@@ -157,7 +153,9 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
             "publish": {
                 "allow": [*_consumer_api(orders.stream, orders.consumer("orders")),
                           *_consumer_api(tasks.stream, tasks.consumer("tasks")),
-                          f"{API}.STREAM.INFO.{orders.stream}", f"{API}.STREAM.INFO.{tasks.stream}", parked],
+                          f"{API}.STREAM.INFO.{orders.stream}", f"{API}.STREAM.INFO.{tasks.stream}",
+                          # each reader parks under its own name only (an operator's retry acts on it)
+                          parked.reader_wildcard(orders.consumer("orders")), parked.reader_wildcard(tasks.consumer("tasks"))],
                 "deny": [*stores, *commands, *admin_api],
             },
             "subscribe": {"allow": [f"{orders.query('*')} {orders.queue_group}.query",
@@ -170,12 +168,13 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
         }
     if role == WORKER:
         from actors.tasks.messages import PRIORITIES
+        from actors.tasks.worker import PARKED_READER as WORKERS_READER
 
         return {
             "publish": {
                 "allow": [*(tasks.command(n) for n in TASK_WORKER_COMMANDS),
                           *(api for p in PRIORITIES for api in _consumer_api(tasks.stream, tasks.work_consumer(p), manage=False)),
-                          parked],
+                          parked.reader_wildcard(WORKERS_READER)],
                 "deny": [*stores, *admin_api, orders.command(">"), tasks.live(">"),
                          *(tasks.command(n) for n in (*TASK_PUBLIC_COMMANDS, *TASK_MANAGER_COMMANDS))],
             },
@@ -187,7 +186,8 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
         return {
             "publish": {
                 "allow": [*(orders.command(n) for n in ORDER_MANAGER_COMMANDS), *(tasks.command(n) for n in TASK_MANAGER_COMMANDS),
-                          *_consumer_api(orders.stream, DURABLE), *_consumer_api(tasks.stream, DURABLE), parked],
+                          *_consumer_api(orders.stream, DURABLE), *_consumer_api(tasks.stream, DURABLE),
+                          parked.reader_wildcard(DURABLE)],
                 "deny": [*stores, *admin_api, *(tasks.command(n) for n in TASK_WORKER_COMMANDS)],
             },
             "subscribe": {"allow": inbox, "deny": commands},

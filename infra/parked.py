@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError as JsNotFoundError
 
 from actors.fulfilment import DURABLE as FULFILMENT_READER
 from actors.fulfilment import FulfilmentManager
 from actors.tasks.worker import PARKED_READER as WORKERS_READER
 from bus import parking
+from bus import subjects as h
 from bus.connection import connect
 from bus.errors import JetsourceError, MalformedError, NotFoundError, RuleViolationError, ValidationError
 from bus.eventstore import StoredEvent
@@ -79,7 +81,14 @@ async def retry(nc: Client, pool: asyncpg.Pool, settings: Settings, events: list
     manager = FulfilmentManager(nc, orders_context(settings), tasks_context(settings),
                                 timeout=settings.request_timeout_s, parked=parked_subjects(settings))
     out = []
-    for event in events:
+    for parked in events:
+        # The parked copy says which event failed; what is retried is that event as its stream
+        # holds it. (Any reader may park; a copy that does not match its stream is not trusted.)
+        event = await _as_stored(nc, parked)
+        if event is None:
+            out.append(RetryOutcome(parked, False, f"{parked.stream} seq {parked.seq} is not the parked event "
+                                                   f"(no message there on {parked.subject}); skip it"))
+            continue
         if event.reader in models:
             outcome = await _retry(nc, settings, event, lambda e: _apply(pool, models[e.reader], e))
         elif event.reader == FULFILMENT_READER:
@@ -90,6 +99,19 @@ async def retry(nc: Client, pool: asyncpg.Pool, settings: Settings, events: list
             outcome = RetryOutcome(event, False, f"no reader named {event.reader!r} here")
         out.append(outcome)
     return out
+
+
+async def _as_stored(nc: Client, parked: ParkedEvent) -> ParkedEvent | None:
+    """The parked event with the bytes and headers its stream holds at its sequence, or None when
+    the stream holds no such message on that subject."""
+    try:
+        raw = await nc.jetstream().get_msg(parked.stream, parked.seq, direct=True)
+    except JsNotFoundError:
+        return None
+    if raw.subject != parked.subject:
+        return None
+    headers = {k: v for k, v in (raw.headers or {}).items() if k.startswith(h.EV_HEADER_PREFIX)}
+    return replace(parked, data=raw.data or b"", headers=headers)
 
 
 async def _retry(nc: Client, settings: Settings, event: ParkedEvent, attempt: Callable[[ParkedEvent], Any]) -> RetryOutcome:

@@ -293,3 +293,17 @@ async def test_the_projector_catches_up_after_postgresql_restarts(
         await asyncio.to_thread(postgres.stop)
     outages = [r for r in caplog.records if "retrying until it is back" in r.getMessage()]
     assert len(outages) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_a_retry_acts_on_the_event_its_stream_holds_not_on_the_parked_copy(system: System) -> None:
+    _, headers, _ = await post(system, "/orders", PLACE)
+    seq = int(headers["X-Stream-Sequence"])
+    parked = parked_subjects(system.settings)
+    # a parked entry whose subject is not what the stream holds at that sequence (forged, or stale)
+    await parking.park(system.nc, parked, reader=FULFILMENT_READER, stream=system.orders.stream, seq=seq,
+                       subject=system.orders.outbox("paid"), data=b'{"type": "order.paid", "order_id": "x"}',
+                       headers={h.EV_COMMAND_ID: "forged"}, error="forged")
+    target = (FULFILMENT_READER, system.orders.stream, seq)
+    assert await parked_cli.command(system.settings, "retry", target=target) == 1
+    assert await parking.get(system.nc, parked, *target) is not None  # kept, for an operator to skip
+    assert (await get(system, "/tasks?type=order.fulfil"))[2]["items"] == []  # nothing was submitted

@@ -223,6 +223,8 @@ async def test_only_the_orders_actor_can_join_the_orders_command_queue(secured: 
     (auth.PROJECTOR, "Publish", "{ns}.orders.cmd.place"),
     (auth.PROJECTOR, "Publish", "{ns}.tasks.events.t1"),
     (auth.PROJECTOR, "Publish", "$JS.ACK.{NS}_TASKS.workers_high.1.1.1.1.1"),
+    (auth.WORKER, "Publish", "{ns}.parked.fulfilment_manager.{NS}_ORDERS.1"),  # each reader parks as itself
+    (auth.PROJECTOR, "Publish", "{ns}.parked.workers.{NS}_TASKS.1"),
     (auth.FULFILMENT, "Publish", "{ns}.tasks.cmd.complete"),
     (auth.FULFILMENT, "Publish", "{ns}.orders.events.o1"),
     (auth.TASKS_ACTOR, "Publish", "{ns}.orders.events.o1"),
