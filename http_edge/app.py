@@ -227,15 +227,31 @@ class EventOut(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Tag(msgspec.Struct):
+    """What history shows of an event without knowing its context's types: its tag and the
+    aggregate it names."""
+
     type: str = ""
+    order_id: str | None = None
+    task_id: str | None = None
 
 
 _tag = msgspec.json.Decoder(_Tag)
 
 
-def event_out(stored: Any) -> EventOut:
+def event_out(stored: Any, id_key: str, aggregate_id: str) -> EventOut | None:
+    """One stored event as history shows it; None for a message that is not one of this
+    aggregate's appended events (a reply NATS was made to store on its subject, or a body that
+    is not JSON, which a projection parks): history shows what the aggregate folds."""
+    if not appended(stored.headers):
+        return None
+    try:
+        tag = _tag.decode(stored.data)
+    except msgspec.DecodeError:
+        return None
+    if getattr(tag, id_key) != aggregate_id:
+        return None
     return EventOut(
-        seq=stored.seq, time=stored.headers.get(h.EV_TIME, stored.time), type=_tag.decode(stored.data).type,
+        seq=stored.seq, time=stored.headers.get(h.EV_TIME, stored.time), type=tag.type,
         event=msgspec.Raw(stored.data), command_id=stored.headers.get(h.EV_COMMAND_ID),
         trace_id=stored.headers.get(h.EV_TRACE_ID), correlation_id=stored.headers.get(h.EV_CORRELATION_ID),
     )
@@ -245,11 +261,11 @@ async def _history(request: web.Request, id_key: str, ctx: web.AppKey[Context], 
     aggregate_id = request.match_info[id_key]
     if not h.valid_token(aggregate_id):
         raise ValidationError(f"{id_key} must be 1..64 letters, digits, '-' or '_'", field=id_key)
-    # Only what actors appended: not replies a caller had NATS store on the subject.
-    events = [e for e in await request.app[store].load(request.app[ctx].events(aggregate_id)) if appended(e.headers)]
+    stored = await request.app[store].load(request.app[ctx].events(aggregate_id))
+    events = [out for e in stored if (out := event_out(e, id_key, aggregate_id)) is not None]
     if not events:
         return json_error(404, "not_found", f"{request.app[ctx].name[:-1]} {aggregate_id} has no events")
-    body = {id_key: aggregate_id, "events": [event_out(e) for e in events]}
+    body = {id_key: aggregate_id, "events": events}
     return web.Response(body=encode(body), content_type="application/json")
 
 

@@ -307,3 +307,13 @@ async def test_a_retry_acts_on_the_event_its_stream_holds_not_on_the_parked_copy
     assert await parked_cli.command(system.settings, "retry", target=target) == 1
     assert await parking.get(system.nc, parked, *target) is not None  # kept, for an operator to skip
     assert (await get(system, "/tasks?type=order.fulfil"))[2]["items"] == []  # nothing was submitted
+
+
+async def test_an_orders_history_shows_its_events_around_poison_on_its_subject(system: System) -> None:
+    _, _, placed = await post(system, "/orders", PLACE)
+    oid = placed["order_id"]
+    await _publish(system, system.orders.events(oid), b"\xff{not json")
+    await _publish(system, system.orders.events(oid), b'{"type": "order.confirmed", "order_id": "someone-else"}')
+    status, _, history = await get(system, f"/orders/{oid}/events")
+    assert status == 200, history
+    assert [e["type"] for e in history["events"]] == ["order.placed"]
