@@ -95,6 +95,22 @@ class DeadlineError(JetsourceError):
     status = 504
 
 
+class InsufficientStockError(RuleViolationError):
+    """Not enough available stock for a reservation (nothing was reserved)."""
+
+    code = "insufficient_stock"
+    status = 409
+
+
+class PendingError(RuleViolationError):
+    """The aggregate waits on another context's answer (a saga step, such as an order's stock
+    reservation); the command can be decided once it has come. The runtime waits for it, bounded,
+    before answering with this."""
+
+    code = "pending"
+    status = 409
+
+
 class InternalError(JetsourceError):
     """An unexpected failure; details are logged, never sent."""
 
@@ -109,6 +125,8 @@ BY_CODE: dict[str, type[JetsourceError]] = {
         ValidationError,
         NotFoundError,
         RuleViolationError,
+        InsufficientStockError,
+        PendingError,
         ConflictError,
         PreconditionFailedError,
         IdempotencyKeyReusedError,

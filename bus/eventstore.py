@@ -113,12 +113,19 @@ class _Pending:
         out = [(self.subject, event, self.expected_seq if i == 0 else None) for i, event in enumerate(self.events)]
         if self.extra:
             # An outbox copy or work item carries its command's id (readers tell by it that an
-            # actor appended it) and trace id (one trace from HTTP to the worker); the rest of
-            # the event's headers would cost every work item ~200 bytes of storage and parsing.
+            # actor appended it), trace id (one trace from HTTP to the worker), and its
+            # correlation (when not the trace id, its default) and causation ids, so what a
+            # process manager does about it continues the same trace. The rest of the event's
+            # headers would cost every work item ~200 bytes of storage and parsing.
             first = self.events[0].headers
-            headers = {name: first[name] for name in (h.EV_COMMAND_ID, h.EV_TRACE_ID) if name in first}
+            headers = {name: first[name] for name in _COPIED if name in first}
+            if h.EV_CORRELATION_ID in headers and headers[h.EV_CORRELATION_ID] == headers.get(h.EV_TRACE_ID):
+                del headers[h.EV_CORRELATION_ID]
             out += [(subject, NewEvent(data, headers), None) for subject, data in self.extra]
         return out
+
+
+_COPIED = (h.EV_COMMAND_ID, h.EV_TRACE_ID, h.EV_CORRELATION_ID, h.EV_CAUSATION_ID)
 
 
 def _hpub(subject: str, headers: dict[str, str], data: bytes) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -35,6 +36,7 @@ from bus.errors import (
     InternalError,
     JetsourceError,
     NotFoundError,
+    PendingError,
     PreconditionFailedError,
     RuleViolationError,
     ValidationError,
@@ -50,6 +52,12 @@ C = TypeVar("C")
 E = TypeVar("E")
 
 _ID_NAMESPACE = uuid.UUID("6f3a8e52-3c1e-4d55-9a57-2f0c6a1d9b10")
+
+
+def keyed_id(key: str) -> str:
+    """The id a keyed create command without an id gets: the same key always creates (or finds)
+    the same aggregate, so a process manager knows the id of what it created."""
+    return uuid.uuid5(_ID_NAMESPACE, key).hex
 
 
 class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -243,6 +251,12 @@ class AggregateSpec(Generic[S, C, E]):
     # The aggregate an event names (its id field): a message on the subject that names another
     # is not this aggregate's event (see `bus.eventstore.appended`).
     event_id: Callable[[E], str] | None = None
+    # True while the aggregate waits on another context's answer (a saga step: an order whose
+    # stock is being reserved). A command that leaves it pending is answered once it is not, and
+    # a command the decider refuses with PendingError is decided again then, both waiting at
+    # most `settle_wait_s` (and never past the caller's deadline).
+    pending: Callable[[S], bool] | None = None
+    settle_wait_s: float = 2.0
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -282,6 +296,8 @@ class Actor(Generic[S, C, E]):
         self._service: Service | None = None
         self._invalidations: Subscription | None = None
         self._forget_reconnects: Callable[[], None] | None = None
+        # Commands waiting for a pending aggregate to settle, woken by the next change to it.
+        self._changed: dict[str, asyncio.Event] = {}
 
     async def start(self) -> Service:
         ctx = self._spec.ctx
@@ -433,11 +449,58 @@ class Actor(Generic[S, C, E]):
         fresh = False
         if aggregate_id is None:
             if meta.keyed:
-                aggregate_id = uuid.uuid5(_ID_NAMESPACE, meta.command_id).hex
+                aggregate_id = keyed_id(meta.command_id)
             else:
                 aggregate_id, fresh = self._new_id(), True
             command = self._spec.with_id(command, aggregate_id)
         subject = self._spec.ctx.events(aggregate_id)
+        if self._spec.pending is None:
+            return await self._execute(aggregate_id, subject, command, meta, fresh)
+        settle_by = time.monotonic() + self._spec.settle_wait_s
+        if meta.deadline is not None:  # leave the answer time to travel back
+            settle_by = min(settle_by, time.monotonic() + (meta.deadline - time.time()) - 0.2)
+        while True:
+            try:
+                reply = await self._execute(aggregate_id, subject, command, meta, fresh)
+            except PendingError:
+                if not await self._settled(aggregate_id, subject, settle_by):
+                    raise
+                fresh = False
+                continue
+            entry = self._cache.get(aggregate_id)
+            if entry is not None and self._spec.pending(entry.state):
+                await self._settled(aggregate_id, subject, settle_by)
+                entry = self._cache.get(aggregate_id)
+                if entry is not None and not self._spec.pending(entry.state):
+                    return self._spec.reply(aggregate_id, entry.state, entry.version)
+            return reply
+
+    async def _settled(self, aggregate_id: str, subject: str, until: float) -> bool:
+        """Wait until the aggregate is no longer pending, or `until` (monotonic) passes: woken
+        by a command on it in this process, else reading its stream every 50 ms (the answer may
+        come through another actor process)."""
+        while (remaining := until - time.monotonic()) > 0:
+            changed = self._changed.setdefault(aggregate_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 0.05))
+            if self._changed.get(aggregate_id) is changed and not changed._waiters:  # noqa: SLF001
+                self._changed.pop(aggregate_id, None)
+            entry = self._entry(aggregate_id, False)
+            if not changed.is_set():  # not changed here: maybe through another process
+                lock = self._locks.setdefault(aggregate_id, asyncio.Lock())
+                try:
+                    async with lock:
+                        await self._catch_up(entry, subject)
+                finally:
+                    if not lock.locked() and not lock._waiters:  # noqa: SLF001 - drop idle locks
+                        self._locks.pop(aggregate_id, None)
+            if entry.loaded and not self._spec.pending(entry.state):  # type: ignore[misc]
+                return True
+        return False
+
+    async def _execute(
+        self, aggregate_id: str, subject: str, command: C, meta: CommandMeta, fresh: bool,
+    ) -> msgspec.Struct:
         for attempt in range(self._max_retries + 1):
             entry = self._entry(aggregate_id, fresh)
             # Even a just-created aggregate is locked while its first events are stored: a
@@ -504,6 +567,8 @@ class Actor(Generic[S, C, E]):
         entry.state = state
         entry.version = result.last_seq
         entry.commands[meta.command_id] = (result.last_seq, meta.fingerprint or "")
+        if self._changed and (changed := self._changed.pop(aggregate_id, None)) is not None:
+            changed.set()
         if self._spec.after_commit is not None:
             await self._spec.after_commit(self._nc, state, events)
         return self._spec.reply(aggregate_id, state, result.last_seq)
@@ -522,11 +587,15 @@ class Actor(Generic[S, C, E]):
                 f"Idempotency-Key {meta.command_id!r} was used for a different request on this aggregate; "
                 "use a new key for a new request", field=h.IDEMPOTENCY_KEY)
         state = self._spec.initial
+        pending = self._spec.pending
         for stored in await self._store.load(subject):
-            if stored.seq > seq:
+            # A command answered once its aggregate settled (a confirm, once the saga answered)
+            # is answered again with the state after the events that settled it.
+            if stored.seq > seq and not (pending is not None and pending(state)):
                 break
             if (event := self._event_of(stored)) is not None:
                 state = self._spec.evolve(state, event)
+                seq = max(seq, stored.seq)
         return self._spec.reply(aggregate_id, state, seq)
 
     def _new_id(self) -> str:

@@ -15,29 +15,31 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from actors.orders.messages import COMMANDS as ORDER_COMMANDS
 from bus.connection import Credentials
 from bus.subjects import Context, Parked
+from infra.contexts import declared
 from infra.embedded import write_private
 from infra.settings import NatsIdentity, Settings
 
 ADMIN = "admin"
 EDGE = "edge"
+PROJECTOR = "projector"
 ORDERS_ACTOR = "orders_actor"
 TASKS_ACTOR = "tasks_actor"
-PROJECTOR = "projector"
 WORKER = "worker"
 FULFILMENT = "fulfilment"
-ROLES = (ADMIN, EDGE, ORDERS_ACTOR, TASKS_ACTOR, PROJECTOR, WORKER, FULFILMENT)
 
-# Commands only workers send: attempt bookkeeping on tasks.
-TASK_WORKER_COMMANDS = ("claim", "start", "progress", "complete", "fail", "claim_batch", "start_batch", "complete_batch")
-# Commands only the fulfilment process manager sends.
-ORDER_MANAGER_COMMANDS = ("ship", "fulfilment_failed")
-TASK_MANAGER_COMMANDS = ("submit_internal",)
-# What the edge (and so any HTTP client) may send.
-ORDER_PUBLIC_COMMANDS = tuple(n for n in ORDER_COMMANDS if n != "fulfilment_failed")
-TASK_PUBLIC_COMMANDS = ("submit", "submit_batch", "cancel", "retry")
+
+def roles(settings: Settings) -> tuple[str, ...]:
+    """Every identity of the declared set: admin, edge, projector, each context's actor and
+    extra roles (workers), each process manager."""
+    found = declared(settings)
+    out = [ADMIN, EDGE, PROJECTOR]
+    for bc in found.contexts:
+        out += [bc.actor_role, *(r.name for r in bc.roles)]
+    out += [pm.name for pm in found.managers]
+    return tuple(out)
+
 
 API = "$JS.API"
 
@@ -52,7 +54,7 @@ def ensure_secrets(settings: Settings) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     out = {}
-    for role in ROLES:
+    for role in roles(settings):
         path = folder / f"{role}.password"
         password = path.read_text().strip() if path.exists() else ""
         if len(password) < 32:  # missing, or cut short: a weak (even empty) password is worse than a new one
@@ -87,7 +89,7 @@ def _path(value: Path | None) -> str | None:
     return str(value) if value else None
 
 
-def _consumer_api(stream: str, durable: str, *, manage: bool = True) -> list[str]:
+def consumer_api(stream: str, durable: str, *, manage: bool = True) -> list[str]:
     """What a reader needs of one durable consumer: pull from it and ack what it was given; to
     `manage` it, also (re)create, look at and delete it (a projection re-creates its consumer at
     its checkpoint; workers share consumers the admin creates, which no worker may redefine)."""
@@ -99,107 +101,107 @@ def _consumer_api(stream: str, durable: str, *, manage: bool = True) -> list[str
             f"{API}.CONSUMER.DELETE.{stream}.{durable}"]
 
 
+def stores(settings: Settings) -> list[str]:
+    """Every subject an event stream stores: only actors publish there (each to its own)."""
+    out = []
+    for bc in declared(settings).contexts:
+        out += _stores(bc.context(settings), bc.work_queue)
+    return out
+
+
+def _stores(ctx: Context, work_queue: bool) -> list[str]:
+    return [ctx.events_wildcard, ctx.outbox_wildcard, *([ctx.queue_wildcard] if work_queue else [])]
+
+
+# Stream and server administration: the admin's alone.
+ADMIN_API = [*(f"{API}.STREAM.{op}.>" for op in ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE", "SNAPSHOT",
+                                                   "RESTORE", "PEER.REMOVE", "LEADER.STEPDOWN")),
+             f"{API}.ACCOUNT.>", f"{API}.META.>", f"{API}.SERVER.>"]
+
+
 def permissions(settings: Settings, role: str) -> dict[str, Any]:
     """The nats-server permissions of one role. Everything not allowed is denied; the explicit
     denies make the rules that matter most hold even if an allow is widened by mistake."""
-    orders, tasks = Context("orders", settings.namespace), Context("tasks", settings.namespace)
+    found = declared(settings)
+    contexts = [(bc, bc.context(settings)) for bc in found.contexts]
     parked = Parked(settings.namespace)
     inbox = [f"_INBOX.{role}.>"]
-    stores = [orders.events_wildcard, orders.outbox_wildcard, tasks.events_wildcard, tasks.outbox_wildcard,
-              tasks.queue_wildcard]
-    # Stream and server administration: the admin's alone.
-    admin_api = [f"{API}.STREAM.{op}.>" for op in ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE", "SNAPSHOT",
-                                                     "RESTORE", "PEER.REMOVE", "LEADER.STEPDOWN")]
-    admin_api += [f"{API}.ACCOUNT.>", f"{API}.META.>", f"{API}.SERVER.>"]
-    commands = [orders.command(">"), tasks.command(">"), orders.query(">"), tasks.query(">")]
+    all_stores = stores(settings)
+    commands = [c.command(">") for _, c in contexts] + [c.query(">") for _, c in contexts]
     if role == ADMIN:
         return {}  # no permissions block: everything, without the server checking every message
     if role == EDGE:
-        return {
-            "publish": {
-                "allow": [*(orders.command(n) for n in ORDER_PUBLIC_COMMANDS), *(tasks.command(n) for n in TASK_PUBLIC_COMMANDS),
-                          orders.query("*"), tasks.query("*"),
-                          f"{API}.DIRECT.GET.{orders.stream}", f"{API}.DIRECT.GET.{tasks.stream}",
-                          f"{API}.STREAM.INFO.{orders.stream}"],
-                "deny": [*stores, *admin_api, f"{API}.CONSUMER.>", tasks.live(">"), orders.command("fulfilment_failed"),
-                         *(tasks.command(n) for n in (*TASK_WORKER_COMMANDS, *TASK_MANAGER_COMMANDS))],
-            },
-            "subscribe": {"allow": inbox, "deny": commands},
-        }
-    if role == ORDERS_ACTOR:
-        return {
-            "publish": {
-                "allow": [orders.events_wildcard, orders.outbox_wildcard,
-                          f"{API}.DIRECT.GET.{orders.stream}", f"{API}.STREAM.INFO.{orders.stream}"],
-                "deny": [*stores[2:], *commands, *admin_api, f"{API}.CONSUMER.>"],
-            },
-            "subscribe": {"allow": [f"{orders.command('*')} {orders.queue_group}", "$SRV.>", *inbox],
-                          "deny": [tasks.command(">"), orders.query(">"), tasks.query(">")]},
-            "allow_responses": True,
-        }
-    if role == TASKS_ACTOR:
-        return {
-            "publish": {
-                "allow": [tasks.events_wildcard, tasks.outbox_wildcard, tasks.queue_wildcard, tasks.live(">"),
-                          f"{API}.DIRECT.GET.{tasks.stream}", f"{API}.STREAM.INFO.{tasks.stream}"],
-                "deny": [*stores[:2], *commands, *admin_api, f"{API}.CONSUMER.>"],
-            },
-            "subscribe": {"allow": [f"{tasks.command('*')} {tasks.queue_group}", tasks.live("cancel", "*"), "$SRV.>", *inbox],
-                          "deny": [orders.command(">"), orders.query(">"), tasks.query(">")]},
-            "allow_responses": True,
-        }
+        allow, deny = [], [*all_stores, *ADMIN_API, f"{API}.CONSUMER.>"]
+        for bc, ctx in contexts:
+            allow += [*(ctx.command(n) for n in bc.public_edge_commands(settings)), ctx.query("*"),
+                      f"{API}.DIRECT.GET.{ctx.stream}", f"{API}.STREAM.INFO.{ctx.stream}"]
+            deny += [*(ctx.command(n) for n in bc.internal_commands(settings)), *bc.actor_publishes(ctx)]
+        return {"publish": {"allow": allow, "deny": deny}, "subscribe": {"allow": inbox, "deny": commands}}
     if role == PROJECTOR:
+        allow, sub = [], ["$SRV.>", *inbox]
+        models = [(bc, ctx) for bc, ctx in contexts if bc.read_model is not None]
+        for bc, ctx in models:
+            durable = ctx.consumer(bc.read_model.projection.name)  # type: ignore[union-attr]
+            # each reader parks under its own name only (an operator's retry acts on it)
+            allow += [*consumer_api(ctx.stream, durable), f"{API}.STREAM.INFO.{ctx.stream}",
+                      parked.reader_wildcard(durable)]
+            sub.append(f"{ctx.query('*')} {ctx.queue_group}.query")
         return {
-            "publish": {
-                "allow": [*_consumer_api(orders.stream, orders.consumer("orders")),
-                          *_consumer_api(tasks.stream, tasks.consumer("tasks")),
-                          f"{API}.STREAM.INFO.{orders.stream}", f"{API}.STREAM.INFO.{tasks.stream}",
-                          # each reader parks under its own name only (an operator's retry acts on it)
-                          parked.reader_wildcard(orders.consumer("orders")), parked.reader_wildcard(tasks.consumer("tasks"))],
-                "deny": [*stores, *commands, *admin_api],
-            },
-            "subscribe": {"allow": [f"{orders.query('*')} {orders.queue_group}.query",
-                                    f"{tasks.query('*')} {tasks.queue_group}.query", "$SRV.>", *inbox],
-                          "deny": [orders.command(">"), tasks.command(">")]},
-            # Its connection hosts two query services, each answering `$SRV.INFO` / `PING`: with
-            # two subscriptions on one connection the server let one reply through at max 2 and
-            # both at max 4 (measured on nats-server 2.15): a delivery seems to count as well.
-            "allow_responses": {"max": 4},
+            "publish": {"allow": allow, "deny": [*all_stores, *commands, *ADMIN_API]},
+            "subscribe": {"allow": sub, "deny": [c.command(">") for _, c in contexts]},
+            # Its connection hosts a query service per read model, each answering `$SRV.INFO` /
+            # `PING`: with two subscriptions on one connection the server let one reply through
+            # at max 2 and both at max 4 (measured on nats-server 2.15): a delivery seems to
+            # count as well. So twice the number of services.
+            "allow_responses": {"max": max(2, 2 * len(models))},
         }
-    if role == WORKER:
-        from actors.tasks.messages import PRIORITIES
-        from actors.tasks.worker import PARKED_READER as WORKERS_READER
-
-        return {
-            "publish": {
-                "allow": [*(tasks.command(n) for n in TASK_WORKER_COMMANDS),
-                          *(api for p in PRIORITIES for api in _consumer_api(tasks.stream, tasks.work_consumer(p), manage=False)),
-                          parked.reader_wildcard(WORKERS_READER)],
-                "deny": [*stores, *admin_api, orders.command(">"), tasks.live(">"),
-                         *(tasks.command(n) for n in (*TASK_PUBLIC_COMMANDS, *TASK_MANAGER_COMMANDS))],
-            },
-            "subscribe": {"allow": [tasks.live("ready"), tasks.live("cancel", "*"), *inbox], "deny": commands},
-        }
-    if role == FULFILMENT:
-        from actors.fulfilment import DURABLE
-
-        return {
-            "publish": {
-                "allow": [*(orders.command(n) for n in ORDER_MANAGER_COMMANDS), *(tasks.command(n) for n in TASK_MANAGER_COMMANDS),
-                          *_consumer_api(orders.stream, DURABLE), *_consumer_api(tasks.stream, DURABLE),
-                          parked.reader_wildcard(DURABLE)],
-                "deny": [*stores, *admin_api, *(tasks.command(n) for n in TASK_WORKER_COMMANDS)],
-            },
-            "subscribe": {"allow": inbox, "deny": commands},
-        }
-    raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    for bc, ctx in contexts:
+        if role == bc.actor_role:
+            own = _stores(ctx, bc.work_queue)
+            return {
+                "publish": {
+                    "allow": [*own, *bc.actor_publishes(ctx), f"{API}.DIRECT.GET.{ctx.stream}",
+                              f"{API}.STREAM.INFO.{ctx.stream}"],
+                    "deny": [*(s for s in all_stores if s not in own), *commands, *ADMIN_API, f"{API}.CONSUMER.>"],
+                },
+                "subscribe": {"allow": [f"{ctx.command('*')} {ctx.queue_group}", *bc.actor_subscribes(ctx), "$SRV.>",
+                                        *inbox],
+                              "deny": [*(c.command(">") for _, c in contexts if c != ctx), *(c.query(">") for _, c in contexts)]},
+                "allow_responses": True,
+            }
+        for extra in bc.roles:
+            if role == extra.name:
+                perms = extra.permissions(ctx, settings)
+                perms["publish"]["deny"] = [*perms["publish"].get("deny", []), *ADMIN_API,
+                                            *(c.command(">") for _, c in contexts if c != ctx)]
+                perms["subscribe"]["allow"] = [*perms["subscribe"].get("allow", []), *inbox]
+                perms["subscribe"]["deny"] = [*perms["subscribe"].get("deny", []), *commands]
+                return perms
+    for pm in found.managers:
+        if role == pm.name:
+            by_name = dict(contexts)
+            subjects = {bc.name: ctx for bc, ctx in contexts}
+            sends = [subjects[name].command(n) for name, names in pm.sends.items() for n in names]
+            allow = [*sends, parked.reader_wildcard(pm.reader)]
+            for name in pm.consumes:
+                allow += consumer_api(subjects[name].stream, pm.reader)
+            allow += [f"{API}.DIRECT.GET.{subjects[name].stream}" for name in pm.reads]
+            # It may send what it declares, nothing else: every other command is denied.
+            others = [ctx.command(n) for bc, ctx in by_name.items()
+                      for n in (*bc.public_edge_commands(settings), *bc.internal_commands(settings))
+                      if ctx.command(n) not in sends]
+            return {
+                "publish": {"allow": allow, "deny": [*all_stores, *ADMIN_API, *others]},
+                "subscribe": {"allow": inbox, "deny": commands},
+            }
+    raise ValueError(f"unknown role {role!r}; roles: {', '.join(roles(settings))}")
 
 
 def authorization(settings: Settings, passwords: dict[str, str]) -> dict[str, Any]:
     """The nats-server `authorization` block: every role a user with its permissions; no
     anonymous access (a client without credentials is refused)."""
     users = []
-    for role in ROLES:
+    for role in roles(settings):
         user: dict[str, Any] = {"user": role, "password": passwords[role]}
         if allowed := permissions(settings, role):
             user["permissions"] = allowed

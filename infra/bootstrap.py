@@ -7,28 +7,24 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
 from nats.aio.client import Client
 
-from actors.fulfilment import FulfilmentManager
-from actors.orders.service import order_actor
-from actors.tasks.messages import PRIORITIES
 from actors.tasks.registry import TaskRegistry, build_registry
-from actors.tasks.service import task_actor
 from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import EventStore
 from bus.runtime import Actor
-from bus.streams import ensure_stream, ensure_work_consumers, event_stream, parked_stream
+from bus.streams import ensure_stream, event_stream, parked_stream
 from bus.subjects import Context, Parked
-from http_edge.app import EdgeConfig, create_app
+from http_edge.app import create_app
+from http_edge.kit import EdgeConfig
 from infra import auth
+from infra.contexts import BoundedContext, ProcessManager, declared
 from infra.settings import Settings
-from projections.orders import OrdersProjection
-from projections.tasks import TasksProjection
 from projections.runner import Checkpoints, Projector
 from projections.schema import create_pool, ensure_schema
 from projections.service import QueryService
@@ -42,6 +38,10 @@ def orders_context(settings: Settings) -> Context:
 
 def tasks_context(settings: Settings) -> Context:
     return Context("tasks", settings.namespace)
+
+
+def context(settings: Settings, name: str) -> Context:
+    return declared(settings).context(name).context(settings)
 
 
 def parked_subjects(settings: Settings) -> Parked:
@@ -69,13 +69,28 @@ async def nats_connection(settings: Settings, name: str, role: str = auth.ADMIN)
 
 
 async def ensure_streams(nc: Client, settings: Settings) -> None:
-    """Create or update every event stream (idempotent)."""
+    """Create or update every declared context's event stream, and what else it needs (idempotent)."""
     js = nc.jetstream()
-    for ctx, with_queue in ((orders_context(settings), False), (tasks_context(settings), True)):
+    for bc in declared(settings).contexts:
+        ctx = bc.context(settings)
         await ensure_stream(js, event_stream(ctx, replicas=settings.stream_replicas,
-                                             duplicate_window_s=settings.duplicate_window_s, with_queue=with_queue))
+                                             duplicate_window_s=settings.duplicate_window_s, with_queue=bc.work_queue))
+        if bc.prepare is not None:
+            await bc.prepare(js, ctx, settings)
     await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
-    await ensure_work_consumers(js, tasks_context(settings), PRIORITIES, settings.task_lease_s)
+
+
+async def prepare(settings: Settings) -> None:
+    """Create streams, consumers and the read-model schema (idempotent), as the admin."""
+    async with nats_connection(settings, "jetsource-prepare") as nc:
+        await ensure_streams(nc, settings)
+    await ensure_read_models(settings)
+
+
+async def ensure_read_models(settings: Settings) -> None:
+    """Create the read-model schema and every declared context's tables (idempotent)."""
+    ddls = [bc.read_model.ddl for bc in declared(settings).contexts if bc.read_model is not None]
+    await ensure_schema(settings.resolved_database_url(), settings.db_schema, ddls)
 
 
 class Loop(Protocol):
@@ -115,67 +130,86 @@ async def _running(actor: Actor) -> AsyncIterator[Actor]:
         await actor.stop()
 
 
+def run_actor(settings: Settings, nc: Client, name: str) -> contextlib.AbstractAsyncContextManager[Actor]:
+    """One declared context's actor, started, and stopped (drained) on exit."""
+    bc = declared(settings).context(name)
+    ctx = bc.context(settings)
+    return _running(Actor(nc, _store(settings, nc, ctx), bc.aggregate(ctx, settings),
+                          concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries))
+
+
 def run_orders_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncContextManager[Actor]:
-    ctx = orders_context(settings)
-    return _running(order_actor(nc, _store(settings, nc, ctx), ctx, concurrency=settings.actor_concurrency,
-                                max_retries=settings.actor_max_retries))
+    return run_actor(settings, nc, "orders")
 
 
 def run_tasks_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncContextManager[Actor]:
-    ctx = tasks_context(settings)
-    types = build_registry(settings.task_modules).types()
-    return _running(task_actor(nc, _store(settings, nc, ctx), ctx, types, concurrency=settings.actor_concurrency,
-                               max_retries=settings.actor_max_retries))
+    return run_actor(settings, nc, "tasks")
 
 
 @contextlib.asynccontextmanager
 async def run_worker(
     settings: Settings, nc: Client, registry: TaskRegistry | None = None, name: str | None = None,
-    manager_nc: Client | None = None,
 ) -> AsyncIterator[Worker]:
-    """Task workers plus the fulfilment process manager (on `manager_nc`, its own identity's
-    connection, when given)."""
+    """Task workers: the handlers of every registered task type."""
     worker = Worker(
         nc, tasks_context(settings), registry or build_registry(settings.task_modules),
         concurrency=settings.worker_concurrency, lease_s=settings.task_lease_s,
         name=name or f"{socket.gethostname()}:{os.getpid()}", request_timeout=settings.request_timeout_s,
     )
-    manager = FulfilmentManager(manager_nc or nc, orders_context(settings), tasks_context(settings),
-                                timeout=settings.request_timeout_s)
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(keep_running("worker", worker)),
-             loop.create_task(keep_running("fulfilment manager", manager))]
+    task = asyncio.get_running_loop().create_task(keep_running("worker", worker))
     try:
         yield worker
     finally:
-        manager.stop()
         await worker.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def run_managers(
+    settings: Settings, connection: Callable[[ProcessManager], Awaitable[Client]], only: Sequence[str] = (),
+) -> AsyncIterator[list[Any]]:
+    """Every declared process manager (or those named), each on the connection `connection`
+    gives it (its own identity's, under `jetsource managers`)."""
+    found = declared(settings)
+    subjects = found.subjects(settings)
+    managers = [pm for pm in found.managers if not only or pm.name in only]
+    loops = [pm.build(await connection(pm), subjects, settings) for pm in managers]
+    tasks = [asyncio.get_running_loop().create_task(keep_running(f"process manager {pm.name}", loop))
+             for pm, loop in zip(managers, loops, strict=True)]
+    try:
+        yield loops
+    finally:
+        for loop in loops:
+            loop.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _read_models(settings: Settings) -> list[tuple[BoundedContext, Context]]:
+    return [(bc, bc.context(settings)) for bc in declared(settings).contexts if bc.read_model is not None]
+
+
 @contextlib.asynccontextmanager
-async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[Projector]:
-    """The orders projection and the query endpoints that read it."""
-    dsn = settings.resolved_database_url()
-    await ensure_schema(dsn, settings.db_schema)
-    pool = await create_pool(dsn, settings.db_schema, max_size=20)
+async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Projector]]:
+    """Every declared read model's projection and the query endpoints that read it."""
+    await ensure_read_models(settings)
+    pool = await create_pool(settings.resolved_database_url(), settings.db_schema, max_size=20)
     try:
         checkpoints = Checkpoints(pool)
-        projectors = [
-            Projector(nc, pool, orders_context(settings), OrdersProjection(), checkpoints, batch=settings.projection_batch,
-                      busy_linger_s=settings.projection_busy_linger_s),
-            Projector(nc, pool, tasks_context(settings), TasksProjection(), checkpoints, batch=settings.projection_batch,
-                      busy_linger_s=settings.projection_busy_linger_s),
-        ]
-        queries = QueryService(nc, pool, checkpoints, read_wait_timeout=settings.read_wait_timeout_s)
-        await queries.add_orders(orders_context(settings))
-        await queries.add_tasks(tasks_context(settings))
+        projectors, queries = [], QueryService(nc, pool, checkpoints, read_wait_timeout=settings.read_wait_timeout_s)
+        for bc, ctx in _read_models(settings):
+            model = bc.read_model
+            assert model is not None
+            projection = model.projection()
+            projectors.append(Projector(nc, pool, ctx, projection, checkpoints, batch=settings.projection_batch,
+                                        busy_linger_s=settings.projection_busy_linger_s))
+            await queries.add(ctx, model.queries, projection.name)
         running = [asyncio.get_running_loop().create_task(keep_running(f"projection {p.durable}", p))
                    for p in projectors]
         try:
-            yield projectors[0]
+            yield projectors
         finally:
             for projector in projectors:
                 projector.stop()
@@ -200,7 +234,10 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
         api_read_tokens=_tokens(settings.api_read_tokens),
         metrics_open=settings.metrics_open,
     )
-    return create_app(nc, orders_context(settings), tasks_context(settings), config)
+    found = declared(settings)
+    return create_app(nc, found.subjects(settings), config,
+                      [bc.routes for bc in found.contexts if bc.routes is not None],
+                      [bc.openapi for bc in found.contexts if bc.openapi is not None])
 
 
 @contextlib.asynccontextmanager

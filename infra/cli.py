@@ -71,16 +71,6 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def prepare(settings: Settings) -> None:
-    """Create streams and read-model schema (idempotent)."""
-    from infra.bootstrap import ensure_streams, nats_connection
-    from projections.schema import ensure_schema
-
-    async with nats_connection(settings, "jetsource-prepare") as nc:
-        await ensure_streams(nc, settings)
-    await ensure_schema(settings.resolved_database_url(), settings.db_schema)
-
-
 def _role(
     settings: Settings, name: str, role: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]
 ) -> int:
@@ -113,31 +103,48 @@ def _role(
 
 
 def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
-    from infra import auth
-    from infra.bootstrap import run_orders_actor, run_tasks_actor
-
-    run = run_orders_actor if args.context == "orders" else run_tasks_actor
+    from infra.bootstrap import run_actor
+    from infra.contexts import declared
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run(settings, nc))
+        await stack.enter_async_context(run_actor(settings, nc, args.context))
 
-    role = auth.ORDERS_ACTOR if args.context == "orders" else auth.TASKS_ACTOR
-    return _role(settings, f"actor-{args.context}", role, parts)
+    return _role(settings, f"actor-{args.context}", declared(settings).context(args.context).actor_role, parts)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from infra import auth
-    from infra.bootstrap import nats_connection, run_worker
+    from infra.bootstrap import run_worker
 
     if args.concurrency:
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
 
     async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        # The process manager is a role of its own: it may send what workers may not.
-        manager_nc = await stack.enter_async_context(nats_connection(settings, "jetsource-fulfilment", auth.FULFILMENT))
-        await stack.enter_async_context(run_worker(settings, nc, manager_nc=manager_nc))
+        await stack.enter_async_context(run_worker(settings, nc))
 
     return _role(settings, "worker", auth.WORKER, parts)
+
+
+def cmd_managers(settings: Settings, args: argparse.Namespace) -> int:
+    """Every declared process manager (or those named), each on a connection of its own identity."""
+    from infra.bootstrap import nats_connection, run_managers
+    from infra.contexts import declared
+
+    names = [pm.name for pm in declared(settings).managers]
+    unknown = sorted(set(args.names) - set(names))
+    if unknown:
+        print(f"jetsource: no process manager {', '.join(unknown)}; declared: {', '.join(names)}", file=sys.stderr)
+        return 2
+
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+        async def connection(pm: Any) -> Any:
+            return await stack.enter_async_context(nats_connection(settings, f"jetsource-{pm.name}", pm.name))
+
+        await stack.enter_async_context(run_managers(settings, connection, args.names))
+
+    # The process's own connection (admin-free: the first manager's identity) only hosts metrics.
+    first = args.names[0] if args.names else names[0]
+    return _role(settings, "managers", first, parts)
 
 
 def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
@@ -162,6 +169,8 @@ def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
     _setup_logging(settings, "prepare")
+
+    from infra.bootstrap import prepare
 
     async def main() -> int:
         await prepare(settings)
@@ -314,14 +323,22 @@ def _seconds(text: str) -> float:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    from infra.contexts import declared
+
+    found = declared(settings or Settings())
+    contexts = found.names()
+    read_models = [c.read_model.projection().name for c in found.contexts if c.read_model is not None]
     p = argparse.ArgumentParser(prog="jetsource", description="Event-sourced services on NATS JetStream.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)").set_defaults(fn=cmd_up)
     a = sub.add_parser("actor", help="run one context's actor (scale out: run more)")
-    a.add_argument("context", choices=["orders", "tasks"])
+    a.add_argument("context", choices=contexts)
     a.set_defaults(fn=cmd_actor)
-    w = sub.add_parser("worker", help="run task handlers and the fulfilment process manager (scale out: run more)")
+    m = sub.add_parser("managers", help="run the process managers (the order saga, fulfilment), each as itself")
+    m.add_argument("names", nargs="*", metavar="NAME", help=f"only these: {', '.join(pm.name for pm in found.managers)}")
+    m.set_defaults(fn=cmd_managers)
+    w = sub.add_parser("worker", help="run task handlers (scale out: run more)")
     w.add_argument("--concurrency", type=int, help="tasks at once (default: JETSOURCE_WORKER_CONCURRENCY)")
     w.set_defaults(fn=cmd_worker)
     sub.add_parser("projector", help="run the projections and the query endpoints").set_defaults(fn=cmd_projector)
@@ -337,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect, and then for the reply")
     s.set_defaults(fn=cmd_send)
     r = sub.add_parser("replay", help="print an aggregate's or a stream's events")
-    r.add_argument("context", choices=["orders", "tasks"])
+    r.add_argument("context", choices=contexts)
     r.add_argument("aggregate_id", nargs="?")
     r.add_argument("--from-seq", type=_sequence)
     r.add_argument("--since", type=_iso_datetime, help="ISO time, e.g. 2026-01-01T00:00:00+00:00")
@@ -350,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("projections", help="projection maintenance")
     prs = pr.add_subparsers(dest="action", required=True)
     rb = prs.add_parser("rebuild", help="rebuild read models from the streams")
-    rb.add_argument("--only", choices=["orders", "tasks"])
+    rb.add_argument("--only", choices=read_models)
     rb.set_defaults(fn=cmd_rebuild)
     pk = prs.add_parser("parked", help="events a reader could not decode or apply: list (JSON lines), retry, skip")
     pk.add_argument("--reader", help="only this reader's, e.g. orders_projection, fulfilment_manager")
@@ -373,8 +390,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     settings = Settings()
+    args = parser(settings).parse_args(argv)
     try:
         return int(args.fn(settings, args))
     except UnreachableError as exc:

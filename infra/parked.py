@@ -19,8 +19,6 @@ import asyncpg
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from actors.fulfilment import DURABLE as FULFILMENT_READER
-from actors.fulfilment import FulfilmentManager
 from actors.tasks.worker import PARKED_READER as WORKERS_READER
 from bus import parking
 from bus import subjects as h
@@ -29,7 +27,8 @@ from bus.errors import JetsourceError, MalformedError, NotFoundError, RuleViolat
 from bus.eventstore import StoredEvent
 from bus.parking import ParkedEvent
 from infra.auth import ADMIN, credentials
-from infra.bootstrap import orders_context, parked_subjects, tasks_context
+from infra.bootstrap import parked_subjects
+from infra.contexts import declared
 from infra.settings import Settings
 from infra.status import ReadModel, read_models
 from projections.runner import decode_event, transient
@@ -78,8 +77,9 @@ async def skip(nc: Client, settings: Settings, events: list[ParkedEvent]) -> lis
 async def retry(nc: Client, pool: asyncpg.Pool, settings: Settings, events: list[ParkedEvent]) -> list[RetryOutcome]:
     """Retry parked events in order (see the module docstring)."""
     models = {m.ctx.consumer(m.projection.name): m for m in read_models(settings)}
-    manager = FulfilmentManager(nc, orders_context(settings), tasks_context(settings),
-                                timeout=settings.request_timeout_s, parked=parked_subjects(settings))
+    found = declared(settings)
+    subjects = found.subjects(settings)
+    managers = {pm.reader: pm.build(nc, subjects, settings) for pm in found.managers}
     out = []
     for parked in events:
         # The parked copy says which event failed; what is retried is that event as its stream
@@ -91,8 +91,8 @@ async def retry(nc: Client, pool: asyncpg.Pool, settings: Settings, events: list
             continue
         if event.reader in models:
             outcome = await _retry(nc, settings, event, lambda e: _apply(pool, models[e.reader], e))
-        elif event.reader == FULFILMENT_READER:
-            outcome = await _retry(nc, settings, event, lambda e: _handle(manager, e))
+        elif event.reader in managers:
+            outcome = await _retry(nc, settings, event, lambda e: _handle(managers[e.reader], e))
         elif event.reader == WORKERS_READER:
             outcome = await _retry(nc, settings, event, lambda e: _requeue(nc, e))
         else:
@@ -154,7 +154,7 @@ async def _requeue(nc: Client, event: ParkedEvent) -> None:
     await nc.jetstream().publish(event.subject, event.data)
 
 
-async def _handle(manager: FulfilmentManager, event: ParkedEvent) -> None:
+async def _handle(manager: Any, event: ParkedEvent) -> None:
     try:
         await manager.handle(event.stream, event.data, event.headers)
     except (RuleViolationError, NotFoundError):

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     api_read_tokens: str = Field("", description="comma-separated read-only bearer tokens (GET/HEAD)")
     metrics_open: bool = Field(False, description="serve the edge's /metrics without a token when tokens are set")
     task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
+    context_modules: str = Field("", description="comma-separated modules that declare more bounded contexts "
+                                                 "(`CONTEXT`) and process managers (`PROCESS_MANAGERS`)")
+    saga_wait_s: float = Field(2.0, description="longest a confirm waits for its stock reservation (and a pay "
+                                                "for one still being made) before answering")
+    fulfil_step_s: float | None = Field(None, description="seconds each simulated fulfilment step takes "
+                                                          "(pick, pack, hand over); unset = 0.01")
     worker_concurrency: int = Field(256, description="tasks one worker process runs at once (asyncio: cheap while they await I/O)")
     task_lease_s: float = Field(30.0, description="a running task's lease; its worker renews it every third")
     metrics_port: int = Field(0, description="serve this role's Prometheus metrics on this port (0 = off; "

@@ -11,19 +11,16 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
-from actors.fulfilment import DURABLE as FULFILMENT_DURABLE
-from actors.tasks.messages import PRIORITIES
 from bus import parking
 from bus import subjects as h
 from bus.connection import connect
 from bus.subjects import Context
 from infra.auth import ADMIN, credentials
-from infra.bootstrap import orders_context, parked_subjects, tasks_context
+from infra.bootstrap import ensure_read_models, parked_subjects
+from infra.contexts import declared
 from infra.settings import Settings
-from projections.orders import OrdersProjection
 from projections.runner import Checkpoints, Projection, Projector
-from projections.schema import create_pool, ensure_schema
-from projections.tasks import TasksProjection
+from projections.schema import create_pool
 
 
 @dataclass(frozen=True)
@@ -36,10 +33,9 @@ class ReadModel:
 
 
 def read_models(settings: Settings) -> list[ReadModel]:
-    return [
-        ReadModel(orders_context(settings), OrdersProjection(), ("orders", "order_lines")),
-        ReadModel(tasks_context(settings), TasksProjection(), ("tasks",)),
-    ]
+    """Every declared context's read model."""
+    return [ReadModel(bc.context(settings), bc.read_model.projection(), bc.read_model.tables)
+            for bc in declared(settings).contexts if bc.read_model is not None]
 
 
 async def last_event_seq(nc: Client, ctx: Context) -> int:
@@ -69,7 +65,7 @@ async def _discover(nc: Client, timeout: float = 0.5) -> list[dict[str, object]]
     return found
 
 
-async def _consumer_line(nc: Client, stream: str, durable: str, label: str) -> str:
+async def consumer_line(nc: Client, stream: str, durable: str, label: str) -> str:
     try:
         info = await nc.jetstream().consumer_info(stream, durable)
     except NotFoundError:
@@ -89,26 +85,30 @@ async def status(settings: Settings, nc: Client) -> int:
     if not services:
         print("  (none answering)")
     code = 0
+    found = declared(settings)
     print("streams:")
-    for model in read_models(settings):
+    for bc in found.contexts:
+        ctx = bc.context(settings)
         try:
-            info = await js.stream_info(model.ctx.stream)
-            print(f"  {model.ctx.stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
+            info = await js.stream_info(ctx.stream)
+            print(f"  {ctx.stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
                   f"replicas={info.config.num_replicas}")
         except NotFoundError:
-            print(f"  {model.ctx.stream:<26} missing (run `jetsource up` once)")
+            print(f"  {ctx.stream:<26} missing (run `jetsource up` once)")
             code = 1
     print("projections (lag = events not yet applied):")
     for model in read_models(settings):
         durable = model.ctx.consumer(model.projection.name)
-        print(await _consumer_line(nc, model.ctx.stream, durable, model.projection.name))
-    print("work queues:")
-    tasks = tasks_context(settings)
-    for priority in PRIORITIES:
-        print(await _consumer_line(nc, tasks.stream, tasks.work_consumer(priority), f"tasks {priority}"))
-    print("process manager:")
-    for ctx in (orders_context(settings), tasks):
-        print(await _consumer_line(nc, ctx.stream, FULFILMENT_DURABLE, f"fulfilment <- {ctx.stream}"))
+        print(await consumer_line(nc, model.ctx.stream, durable, model.projection.name))
+    for bc in found.contexts:
+        if bc.status is not None:
+            print("\n".join(await bc.status(nc, bc.context(settings))))
+    print("process managers:")
+    subjects = found.subjects(settings)
+    for pm in found.managers:
+        for name in pm.consumes:
+            stream = subjects[name].stream
+            print(await consumer_line(nc, stream, pm.reader, f"{pm.name} <- {stream}"))
     print("parked (events a reader could not decode or apply, and moved past):")
     parked = await parking.counts(nc, parked_subjects(settings))
     for reader, n in sorted(parked.items()):
@@ -123,7 +123,7 @@ async def status(settings: Settings, nc: Client) -> int:
 async def rebuild(settings: Settings, only: str | None = None) -> int:
     """Empty read models and re-fold them from the streams, printing progress."""
     dsn = settings.resolved_database_url()
-    await ensure_schema(dsn, settings.db_schema)
+    await ensure_read_models(settings)
     pool = await create_pool(dsn, settings.db_schema)
     nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild", credentials=credentials(settings, ADMIN))
     try:

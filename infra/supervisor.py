@@ -118,16 +118,20 @@ class Watch:
 
 
 def role_commands(settings: Settings) -> list[Child]:
+    """One process per declared context's actor and extra role (workers), one for the process
+    managers, the projector and the edge."""
+    from infra.contexts import declared
+
+    found = declared(settings)
     cli = [sys.executable, "-m", "infra.cli"]
+    children = [Child(f"actor {bc.name}", [*cli, "actor", bc.name]) for bc in found.contexts]
+    children += [Child(role.name, [*cli, *role.command]) for bc in found.contexts for role in bc.roles if role.command]
+    if found.managers:
+        children.append(Child("managers", [*cli, "managers"]))
     # The projector is eventually consistent by design: on a shared machine it yields the CPU
     # to the request path under load and catches up when the load drops.
-    children = [
-        Child("actor orders", [*cli, "actor", "orders"]),
-        Child("actor tasks", [*cli, "actor", "tasks"]),
-        Child("worker", [*cli, "worker"]),
-        Child("projector", [*cli, "projector"], nice=settings.projector_nice),
-        Child("edge", [*cli, "edge"]),  # serves its own /metrics on the HTTP port
-    ]
+    children.append(Child("projector", [*cli, "projector"], nice=settings.projector_nice))
+    children.append(Child("edge", [*cli, "edge"]))  # serves its own /metrics on the HTTP port
     for i, child in enumerate(children):
         port = settings.metrics_port + i if settings.metrics_port and child.name != "edge" else 0
         child.env["JETSOURCE_METRICS_PORT"] = str(port)
@@ -176,7 +180,7 @@ def up(settings: Settings) -> int:
         env["JETSOURCE_DATA_DIR"] = str(settings.data_dir.resolve())
         env["JETSOURCE_DATABASE_URL"] = settings.resolved_database_url()
         child_settings = settings.model_copy(update={"database_url": env["JETSOURCE_DATABASE_URL"]})
-        from infra.cli import prepare
+        from infra.bootstrap import prepare
 
         asyncio.run(prepare(child_settings))
         children = role_commands(settings)

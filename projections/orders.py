@@ -22,6 +22,8 @@ from actors.orders.messages import (
     OrderPage,
     OrderPaid,
     OrderPlaced,
+    OrderRejected,
+    OrderReserved,
     OrderShipped,
     OrderView,
 )
@@ -42,6 +44,8 @@ class _Row:
     placed_at: datetime
     updated_at: datetime
     failure: str | None = None
+    short_skus: list[str] | None = None
+    refund_due: int | None = None
     lines: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def retotal(self) -> None:
@@ -56,14 +60,46 @@ def _event_time(stored: StoredEvent) -> datetime:
         return datetime.now(UTC)
 
 
+DDL = """
+CREATE TABLE IF NOT EXISTS orders (
+    order_id    text PRIMARY KEY,
+    customer_id text NOT NULL,
+    status      text NOT NULL,
+    currency    text NOT NULL,
+    total       bigint NOT NULL,
+    version     bigint NOT NULL,
+    placed_at   timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    failure     text
+);
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS tracking text;
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS short_skus text[];
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS refund_due bigint;
+CREATE INDEX IF NOT EXISTS orders_by_time ON orders (placed_at DESC, order_id DESC);
+CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, placed_at DESC, order_id DESC);
+CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, placed_at DESC, order_id DESC);
+CREATE TABLE IF NOT EXISTS order_lines (
+    order_id    text NOT NULL REFERENCES orders (order_id) ON DELETE CASCADE,
+    sku         text NOT NULL,
+    quantity    integer NOT NULL,
+    unit_price  bigint NOT NULL,
+    PRIMARY KEY (order_id, sku)
+);
+"""
+TABLES = ("orders", "order_lines")
+
 _SELECT_ORDERS = "SELECT * FROM orders WHERE order_id = ANY($1::text[])"
 _SELECT_LINES = "SELECT * FROM order_lines WHERE order_id = ANY($1::text[])"
 _UPSERT_ORDERS = """
-INSERT INTO orders (order_id, customer_id, status, currency, total, version, placed_at, updated_at, failure)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
-                     $7::timestamptz[], $8::timestamptz[], $9::text[])
+INSERT INTO orders (order_id, customer_id, status, currency, total, version, placed_at, updated_at, failure,
+                    short_skus, refund_due)
+SELECT o, c, st, cu, t, v, p, u, f, CASE WHEN sk = '' THEN NULL ELSE string_to_array(sk, ' ') END, r
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[])
+  AS x(o, c, st, cu, t, v, p, u, f, sk, r)
 ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, total = EXCLUDED.total,
-  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, failure = EXCLUDED.failure
+  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, failure = EXCLUDED.failure,
+  short_skus = EXCLUDED.short_skus, refund_due = EXCLUDED.refund_due
 """
 _INSERT_LINES = """
 INSERT INTO order_lines (order_id, sku, quantity, unit_price)
@@ -95,7 +131,7 @@ class OrdersProjection:
             for r in await conn.fetch(_SELECT_ORDERS, existing):
                 rows[r["order_id"]] = _Row(
                     r["order_id"], r["customer_id"], r["status"], r["currency"], r["total"], r["version"],
-                    r["placed_at"], r["updated_at"], r["failure"],
+                    r["placed_at"], r["updated_at"], r["failure"], r["short_skus"], r["refund_due"],
                 )
             for r in await conn.fetch(_SELECT_LINES, existing):
                 rows[r["order_id"]].lines[r["sku"]] = (r["quantity"], r["unit_price"])
@@ -120,7 +156,8 @@ class OrdersProjection:
         if not changed:
             return
         await conn.execute(_UPSERT_ORDERS, *map(list, zip(*(
-            (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure)
+            (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure,
+             " ".join(r.short_skus or ()), r.refund_due)
             for r in changed
         ), strict=True)))
         stale = [i for i in touched if i not in placed_here]
@@ -144,12 +181,16 @@ class OrdersProjection:
                 row.retotal()
             case OrderConfirmed():
                 row.status = "confirmed"
+            case OrderReserved():
+                row.status = "reserved"
+            case OrderRejected():
+                row.status, row.short_skus = "rejected", list(event.short_skus)
             case OrderPaid():
                 row.status = "paid"
             case OrderShipped():
                 row.status = "shipped"
             case OrderCancelled():
-                row.status = "cancelled"
+                row.status, row.refund_due = "cancelled", event.refund_due or None
             case FulfilmentFailed():
                 row.failure = event.reason or "fulfilment failed"
             case _:
@@ -176,7 +217,8 @@ def _view(r: asyncpg.Record, lines: list[OrderLine]) -> OrderView:
     return OrderView(
         order_id=r["order_id"], customer_id=r["customer_id"], status=r["status"], currency=r["currency"],
         total=r["total"], lines=lines, version=r["version"], placed_at=_iso(r["placed_at"]),
-        updated_at=_iso(r["updated_at"]), failure=r["failure"],
+        updated_at=_iso(r["updated_at"]), failure=r["failure"], short_skus=list(r["short_skus"] or ()),
+        refund_due=r["refund_due"] or 0,
     )
 
 

@@ -2,58 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 
-DDL = """
+CHECKPOINTS_DDL = """
 CREATE TABLE IF NOT EXISTS projection_checkpoints (
     name        text PRIMARY KEY,
     last_seq    bigint NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS orders (
-    order_id    text PRIMARY KEY,
-    customer_id text NOT NULL,
-    status      text NOT NULL,
-    currency    text NOT NULL,
-    total       bigint NOT NULL,
-    version     bigint NOT NULL,
-    placed_at   timestamptz NOT NULL,
-    updated_at  timestamptz NOT NULL,
-    failure     text
-);
-ALTER TABLE orders ADD COLUMN IF NOT EXISTS tracking text;
-CREATE INDEX IF NOT EXISTS orders_by_time ON orders (placed_at DESC, order_id DESC);
-CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, placed_at DESC, order_id DESC);
-CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, placed_at DESC, order_id DESC);
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id          text PRIMARY KEY,
-    type             text NOT NULL,
-    status           text NOT NULL,
-    priority         text NOT NULL,
-    payload          jsonb,
-    attempt          integer NOT NULL,
-    max_attempts     integer NOT NULL,
-    run_at           timestamptz NOT NULL,
-    timeout_s        double precision NOT NULL,
-    progress         double precision,
-    progress_message text,
-    result           jsonb,
-    error            text,
-    worker           text,
-    ref              text,
-    submitted_at     timestamptz NOT NULL,
-    started_at       timestamptz,
-    finished_at      timestamptz,
-    version          bigint NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (submitted_at DESC, task_id DESC);
-CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_at DESC, task_id DESC);
-CREATE TABLE IF NOT EXISTS order_lines (
-    order_id    text NOT NULL REFERENCES orders (order_id) ON DELETE CASCADE,
-    sku         text NOT NULL,
-    quantity    integer NOT NULL,
-    unit_price  bigint NOT NULL,
-    PRIMARY KEY (order_id, sku)
 );
 """
 
@@ -87,8 +44,9 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def ensure_schema(dsn: str, schema: str) -> None:
-    """Create the schema and tables if missing (safe to run on every start)."""
+async def ensure_schema(dsn: str, schema: str, ddls: Sequence[str]) -> None:
+    """Create the schema, the checkpoints table and each read model's tables (`ddls`, each
+    idempotent) if missing: safe to run on every start."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
@@ -96,7 +54,9 @@ async def ensure_schema(dsn: str, schema: str) -> None:
             await conn.execute("SELECT pg_advisory_xact_lock(7411)")
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
             await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
-            await conn.execute(DDL)
+            await conn.execute(CHECKPOINTS_DDL)
+            for ddl in ddls:
+                await conn.execute(ddl)
     finally:
         await conn.close()
 

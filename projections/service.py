@@ -1,9 +1,10 @@
-"""Query endpoints answered from the read models (`orders.query.*`)."""
+"""Query endpoints answered from the read models (`<context>.query.*`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -12,13 +13,10 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
-from actors.orders.messages import GetOrder, ListOrders
 from bus.codec import Decoder
 from bus.errors import DeadlineError, UnavailableError
 from bus.runtime import Concurrency, respond
 from bus.subjects import Context
-from actors.tasks.messages import GetTask, ListTasks, TaskStats
-from projections import orders, tasks
 from projections.runner import Checkpoints
 from projections.schema import database_down
 
@@ -39,31 +37,17 @@ class QueryService:
         self._services: list[Service] = []
         self._outage = False  # logged once per database outage, not once per query
 
-    async def add_orders(self, ctx: Context) -> None:
-        await self._add(
-            ctx,
-            {
-                "get": (Decoder(GetOrder), lambda q: orders.get_order(self._pool, q)),
-                "list": (Decoder(ListOrders), lambda q: orders.list_orders(self._pool, q)),
-            },
-            projection="orders",
-        )
-
-    async def add_tasks(self, ctx: Context) -> None:
-        await self._add(
-            ctx,
-            {
-                "get": (Decoder(GetTask), lambda q: tasks.get_task(self._pool, q)),
-                "list": (Decoder(ListTasks), lambda q: tasks.list_tasks(self._pool, q)),
-                "stats": (Decoder(TaskStats), lambda q: tasks.task_stats(self._pool, q)),
-            },
-            projection="tasks",
-        )
+    async def add(self, ctx: Context, queries: Mapping[str, Any], projection: str) -> None:
+        """Serve `<ctx>.query.<name>` for each declared query (`request` Struct, `run(pool, q)`),
+        answered from the read model `projection` (whose checkpoint read-your-writes waits on)."""
+        pool = self._pool
+        endpoints = {name: (Decoder(q.request), functools.partial(q.run, pool)) for name, q in queries.items()}
+        await self._add(ctx, endpoints, projection)
 
     async def _add(
         self,
         ctx: Context,
-        endpoints: dict[str, tuple[Decoder[Any], Callable[[Any], Awaitable[Any]]]],
+        endpoints: Mapping[str, tuple[Decoder[Any], Callable[[Any], Awaitable[Any]]]],
         projection: str,
     ) -> None:
         service = await add_service(

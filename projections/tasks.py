@@ -45,6 +45,34 @@ _UPSERT = (
 )
 
 
+DDL = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id          text PRIMARY KEY,
+    type             text NOT NULL,
+    status           text NOT NULL,
+    priority         text NOT NULL,
+    payload          jsonb,
+    attempt          integer NOT NULL,
+    max_attempts     integer NOT NULL,
+    run_at           timestamptz NOT NULL,
+    timeout_s        double precision NOT NULL,
+    progress         double precision,
+    progress_message text,
+    result           jsonb,
+    error            text,
+    worker           text,
+    ref              text,
+    submitted_at     timestamptz NOT NULL,
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    version          bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_time ON tasks (submitted_at DESC, task_id DESC);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, submitted_at DESC, task_id DESC);
+"""
+TABLES = ("tasks",)
+
+
 def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 

@@ -24,21 +24,23 @@ from bus.runtime import Actor
 from bus.subjects import Context
 from actors.tasks.worker import Worker
 from infra.bootstrap import (
+    context,
     ensure_streams,
     nats_connection,
-    orders_context,
+    run_actor,
     run_edge,
-    run_orders_actor,
+    run_managers,
     run_projector,
     run_tasks_actor,
     run_worker,
-    tasks_context,
 )
+from infra.contexts import declared
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from infra.settings import Settings
 from projections.runner import Projector
 
 _counter = itertools.count(1)
+FULFILMENT = "fulfilment"
 T = TypeVar("T")
 
 
@@ -113,21 +115,44 @@ class System:
     http: aiohttp.ClientSession
     base: str
     actor: Actor
-    projector: Projector
+    projectors: list[Projector]
     stack: contextlib.AsyncExitStack
     tasks_actor: contextlib.AsyncExitStack  # the task actor's lifetime, which a test may end early
+    actors: dict[str, Actor]
+
+    def ctx(self, name: str) -> Context:
+        return context(self.settings, name)
 
     @property
     def orders(self) -> Context:
-        return orders_context(self.settings)
+        return self.ctx("orders")
 
     @property
     def tasks(self) -> Context:
-        return tasks_context(self.settings)
+        return self.ctx("tasks")
 
-    async def start_worker(self, name: str = "w1", **overrides: Any) -> Worker:
+    @property
+    def inventory(self) -> Context:
+        return self.ctx("inventory")
+
+    @property
+    def projector(self) -> Projector:
+        return self.projectors[0]
+
+    async def start_worker(self, name: str = "w1", *, fulfilment: bool = True, **overrides: Any) -> Worker:
+        """A task worker and, unless told otherwise, the fulfilment process manager (paid orders
+        are fulfilled by tasks: without workers nothing would run them)."""
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
-        return await self.stack.enter_async_context(run_worker(settings, self.nc, name=name))
+        worker = await self.stack.enter_async_context(run_worker(settings, self.nc, name=name))
+        if fulfilment and not self._fulfilling:
+            self._fulfilling = True
+            await self.stack.enter_async_context(run_managers(settings, self._connection, [FULFILMENT]))
+        return worker
+
+    async def _connection(self, pm: Any) -> Client:
+        return await self.stack.enter_async_context(nats_connection(self.settings, f"test-{pm.name}"))
+
+    _fulfilling: bool = False
 
     async def stop_tasks_actor(self) -> None:
         """Take the task actor away, as in an outage: its commands get no responders."""
@@ -148,16 +173,36 @@ def make_settings(namespace: str, nats_url: str, database_url: str, **extra: Any
     )
 
 
-@pytest.fixture
-async def system(namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
-    settings = make_settings(namespace, nats_url, database_url)
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[System]:
+    """Every declared context's actor, the projector, the edge and the process managers (the
+    fulfilment manager starts with the first worker: `start_worker`), in this process."""
     async with contextlib.AsyncExitStack() as stack:
         nc = await stack.enter_async_context(nats_connection(settings, "test"))
         await ensure_streams(nc, settings)
-        actor = await stack.enter_async_context(run_orders_actor(settings, nc))
-        tasks_actor = await stack.enter_async_context(contextlib.AsyncExitStack())
-        await tasks_actor.enter_async_context(run_tasks_actor(settings, nc))
-        projector = await stack.enter_async_context(run_projector(settings, nc))
+        actors: dict[str, Actor] = {}
+        tasks_actor = contextlib.AsyncExitStack()
+        for name in declared(settings).names():
+            if name == "tasks":
+                tasks_actor = await stack.enter_async_context(contextlib.AsyncExitStack())
+                actors[name] = await tasks_actor.enter_async_context(run_tasks_actor(settings, nc))
+            else:
+                actors[name] = await stack.enter_async_context(run_actor(settings, nc, name))
+        projectors = await stack.enter_async_context(run_projector(settings, nc))
         await stack.enter_async_context(run_edge(settings, nc))
+        others = [pm.name for pm in declared(settings).managers if pm.name != FULFILMENT]
+
+        async def own(pm: Any) -> Client:  # each manager on its own connection, as in production
+            return await stack.enter_async_context(nats_connection(settings, f"test-{pm.name}"))
+
+        if others:
+            await stack.enter_async_context(run_managers(settings, own, others))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actor, projector, stack, tasks_actor)
+        yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actors["orders"], projectors,
+                     stack, tasks_actor, actors)
+
+
+@pytest.fixture
+async def system(namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
+    async with running(make_settings(namespace, nats_url, database_url)) as sys_:
+        yield sys_

@@ -20,15 +20,19 @@ from actors.orders.messages import (
     OrderLine,
     OrderPaid,
     OrderPlaced,
+    OrderRejected,
+    OrderReserved,
     OrderShipped,
     OrderStatus,
     PayOrder,
     PlaceOrder,
     RecordFulfilmentFailure,
+    RecordRejected,
+    RecordReserved,
     RemoveItem,
     ShipOrder,
 )
-from bus.errors import NotFoundError, RuleViolationError, ValidationError
+from bus.errors import NotFoundError, PendingError, RuleViolationError, ValidationError
 
 MAX_LINES = 200
 
@@ -46,6 +50,8 @@ class Order(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     customer_id: str = ""
     currency: str = ""
     lines: dict[str, OrderLine] = {}
+    short_skus: tuple[str, ...] = ()
+    refund_due: int = 0
 
     @property
     def total(self) -> int:
@@ -79,12 +85,16 @@ def evolve(state: Order, event: OrderEvent) -> Order:
             return replace(state, lines=lines)
         case OrderConfirmed():
             return replace(state, status="confirmed")
+        case OrderReserved():
+            return replace(state, status="reserved")
+        case OrderRejected():
+            return replace(state, status="rejected", short_skus=tuple(event.short_skus))
         case OrderPaid():
             return replace(state, status="paid")
         case OrderShipped():
             return replace(state, status="shipped")
         case OrderCancelled():
-            return replace(state, status="cancelled")
+            return replace(state, status="cancelled", refund_due=event.refund_due)
         case FulfilmentFailed():
             return state
         case _:
@@ -142,27 +152,50 @@ def decide(state: Order, command: OrderCommand) -> list[OrderEvent]:
             _require(state, command.order_id, "placed", "confirm")
             if not state.lines:
                 raise RuleViolationError("an order without lines cannot be confirmed")
-            return [OrderConfirmed(order_id=command.order_id, total=state.total)]
+            return [OrderConfirmed(order_id=command.order_id, total=state.total, lines=list(state.lines.values()))]
+        case RecordReserved():
+            _require(state, command.order_id, "confirmed", "record a reservation for")
+            return [OrderReserved(order_id=command.order_id)]
+        case RecordRejected():
+            _require(state, command.order_id, "confirmed", "reject")
+            return [OrderRejected(order_id=command.order_id, short_skus=list(command.short_skus))]
         case PayOrder():
-            _require(state, command.order_id, "confirmed", "pay")
+            _require_settled(state, command.order_id)
+            _require(state, command.order_id, "reserved", "pay")
             if command.amount != state.total:
                 raise RuleViolationError(
                     f"payment of {command.amount} does not equal the order total {state.total}"
                 )
             return [OrderPaid(order_id=command.order_id, amount=command.amount, payment_ref=command.payment_ref)]
         case ShipOrder():
+            _require_settled(state, command.order_id)
             _require(state, command.order_id, "paid", "ship")
-            return [OrderShipped(order_id=command.order_id, carrier=command.carrier, tracking=command.tracking)]
+            return [OrderShipped(order_id=command.order_id, carrier=command.carrier, tracking=command.tracking,
+                                 skus=list(state.lines))]
         case CancelOrder():
             _require_exists(state, command.order_id)
-            if state.status in ("shipped", "cancelled"):
+            if state.status in ("shipped", "cancelled", "rejected"):
                 raise RuleViolationError(f"a {state.status} order cannot be cancelled")
-            return [OrderCancelled(order_id=command.order_id, reason=command.reason)]
+            # Stock is (or is being) reserved from confirm on; only a paid order is owed money.
+            held = state.status in ("confirmed", "reserved", "paid")
+            return [OrderCancelled(order_id=command.order_id, reason=command.reason,
+                                   skus=list(state.lines) if held else [],
+                                   refund_due=state.total if state.status == "paid" else 0)]
         case RecordFulfilmentFailure():
             _require(state, command.order_id, "paid", "record a fulfilment failure for")
             return [FulfilmentFailed(order_id=command.order_id, reason=command.reason)]
         case _:
             assert_never(command)
+
+
+def pending(state: Order) -> bool:
+    """Whether the order waits for the saga's answer on its stock (see `AggregateSpec.pending`)."""
+    return state.status == "confirmed"
+
+
+def _require_settled(state: Order, order_id: str) -> None:
+    if pending(state):
+        raise PendingError(f"order {order_id}'s stock is still being reserved; retry shortly")
 
 
 def _require_exists(state: Order, order_id: str) -> None:

@@ -13,7 +13,8 @@ Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 Money = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000_000, description="integer minor units")]
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
-OrderStatus = Literal["placed", "confirmed", "paid", "shipped", "cancelled"]
+# confirmed: its stock is being reserved (the order saga), then reserved or rejected.
+OrderStatus = Literal["placed", "confirmed", "reserved", "rejected", "paid", "shipped", "cancelled"]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
@@ -57,13 +58,15 @@ class RemoveItem(Message, frozen=True, kw_only=True, tag="order.remove_item"):
 
 
 class ConfirmOrder(Message, frozen=True, kw_only=True, tag="order.confirm"):
-    """orders.cmd.confirm: freeze the lines; the order awaits payment."""
+    """orders.cmd.confirm: freeze the lines and reserve their stock; the answer waits (bounded)
+    for the reservation: `reserved` (awaiting payment) or `rejected` (the short SKUs named)."""
 
     order_id: OrderId
 
 
 class PayOrder(Message, frozen=True, kw_only=True, tag="order.pay"):
-    """orders.cmd.pay: record payment of exactly the order total."""
+    """orders.cmd.pay: record payment of exactly the total of a reserved order (while its
+    reservation is still being made, pay waits for it, bounded)."""
 
     order_id: OrderId
     amount: Money
@@ -92,8 +95,22 @@ class RecordFulfilmentFailure(Message, frozen=True, kw_only=True, tag="order.ful
     reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
 
 
+class RecordReserved(Message, frozen=True, kw_only=True, tag="order.record_reserved"):
+    """orders.cmd.record_reserved (the order saga): every line's stock is reserved."""
+
+    order_id: OrderId
+
+
+class RecordRejected(Message, frozen=True, kw_only=True, tag="order.record_rejected"):
+    """orders.cmd.record_rejected (the order saga): these SKUs were short; nothing is reserved."""
+
+    order_id: OrderId
+    short_skus: Annotated[list[Sku], msgspec.Meta(min_length=1, max_length=200)]
+
+
 OrderCommand = (
     PlaceOrder | AddItem | RemoveItem | ConfirmOrder | PayOrder | ShipOrder | CancelOrder | RecordFulfilmentFailure
+    | RecordReserved | RecordRejected
 )
 
 COMMANDS: dict[str, type[OrderCommand]] = {
@@ -105,6 +122,8 @@ COMMANDS: dict[str, type[OrderCommand]] = {
     "ship": ShipOrder,
     "cancel": CancelOrder,
     "fulfilment_failed": RecordFulfilmentFailure,
+    "record_reserved": RecordReserved,
+    "record_rejected": RecordRejected,
 }
 
 
@@ -141,9 +160,21 @@ class ItemRemoved(Event, frozen=True, kw_only=True, tag="order.item_removed"):
 
 
 class OrderConfirmed(Event, frozen=True, kw_only=True, tag="order.confirmed"):
-    """The lines were frozen at this total."""
+    """The lines were frozen at this total; their stock is to be reserved (`lines`: empty in
+    events stored before the order saga)."""
 
     total: Money
+    lines: list[OrderLine] = []
+
+
+class OrderReserved(Event, frozen=True, kw_only=True, tag="order.reserved"):
+    """Every line's stock is reserved: the order awaits payment."""
+
+
+class OrderRejected(Event, frozen=True, kw_only=True, tag="order.rejected"):
+    """Stock was short for these SKUs; nothing stays reserved and the order ends here."""
+
+    short_skus: list[str]
 
 
 class OrderPaid(Event, frozen=True, kw_only=True, tag="order.paid"):
@@ -154,16 +185,20 @@ class OrderPaid(Event, frozen=True, kw_only=True, tag="order.paid"):
 
 
 class OrderShipped(Event, frozen=True, kw_only=True, tag="order.shipped"):
-    """The order left the warehouse."""
+    """The order left the warehouse; the stock reserved for `skus` leaves on hand."""
 
     carrier: str | None = None
     tracking: str | None = None
+    skus: list[str] = []
 
 
 class OrderCancelled(Event, frozen=True, kw_only=True, tag="order.cancelled"):
-    """The order was cancelled before shipping."""
+    """The order was cancelled before shipping: the stock reserved for `skus` is released, and a
+    paid order is owed a refund of `refund_due` (its fulfilment task is cancelled)."""
 
     reason: str = ""
+    skus: list[str] = []
+    refund_due: Money = 0
 
 
 class FulfilmentFailed(Event, frozen=True, kw_only=True, tag="order.fulfilment_failed"):
@@ -173,21 +208,26 @@ class FulfilmentFailed(Event, frozen=True, kw_only=True, tag="order.fulfilment_f
 
 
 OrderEvent = (
-    OrderPlaced | ItemAdded | ItemRemoved | OrderConfirmed | OrderPaid | OrderShipped | OrderCancelled | FulfilmentFailed
+    OrderPlaced | ItemAdded | ItemRemoved | OrderConfirmed | OrderReserved | OrderRejected | OrderPaid | OrderShipped
+    | OrderCancelled | FulfilmentFailed
 )
 
 
 # ---- replies and queries ------------------------------------------------------------------------
 
 
-class OrderAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="order.accepted", tag_field="type"):
-    """Reply to a successful order command: the order's id, status and new version."""
+class OrderAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="order.accepted", tag_field="type",
+                    omit_defaults=True):
+    """Reply to a successful order command: the order's id, status and new version (and the
+    short SKUs of a rejected order, the refund due to a cancelled paid one)."""
 
     order_id: str
     status: OrderStatus
     total: int
     version: int
     seq: int
+    short_skus: list[str] = []
+    refund_due: int = 0
 
 
 class GetOrder(Message, frozen=True, kw_only=True, tag="order.get"):
@@ -220,6 +260,8 @@ class OrderView(msgspec.Struct, frozen=True, kw_only=True):
     placed_at: str
     updated_at: str
     failure: str | None = None
+    short_skus: list[str] = []
+    refund_due: int = 0
 
 
 class OrderPage(msgspec.Struct, frozen=True, kw_only=True):

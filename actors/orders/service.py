@@ -6,7 +6,17 @@ import msgspec
 from nats.aio.client import Client
 
 from actors.orders import domain
-from actors.orders.messages import COMMANDS, OrderAccepted, OrderCommand, OrderEvent, OrderPaid, PlaceOrder
+from actors.orders.messages import (
+    COMMANDS,
+    OrderAccepted,
+    OrderCancelled,
+    OrderCommand,
+    OrderConfirmed,
+    OrderEvent,
+    OrderPaid,
+    OrderShipped,
+    PlaceOrder,
+)
 from bus.codec import encode
 from bus.eventstore import EventStore
 from bus.runtime import Actor, AggregateSpec
@@ -23,15 +33,22 @@ def _with_id(command: OrderCommand, order_id: str) -> OrderCommand:
 
 
 def _reply(order_id: str, state: domain.Order, version: int) -> OrderAccepted:
-    return OrderAccepted(order_id=order_id, status=state.status, total=state.total, version=version, seq=version)
+    return OrderAccepted(order_id=order_id, status=state.status, total=state.total, version=version, seq=version,
+                         short_skus=list(state.short_skus), refund_due=state.refund_due)
 
 
-def order_spec(ctx: Context) -> AggregateSpec[domain.Order, OrderCommand, OrderEvent]:
-    """The order aggregate as the actor runtime drives it."""
+# Order events that are news for other contexts (the order saga, fulfilment), copied to
+# `orders.outbox.<name>` in the same atomic batch as the event itself.
+_OUTBOX = {OrderConfirmed: "confirmed", OrderPaid: "paid", OrderCancelled: "cancelled", OrderShipped: "shipped"}
+
+
+def order_spec(ctx: Context, *, settle_wait_s: float = 2.0) -> AggregateSpec[domain.Order, OrderCommand, OrderEvent]:
+    """The order aggregate as the actor runtime drives it; a confirm is answered once the saga
+    has reserved its stock or rejected it (waiting at most `settle_wait_s`)."""
+    subjects = {t: ctx.outbox(name) for t, name in _OUTBOX.items()}
 
     def outbox(state: domain.Order, events: list[OrderEvent]) -> list[tuple[str, bytes]]:
-        # A payment is news for other contexts (fulfilment): published with the event, atomically.
-        return [(ctx.outbox("paid"), encode(e)) for e in events if isinstance(e, OrderPaid)]
+        return [(subjects[type(e)], encode(e)) for e in events if type(e) in subjects]
 
     return AggregateSpec(
         ctx=ctx,
@@ -45,6 +62,8 @@ def order_spec(ctx: Context) -> AggregateSpec[domain.Order, OrderCommand, OrderE
         reply=_reply,
         outbox=outbox,
         event_id=lambda e: e.order_id,
+        pending=domain.pending,
+        settle_wait_s=settle_wait_s,
     )
 
 

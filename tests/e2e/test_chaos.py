@@ -56,8 +56,10 @@ ALL_FAULTS: list[tuple[str, Callable[[list[str]], bool]]] = [
     ("postgres", _is_postmaster),
     ("actor orders", _role("actor", "orders")),
     ("actor tasks", _role("actor", "tasks")),
+    ("actor inventory", _role("actor", "inventory")),
     ("projector", _role("projector")),
     ("worker", _role("worker")),
+    ("managers", _role("managers")),
 ]
 # A comma-separated subset, in this order, e.g. `postgres,projector` (to chase one fault).
 _CHOSEN = os.environ.get("JETSOURCE_CHAOS_FAULTS")
@@ -270,8 +272,8 @@ class FoldedTask:
                 "task.requeued": "pending", "task.progressed": "running"}[last]
 
 
-_STATUS_OF = {"order.confirmed": "confirmed", "order.paid": "paid", "order.shipped": "shipped",
-              "order.cancelled": "cancelled"}
+_STATUS_OF = {"order.confirmed": "confirmed", "order.reserved": "reserved", "order.rejected": "rejected",
+              "order.paid": "paid", "order.shipped": "shipped", "order.cancelled": "cancelled"}
 
 
 async def fold_streams(url: str, password: str) -> tuple[dict[str, FoldedOrder], dict[str, FoldedTask]]:

@@ -128,7 +128,7 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                 assert resp.status == 200
                 seq = resp.headers["X-Stream-Sequence"]
             async with http.get(f"{base}/orders/{oid}", params={"min_seq": seq}) as resp:
-                assert (await resp.json())["status"] == "confirmed"
+                assert (await resp.json())["status"] == "reserved"  # the saga answered before confirm did
 
         # The CLI speaks to the same system.
         sent = _cli(env, "send", "orders.cmd.pay",
@@ -145,15 +145,16 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
         anonymous = _cli(env | {"JETSOURCE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}"}, "status", "--timeout", "2")
         assert anonymous.returncode == 1 and "refused the admin identity" in anonymous.stderr, anonymous.stderr
         replayed = _cli(env, "replay", "orders", oid)
-        assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()][:3] == [
-            "order.placed", "order.confirmed", "order.paid"]
+        assert [json.loads(line)["event"]["type"] for line in replayed.stdout.splitlines()][:4] == [
+            "order.placed", "order.confirmed", "order.reserved", "order.paid"]
 
         # The fulfilment process manager ships the paid order through a task.
         async with aiohttp.ClientSession() as http:
             await _poll_status(http, f"{base}/orders/{oid}", "shipped", log)
             # Every role but the edge (which has /metrics) serves Prometheus metrics of its own.
             scraped = {}
-            for role, offset in (("orders", 0), ("worker", 2), ("projector", 3)):
+            # (ports in `jetsource up`'s order: actors orders, tasks, inventory, worker, managers, projector)
+            for role, offset in (("orders", 0), ("worker", 3), ("projector", 5)):
                 async with http.get(f"http://127.0.0.1:{ports['metrics'] + offset}/metrics") as resp:
                     assert resp.status == 200
                     scraped[role] = await resp.text()
@@ -200,7 +201,7 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
                 assert resp.status == 200
                 assert (await resp.json())["status"] == "shipped"
             async with http.get(f"{base}/orders/{oid}/events") as resp:
-                assert len((await resp.json())["events"]) == 4
+                assert len((await resp.json())["events"]) == 5  # placed, confirmed, reserved, paid, shipped
             async with http.get(f"{base}/tasks/{task_id}") as resp:
                 assert (await resp.json())["status"] == "completed"
             delayed = await _poll_status(http, f"{base}/tasks/{delayed_id}", "completed", log)

@@ -24,6 +24,7 @@ from infra.bootstrap import nats_connection, run_edge
 from infra.embedded import free_port
 from projections.runner import Checkpoints
 from projections.schema import create_pool
+from infra.contexts import declared
 from projections.service import QueryService
 from tests.conftest import System, eventually, until
 from tests.integration.test_orders_http import PLACE, get, post, stored_count
@@ -139,7 +140,9 @@ async def test_with_postgres_down_reads_get_503_and_one_log_line_per_outage(
     pool = await create_pool(database_url.replace(f":{pg_port}/", f":{proxy.port}/"), system.settings.db_schema)
     queries = QueryService(system.nc, pool, Checkpoints(pool), read_wait_timeout=1.0)
     try:
-        await queries.add_orders(system.orders)
+        orders = declared(system.settings).context("orders").read_model
+        assert orders is not None
+        await queries.add(system.orders, orders.queries, "orders")
         await proxy.cut()
         caplog.set_level(logging.WARNING, logger="projections.service")
         statuses = set()
@@ -198,7 +201,7 @@ async def test_a_repeated_request_gets_the_original_answer_even_after_the_aggreg
     assert (await post(system, f"/orders/{oid}/pay", {"amount": 300}))[0] == 200
     again = await post(system, f"/orders/{oid}/confirm", None, {"Idempotency-Key": "c1"})
     assert again[0] == first[0] == 200
-    assert again[2] == first[2] and again[2]["status"] == "confirmed"
+    assert again[2] == first[2] and again[2]["status"] == "reserved"
 
 
 async def test_if_match_star_means_any_current_version(system: System) -> None:

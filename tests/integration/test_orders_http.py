@@ -44,7 +44,8 @@ async def test_an_order_goes_from_placed_to_shipped_and_the_read_model_follows(s
     assert view["version"] == body["version"]
     status, _, history = await get(system, f"/orders/{oid}/events")
     assert [e["type"] for e in history["events"]] == [
-        "order.placed", "order.item_added", "order.item_removed", "order.confirmed", "order.paid", "order.shipped",
+        "order.placed", "order.item_added", "order.item_removed", "order.confirmed", "order.reserved", "order.paid",
+        "order.shipped",
     ]
     assert all(e["trace_id"] and e["command_id"] for e in history["events"])
 
@@ -60,7 +61,7 @@ async def test_a_retried_post_with_the_same_idempotency_key_stores_once_and_answ
     confirm1 = await post(system, f"/orders/{oid}/confirm", None, {"Idempotency-Key": "confirm-1"})
     confirm2 = await post(system, f"/orders/{oid}/confirm", None, {"Idempotency-Key": "confirm-1"})
     assert confirm1[2] == confirm2[2] and confirm1[0] == 200
-    assert await stored_count(system) == 2
+    assert await stored_count(system) == 4  # placed, confirmed (+ its outbox copy), reserved (the saga)
 
 
 async def test_if_match_with_a_stale_version_is_412_and_stores_nothing(system: System) -> None:

@@ -29,6 +29,9 @@ from infra.status import rebuild
 from infra.status import status as status_command
 from projections.orders import OrdersProjection
 from projections.runner import Checkpoints, Projector
+from projections import inventory as inventory_model
+from projections import orders as orders_model
+from projections import tasks as tasks_model
 from projections.schema import create_pool, ensure_schema
 from tests.conftest import System, eventually, make_settings, until
 from tests.integration.test_fulfilment import _paid_order, _wait_order
@@ -263,7 +266,7 @@ async def test_the_projector_catches_up_after_postgresql_restarts(
             nc = await stack.enter_async_context(nats_connection(settings, "test-pg-restart"))
             await ensure_streams(nc, settings)
             await stack.enter_async_context(run_orders_actor(settings, nc))
-            await ensure_schema(postgres.url, settings.db_schema)
+            await ensure_schema(postgres.url, settings.db_schema, [m.DDL for m in (orders_model, tasks_model, inventory_model)])
             pool = await create_pool(postgres.url, settings.db_schema)
             stack.push_async_callback(pool.close)
             projector = Projector(nc, pool, orders_context(settings), OrdersProjection(), Checkpoints(pool))

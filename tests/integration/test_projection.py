@@ -25,6 +25,9 @@ from bus.eventstore import StoredEvent
 from infra.status import rebuild
 from bus.pull import Puller
 from projections.runner import Checkpoints, Projector
+from projections import inventory as inventory_model
+from projections import orders as orders_model
+from projections import tasks as tasks_model
 from projections.schema import create_pool, ensure_schema
 from projections.tasks import TasksProjection
 from tests.conftest import System, eventually, until
@@ -192,7 +195,7 @@ def _task_history() -> list[TaskEvent]:
 
 
 async def _fold_tasks(database_url: str, schema: str, batches: list[list[TaskEvent]]) -> list[dict[str, Any]]:
-    await ensure_schema(database_url, schema)
+    await ensure_schema(database_url, schema, [m.DDL for m in (orders_model, tasks_model, inventory_model)])
     pool = await create_pool(database_url, schema)
     projection = TasksProjection()
     seq = 0

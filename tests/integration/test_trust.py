@@ -31,19 +31,20 @@ from infra import auth
 from infra.bootstrap import (
     ensure_streams,
     nats_connection,
+    run_actor,
     run_edge,
-    run_orders_actor,
+    run_managers,
     run_projector,
-    run_tasks_actor,
     run_worker,
 )
+from infra.contexts import declared
 from infra.embedded import EmbeddedNats, free_port, nats_server_binary, wait_for_port
 from infra.settings import NatsIdentity, Settings
 from infra.status import _discover as discover_services
 from tests.conftest import eventually, make_settings
 
 PLACE = {"customer_id": "c-1", "currency": "EUR", "lines": [{"sku": "apple", "quantity": 2, "unit_price": 150}]}
-NOT_ADMIN = tuple(r for r in auth.ROLES if r != auth.ADMIN)
+NOT_ADMIN = tuple(r for r in auth.roles(Settings(_env_file=None)) if r != auth.ADMIN)
 
 
 @dataclass
@@ -95,11 +96,11 @@ async def secured(database_url: str) -> AsyncIterator[Secured]:
                 async def role(name: str) -> Client:
                     return await stack.enter_async_context(nats_connection(settings, name, name))
 
-                await stack.enter_async_context(run_orders_actor(settings, await role(auth.ORDERS_ACTOR)))
-                await stack.enter_async_context(run_tasks_actor(settings, await role(auth.TASKS_ACTOR)))
+                for bc in declared(settings).contexts:  # every context's actor as its own identity
+                    await stack.enter_async_context(run_actor(settings, await role(bc.actor_role), bc.name))
                 await stack.enter_async_context(run_projector(settings, await role(auth.PROJECTOR)))
-                await stack.enter_async_context(run_worker(settings, await role(auth.WORKER), name="w-sec",
-                                                           manager_nc=await role(auth.FULFILMENT)))
+                await stack.enter_async_context(run_worker(settings, await role(auth.WORKER), name="w-sec"))
+                await stack.enter_async_context(run_managers(settings, lambda pm: role(pm.name)))
                 await stack.enter_async_context(run_edge(settings, await role(auth.EDGE)))
                 http = await stack.enter_async_context(aiohttp.ClientSession())
                 yield Secured(settings, server.url, passwords, admin, http, f"http://127.0.0.1:{settings.http_port}")
@@ -138,9 +139,10 @@ async def test_every_role_runs_as_itself_end_to_end(secured: Secured) -> None:
 
 
 async def test_standard_discovery_sees_every_service_through_the_permissions(secured: Secured) -> None:
-    found = await eventually(lambda: _discover(secured.admin), lambda names: len(names) >= 4)
+    services = [f"{c}_{kind}" for c in ("orders", "tasks", "inventory") for kind in ("actor", "query")]
+    found = await eventually(lambda: _discover(secured.admin), lambda names: len(names) >= len(services))
     ns = secured.settings.namespace
-    assert sorted(found) == sorted(f"{ns}_{name}" for name in ("orders_actor", "tasks_actor", "orders_query", "tasks_query"))
+    assert sorted(found) == sorted(f"{ns}_{name}" for name in services)
 
 
 async def test_anonymous_and_wrong_password_connections_are_refused(secured: Secured) -> None:
@@ -328,7 +330,8 @@ async def test_replies_a_caller_aims_at_an_event_stream_change_no_state(secured:
     assert status == 200 and paid["status"] == "paid"
     status, history = await _get(secured, f"/orders/{oid}/events")
     types = [e["type"] for e in history["events"]]
-    assert types[:3] == ["order.placed", "order.confirmed", "order.paid"] and set(types[3:]) <= {"order.shipped"}
+    assert types[:4] == ["order.placed", "order.confirmed", "order.reserved", "order.paid"]
+    assert set(types[4:]) <= {"order.shipped"}
     view = await eventually(lambda: _get(secured, f"/orders/{oid}"), lambda r: r[1].get("version", 0) >= paid["version"])
     assert view[1]["status"] in ("paid", "shipped")
     parked = await eventually(lambda: parking.unresolved(secured.admin, Parked(ns), "orders_projection"),
@@ -343,5 +346,5 @@ async def test_replies_a_caller_aims_at_an_event_stream_change_no_state(secured:
     assert replay.returncode == 0, replay.stderr
     lines = [json.loads(line) for line in replay.stdout.splitlines()]
     assert [line.get("appended", True) for line in lines].count(False) == 2
-    assert [line["event"]["type"] for line in lines if line.get("appended", True)][:3] == [
-        "order.placed", "order.confirmed", "order.paid"]
+    assert [line["event"]["type"] for line in lines if line.get("appended", True)][:4] == [
+        "order.placed", "order.confirmed", "order.reserved", "order.paid"]

@@ -43,13 +43,15 @@ def test_stored_event_tags_are_pinned() -> None:
     assert tags == {
         "order.placed", "order.item_added", "order.item_removed", "order.confirmed",
         "order.paid", "order.shipped", "order.cancelled", "order.fulfilment_failed",
+        "order.reserved", "order.rejected",
     }
     raw = msgspec.json.encode(OrderPlaced(order_id="o", customer_id="c", currency="EUR", lines=[]))
     assert raw.startswith(b'{"type":"order.placed","v":1')
 
 
 def test_every_command_subject_has_a_decoder() -> None:
-    assert set(COMMANDS) == {"place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel", "fulfilment_failed"}
+    assert set(COMMANDS) == {"place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel", "fulfilment_failed",
+                             "record_reserved", "record_rejected"}
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 500, 5000])

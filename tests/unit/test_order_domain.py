@@ -19,19 +19,25 @@ from actors.orders.messages import (
     OrderLine,
     OrderPaid,
     OrderPlaced,
+    OrderRejected,
+    OrderReserved,
     OrderShipped,
     PayOrder,
     PlaceOrder,
+    RecordRejected,
+    RecordReserved,
     RemoveItem,
     ShipOrder,
 )
-from bus.errors import NotFoundError, RuleViolationError, ValidationError
+from bus.errors import NotFoundError, PendingError, RuleViolationError, ValidationError
 
 OID = "o1"
 PLACED = OrderPlaced(order_id=OID, customer_id="c1", currency="EUR", lines=[OrderLine(sku="a", quantity=2, unit_price=100)])
-CONFIRMED = OrderConfirmed(order_id=OID, total=200)
+LINE = OrderLine(sku="a", quantity=2, unit_price=100)
+CONFIRMED = OrderConfirmed(order_id=OID, total=200, lines=[LINE])
+RESERVED = OrderReserved(order_id=OID)
 PAID = OrderPaid(order_id=OID, amount=200)
-SHIPPED = OrderShipped(order_id=OID)
+SHIPPED = OrderShipped(order_id=OID, skus=["a"])
 
 
 def given(*events: OrderEvent) -> domain.Order:
@@ -99,8 +105,34 @@ def test_confirm_an_empty_order_is_refused() -> None:
 
 def test_pay_must_equal_the_total() -> None:
     with pytest.raises(RuleViolationError, match="does not equal"):
-        domain.decide(given(PLACED, CONFIRMED), PayOrder(order_id=OID, amount=199))
-    assert domain.decide(given(PLACED, CONFIRMED), PayOrder(order_id=OID, amount=200)) == [PAID]
+        domain.decide(given(PLACED, CONFIRMED, RESERVED), PayOrder(order_id=OID, amount=199))
+    assert domain.decide(given(PLACED, CONFIRMED, RESERVED), PayOrder(order_id=OID, amount=200)) == [PAID]
+
+
+def test_a_confirmed_order_waits_for_its_reservation() -> None:
+    state = given(PLACED, CONFIRMED)
+    assert domain.pending(state)
+    for cmd in (PayOrder(order_id=OID, amount=200), ShipOrder(order_id=OID)):
+        with pytest.raises(PendingError):
+            domain.decide(state, cmd)
+    assert domain.decide(state, RecordReserved(order_id=OID)) == [RESERVED]
+    assert not domain.pending(given(PLACED, CONFIRMED, RESERVED))
+
+
+def test_a_rejected_order_names_the_short_skus_and_ends_there() -> None:
+    events = domain.decide(given(PLACED, CONFIRMED), RecordRejected(order_id=OID, short_skus=["a"]))
+    assert events == [OrderRejected(order_id=OID, short_skus=["a"])]
+    state = given(PLACED, CONFIRMED, *events)
+    assert state.status == "rejected" and state.short_skus == ("a",) and not domain.pending(state)
+    for cmd in (PayOrder(order_id=OID, amount=200), CancelOrder(order_id=OID), RecordReserved(order_id=OID)):
+        with pytest.raises(RuleViolationError):
+            domain.decide(state, cmd)
+
+
+def test_the_saga_answers_only_a_confirmed_order() -> None:
+    for history in ([PLACED], [PLACED, CONFIRMED, RESERVED], [PLACED, OrderCancelled(order_id=OID)]):
+        with pytest.raises(RuleViolationError):
+            domain.decide(given(*history), RecordReserved(order_id=OID))
 
 
 def test_pay_before_confirm_is_refused() -> None:
@@ -110,18 +142,24 @@ def test_pay_before_confirm_is_refused() -> None:
 
 def test_ship_only_when_paid() -> None:
     with pytest.raises(RuleViolationError):
-        domain.decide(given(PLACED, CONFIRMED), ShipOrder(order_id=OID))
-    assert domain.decide(given(PLACED, CONFIRMED, PAID), ShipOrder(order_id=OID)) == [SHIPPED]
+        domain.decide(given(PLACED, CONFIRMED, RESERVED), ShipOrder(order_id=OID))
+    assert domain.decide(given(PLACED, CONFIRMED, RESERVED, PAID), ShipOrder(order_id=OID)) == [SHIPPED]
 
 
-def test_cancel_is_allowed_until_shipping() -> None:
-    for history in ([PLACED], [PLACED, CONFIRMED], [PLACED, CONFIRMED, PAID]):
-        assert domain.decide(given(*history), CancelOrder(order_id=OID)) == [OrderCancelled(order_id=OID)]
+def test_cancel_is_allowed_until_shipping_releases_what_is_held_and_owes_a_paid_order_its_money() -> None:
+    assert domain.decide(given(PLACED), CancelOrder(order_id=OID)) == [OrderCancelled(order_id=OID)]
+    held = OrderCancelled(order_id=OID, skus=["a"])
+    histories: list[list[OrderEvent]] = [[PLACED, CONFIRMED], [PLACED, CONFIRMED, RESERVED]]
+    for history in histories:
+        assert domain.decide(given(*history), CancelOrder(order_id=OID)) == [held]
+    paid = domain.decide(given(PLACED, CONFIRMED, RESERVED, PAID), CancelOrder(order_id=OID))
+    assert paid == [OrderCancelled(order_id=OID, skus=["a"], refund_due=200)]
+    assert given(PLACED, CONFIRMED, RESERVED, PAID, *paid).refund_due == 200
 
 
 def test_cancel_after_shipping_or_twice_is_refused() -> None:
     with pytest.raises(RuleViolationError):
-        domain.decide(given(PLACED, CONFIRMED, PAID, SHIPPED), CancelOrder(order_id=OID))
+        domain.decide(given(PLACED, CONFIRMED, RESERVED, PAID, SHIPPED), CancelOrder(order_id=OID))
     with pytest.raises(RuleViolationError):
         domain.decide(given(PLACED, OrderCancelled(order_id=OID)), CancelOrder(order_id=OID))
 

@@ -18,7 +18,8 @@ from infra.supervisor import Watch, metrics_ports, role_commands
 def test_roles_get_consecutive_metrics_ports_and_the_edge_none_of_them() -> None:
     settings = Settings(_env_file=None, metrics_port=9400)
     children = role_commands(settings)
-    assert metrics_ports(children) == {"actor orders": 9400, "actor tasks": 9401, "worker": 9402, "projector": 9403}
+    assert metrics_ports(children) == {"actor orders": 9400, "actor tasks": 9401, "actor inventory": 9402,
+                                       "worker": 9403, "managers": 9404, "projector": 9405}
     edge = next(c for c in children if c.name == "edge")
     assert edge.env["JETSOURCE_METRICS_PORT"] == "0"  # it serves /metrics on the HTTP port
 

@@ -1,0 +1,1 @@
+"""The inventory context: stock per SKU, received, adjusted, and reserved for orders."""

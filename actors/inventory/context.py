@@ -1,0 +1,22 @@
+"""The inventory context, declared once: the stock aggregate, its read model and routes."""
+
+from __future__ import annotations
+
+from actors.inventory.messages import GetStock, ListStock
+from actors.inventory.service import inventory_spec
+from http_edge import inventory as routes
+from infra.contexts import BoundedContext, Query, ReadModel
+from projections import inventory as read_model
+
+CONTEXT = BoundedContext(
+    name="inventory",
+    aggregate=lambda ctx, settings: inventory_spec(ctx),
+    # Internal: reserve, release and commit, which the order saga sends.
+    public_commands=("receive", "adjust"),
+    read_model=ReadModel(
+        projection=read_model.InventoryProjection, tables=read_model.TABLES, ddl=read_model.DDL,
+        queries={"get": Query(GetStock, read_model.get_stock), "list": Query(ListStock, read_model.list_stock)},
+    ),
+    routes=routes.routes,
+    openapi=routes.openapi,
+)

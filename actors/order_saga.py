@@ -1,0 +1,115 @@
+"""The order saga: an order's stock, reserved in the inventory context and given back when the
+order does not go ahead.
+
+- `order.confirmed` → reserve every line (`inventory.cmd.reserve`, one SKU at a time). All lines
+  reserved → `orders.cmd.record_reserved`. Any short → release those it did reserve (the
+  compensation) and `orders.cmd.record_rejected` naming every short SKU.
+- `order.cancelled` → release the reservation of each SKU the order held.
+- `order.shipped` → commit it (the stock leaves on hand).
+
+Every command is keyed by the order (and SKU), so a redelivered or replayed event repeats
+answers instead of acting twice; a SKU that is not a valid inventory id (orders allow dots, NATS
+subject tokens do not) can never be tracked and is treated as untracked: always available.
+It reads `orders.outbox.{confirmed,cancelled,shipped}` through one durable consumer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import msgspec
+from nats.aio.client import Client
+
+from actors.inventory.messages import CommitStock, ReleaseStock, ReserveStock
+from actors.manager import OutboxReader
+from actors.orders import domain
+from actors.orders.messages import OrderCancelled, OrderConfirmed, OrderEvent, OrderShipped, RecordRejected, RecordReserved
+from bus.errors import InsufficientStockError
+from bus.eventstore import EventStore, appended
+from bus.subjects import Context, valid_token
+from infra.contexts import ProcessManager
+from infra.settings import Settings
+
+READER = "order_saga"
+ROLE = "order_saga"
+
+
+class OrderSaga(OutboxReader):
+    """Reacts to OrderConfirmed, OrderCancelled and OrderShipped."""
+
+    def __init__(self, nc: Client, orders: Context, inventory: Context, *, timeout: float = 5.0) -> None:
+        super().__init__(nc, READER, {orders: ("confirmed", "cancelled", "shipped")}, timeout=timeout)
+        self._orders = orders
+        self._inventory = inventory
+        self._events = msgspec.json.Decoder(OrderEvent)
+        self._store = EventStore(nc, orders.stream, timeout=timeout)
+
+    async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
+        event = self.decode(self._events, data, "order event")
+        if isinstance(event, OrderConfirmed):
+            await self._reserve(event, headers)
+        elif isinstance(event, OrderCancelled):
+            for sku in filter(valid_token, event.skus):
+                await self.send(self._inventory.command("release"), ReleaseStock(sku=sku, order_id=event.order_id),
+                                key=f"release:{event.order_id}:{sku}", cause=headers)
+        elif isinstance(event, OrderShipped):
+            for sku in filter(valid_token, event.skus):
+                await self.send(self._inventory.command("commit"), CommitStock(sku=sku, order_id=event.order_id),
+                                key=f"commit:{event.order_id}:{sku}", cause=headers)
+
+    async def _status(self, order_id: str) -> str:
+        """The order's status as its stream has it now (not as the event being handled did)."""
+        state = domain.INITIAL
+        for stored in await self._store.load(self._orders.events(order_id)):
+            if appended(stored.headers):
+                with contextlib.suppress(msgspec.DecodeError):
+                    state = domain.evolve(state, self._events.decode(stored.data))
+        return state.status
+
+    async def _reserve(self, event: OrderConfirmed, headers: Mapping[str, str]) -> None:
+        order_id = event.order_id
+        # Redelivered or replayed after the order moved on: reserving again could take stock
+        # that arrived since for a SKU that was short then. A rejected order holds nothing.
+        status = await self._status(order_id)
+        if status == "rejected":
+            for line in event.lines:
+                if valid_token(line.sku):
+                    await self.send(self._inventory.command("release"), ReleaseStock(sku=line.sku, order_id=order_id),
+                                    key=f"release:{order_id}:{line.sku}", cause=headers)
+        if status != "confirmed":
+            return
+        reserved, short = [], []
+        for line in event.lines:
+            if not valid_token(line.sku):
+                continue
+            try:
+                await self.send(self._inventory.command("reserve"),
+                                ReserveStock(sku=line.sku, order_id=order_id, quantity=line.quantity),
+                                key=f"reserve:{order_id}:{line.sku}", cause=headers)
+                reserved.append(line.sku)
+            except InsufficientStockError:
+                short.append(line.sku)
+        if not short:
+            await self.send(self._orders.command("record_reserved"), RecordReserved(order_id=order_id),
+                            key=f"reserved:{order_id}", cause=headers)
+            return
+        # All lines or none: give back what was reserved before saying so.
+        for sku in reserved:
+            await self.send(self._inventory.command("release"), ReleaseStock(sku=sku, order_id=order_id),
+                            key=f"release:{order_id}:{sku}", cause=headers)
+        await self.send(self._orders.command("record_rejected"), RecordRejected(order_id=order_id, short_skus=short),
+                        key=f"rejected:{order_id}", cause=headers)
+
+
+def _build(nc: Client, contexts: Mapping[str, Context], settings: Settings) -> OrderSaga:
+    return OrderSaga(nc, contexts["orders"], contexts["inventory"], timeout=settings.request_timeout_s)
+
+
+PROCESS_MANAGERS = (
+    ProcessManager(
+        name=ROLE, reader=READER,
+        consumes={"orders": ("confirmed", "cancelled", "shipped")}, reads=("orders",),
+        sends={"inventory": ("reserve", "release", "commit"), "orders": ("record_reserved", "record_rejected")},
+        build=_build,
+    ),
+)

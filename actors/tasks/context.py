@@ -1,0 +1,70 @@
+"""The tasks context, declared once: the task aggregate and its work queue, the workers' role,
+its read model and routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from actors.tasks.messages import PRIORITIES, GetTask, ListTasks, TaskStats
+from actors.tasks.registry import build_registry
+from actors.tasks.service import task_spec
+from bus.streams import ensure_work_consumers
+from bus.subjects import Context, Parked
+from http_edge import tasks as routes
+from infra.contexts import BoundedContext, Query, ReadModel, Role
+from infra.settings import Settings
+from projections import tasks as read_model
+
+# Commands only workers send: attempt bookkeeping.
+WORKER_COMMANDS = ("claim", "start", "progress", "complete", "fail", "claim_batch", "start_batch", "complete_batch")
+PUBLIC_COMMANDS = ("submit", "cancel", "retry")
+
+
+async def _prepare(js: JetStreamContext, ctx: Context, settings: Settings) -> None:
+    await ensure_work_consumers(js, ctx, PRIORITIES, settings.task_lease_s)
+
+
+def _worker_permissions(ctx: Context, settings: Settings) -> dict[str, Any]:
+    from actors.tasks.worker import PARKED_READER
+    from infra.auth import consumer_api, stores
+
+    parked = Parked(settings.namespace)
+    return {
+        "publish": {
+            "allow": [*(ctx.command(n) for n in WORKER_COMMANDS),
+                      *(api for p in PRIORITIES for api in consumer_api(ctx.stream, ctx.work_consumer(p), manage=False)),
+                      parked.reader_wildcard(PARKED_READER)],
+            "deny": [*stores(settings), ctx.live(">"),
+                     *(ctx.command(n) for n in (*PUBLIC_COMMANDS, "submit_batch", "submit_internal"))],
+        },
+        "subscribe": {"allow": [ctx.live("ready"), ctx.live("cancel", "*")], "deny": []},
+    }
+
+
+async def _status(nc: Client, ctx: Context) -> list[str]:
+    from infra.status import consumer_line
+
+    return ["work queues:", *[await consumer_line(nc, ctx.stream, ctx.work_consumer(p), f"tasks {p}") for p in PRIORITIES]]
+
+
+CONTEXT = BoundedContext(
+    name="tasks",
+    aggregate=lambda ctx, settings: task_spec(ctx, build_registry(settings.task_modules).types()),
+    public_commands=PUBLIC_COMMANDS,
+    read_model=ReadModel(
+        projection=read_model.TasksProjection, tables=read_model.TABLES, ddl=read_model.DDL,
+        queries={"get": Query(GetTask, read_model.get_task), "list": Query(ListTasks, read_model.list_tasks),
+                 "stats": Query(TaskStats, read_model.task_stats)},
+    ),
+    routes=routes.routes,
+    openapi=routes.openapi,
+    work_queue=True,
+    actor_publishes=lambda ctx: [ctx.live(">")],
+    actor_subscribes=lambda ctx: [ctx.live("cancel", "*")],
+    prepare=_prepare,
+    roles=(Role("worker", ("worker",), _worker_permissions),),
+    status=_status,
+)

@@ -1,0 +1,258 @@
+"""What a context's routes are made of: HTTP in, a NATS command or query out, the reply back
+with the right status and headers. A context's route module (`http_edge/orders.py`) uses these;
+nothing here knows a context."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client
+
+from bus import subjects as h
+from bus.client import call
+from bus.codec import decode_json, encode
+from bus.errors import DeadlineError, ValidationError
+from bus.eventstore import EventStore, appended
+from bus.subjects import Context
+from http_edge.errors import json_error
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """What the edge needs to know, nothing more."""
+
+    request_timeout: float = 5.0
+    read_wait_timeout: float = 2.0
+    max_body_bytes: int = 64 * 1024
+    max_inflight: int = 2048
+    rate_limit_per_s: float = 0.0
+    api_tokens: tuple[str, ...] = ()
+    api_read_tokens: tuple[str, ...] = ()
+    metrics_open: bool = False
+
+
+NATS: web.AppKey[Client] = web.AppKey("nats", Client)
+CONTEXTS: web.AppKey[dict[str, Context]] = web.AppKey("contexts", dict)
+STORES: web.AppKey[dict[str, EventStore]] = web.AppKey("stores", dict)
+CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
+TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
+
+
+class _Written(msgspec.Struct):
+    version: int
+    seq: int
+
+
+_written = msgspec.json.Decoder(_Written)
+
+
+@functools.cache
+def _id_decoder(id_key: str) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(msgspec.defstruct(f"Written_{id_key}", [(id_key, str)]))
+
+
+def _command_headers(request: web.Request) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        headers[h.IDEMPOTENCY_KEY] = key
+    if_match = request.headers.get("If-Match")
+    if if_match is not None:
+        headers[h.EXPECTED_VERSION] = if_match.removeprefix("W/").strip().strip('"')
+    headers[h.TRACE_ID] = request[TRACE_ID]
+    return headers
+
+
+def min_seq(request: web.Request) -> int | None:
+    raw = request.query.get("min_seq") or request.headers.get("X-Min-Sequence")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError("min_seq must be an integer", field="min_seq") from None
+    if value < 0:
+        raise ValidationError("min_seq must be >= 0", field="min_seq")
+    return value
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    body = decode_json(raw)
+    if not isinstance(body, dict):
+        raise ValidationError("request body must be a JSON object")
+    return body
+
+
+def written(request: web.Request, reply: bytes, status: int, location: tuple[str, str] | None = None) -> web.Response:
+    """A command's reply: ETag (the new version), the stream sequence (for `min_seq`), and for a
+    created resource its Location, `location` = (path prefix, id field of the reply)."""
+    info = _written.decode(reply)
+    headers = {"ETag": f'"{info.version}"', "X-Stream-Sequence": str(info.seq), "X-Trace-Id": request[TRACE_ID]}
+    if location is not None:
+        prefix, id_key = location
+        headers["Location"] = f"{prefix}/{getattr(_id_decoder(id_key).decode(reply), id_key)}"
+    return web.Response(status=status, body=reply, content_type="application/json", headers=headers)
+
+
+async def command(request: web.Request, context: str, name: str, body: bytes) -> bytes:
+    """Send `<context>.cmd.<name>` with the request's key, expected version and trace id."""
+    app = request.app
+    try:
+        return await call(
+            app[NATS], app[CONTEXTS][context].command(name), body,
+            headers=_command_headers(request), timeout=app[CONFIG].request_timeout,
+        )
+    except DeadlineError as exc:
+        # The command may have been stored just before its deadline (the actor stores nothing
+        # after it): only a retry under the same key tells, and it never stores twice.
+        raise DeadlineError(f"{exc.message}; the outcome is unknown: retry with the same Idempotency-Key "
+                            "(a retried request is never stored twice and gets the first answer)") from None
+
+
+async def query(request: web.Request, context: str, name: str, body: dict[str, Any]) -> bytes:
+    app = request.app
+    timeout = app[CONFIG].request_timeout + (app[CONFIG].read_wait_timeout if body.get("min_seq") else 0)
+    return await call(app[NATS], app[CONTEXTS][context].query(name), encode(body), timeout=timeout)
+
+
+def list_query(request: web.Request, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A list query from the URL: the named filters, `limit` and `min_seq`."""
+    out: dict[str, Any] = {k: request.query[k] for k in keys if k in request.query}
+    if "limit" in request.query:
+        try:
+            out["limit"] = int(request.query["limit"])
+        except ValueError:
+            raise ValidationError("limit must be an integer", field="limit") from None
+    if (seq := min_seq(request)) is not None:
+        out["min_seq"] = seq
+    return out
+
+
+# ---- route builders -------------------------------------------------------------------------
+
+
+def create(context: str, name: str, prefix: str, id_key: str, status: int = 201) -> Handler:
+    """POST a new aggregate: the body is the command as it is; Location names the new one."""
+
+    async def handler(request: web.Request) -> web.Response:
+        reply = await command(request, context, name, await request.read())
+        return written(request, reply, status, (prefix, id_key))
+
+    handler.__name__ = f"{context}_{name}"
+    return handler
+
+
+def change(context: str, name: str, id_key: str, from_path: tuple[str, ...] = ()) -> Handler:
+    """POST to one aggregate: the body (a JSON object, or none) plus its id (and any other
+    `from_path` fields) from the URL."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await json_object(request)
+        for key in from_path:
+            body[key] = request.match_info[key]
+        body[id_key] = request.match_info[id_key]
+        reply = await command(request, context, name, encode(body))
+        return written(request, reply, 200)
+
+    handler.__name__ = f"{context}_{name}"
+    return handler
+
+
+class _Version(msgspec.Struct):
+    version: int
+
+
+def get_one(context: str, id_key: str) -> Handler:
+    """One aggregate's read-model view (`<context>.query.get`), its version as the ETag."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body: dict[str, Any] = {id_key: request.match_info[id_key]}
+        if (seq := min_seq(request)) is not None:
+            body["min_seq"] = seq
+        reply = await query(request, context, "get", body)
+        version = msgspec.json.decode(reply, type=_Version).version
+        return web.Response(body=reply, content_type="application/json", headers={"ETag": f'"{version}"'})
+
+    handler.__name__ = f"{context}_get"
+    return handler
+
+
+def listing(context: str, name: str = "list", filters: tuple[str, ...] = ()) -> Handler:
+    """A list (or stats) query with filters from the URL."""
+
+    async def handler(request: web.Request) -> web.Response:
+        reply = await query(request, context, name, list_query(request, filters))
+        return web.Response(body=reply, content_type="application/json")
+
+    handler.__name__ = f"{context}_{name}"
+    return handler
+
+
+class EventOut(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored event as `GET /{context}/{id}/events` shows it."""
+
+    seq: int
+    time: str
+    type: str
+    event: msgspec.Raw
+    command_id: str | None = None
+    trace_id: str | None = None
+    correlation_id: str | None = None
+
+
+class _Tag(msgspec.Struct):
+    type: str = ""
+
+
+def event_out(stored: Any, id_key: str, aggregate_id: str) -> EventOut | None:
+    """One stored event as history shows it; None for a message that is not one of this
+    aggregate's appended events (a reply NATS was made to store on its subject, or a body that
+    is not JSON, which a projection parks): history shows what the aggregate folds."""
+    if not appended(stored.headers):
+        return None
+    try:
+        tag: Any = msgspec.json.decode(stored.data, type=_tag_type(id_key))
+    except msgspec.DecodeError:
+        return None
+    if getattr(tag, id_key) != aggregate_id:
+        return None
+    return EventOut(
+        seq=stored.seq, time=stored.headers.get(h.EV_TIME, stored.time), type=tag.type,
+        event=msgspec.Raw(stored.data), command_id=stored.headers.get(h.EV_COMMAND_ID),
+        trace_id=stored.headers.get(h.EV_TRACE_ID), correlation_id=stored.headers.get(h.EV_CORRELATION_ID),
+    )
+
+
+@functools.cache
+def _tag_type(id_key: str) -> type:
+    """What history reads of an event without knowing its context's types: its tag and the
+    aggregate it names."""
+    return msgspec.defstruct(f"Tag_{id_key}", [(id_key, str | None, None)], bases=(_Tag,))
+
+
+def history(context: str, id_key: str, noun: str) -> Handler:
+    """The aggregate's events, straight from its stream."""
+
+    async def handler(request: web.Request) -> web.Response:
+        aggregate_id = request.match_info[id_key]
+        if not h.valid_token(aggregate_id):
+            raise ValidationError(f"{id_key} must be 1..64 letters, digits, '-' or '_'", field=id_key)
+        ctx = request.app[CONTEXTS][context]
+        stored = await request.app[STORES][context].load(ctx.events(aggregate_id))
+        events = [out for e in stored if (out := event_out(e, id_key, aggregate_id)) is not None]
+        if not events:
+            return json_error(404, "not_found", f"{noun} {aggregate_id} has no events")
+        return web.Response(body=encode({id_key: aggregate_id, "events": events}), content_type="application/json")
+
+    handler.__name__ = f"{context}_events"
+    return handler

@@ -1,0 +1,47 @@
+"""The declared set: built-ins plus what a setting loads, and what follows from a declaration
+(identities, permissions, `jetsource up`'s children)."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra import auth
+from infra.contexts import declared
+from infra.settings import Settings
+from infra.supervisor import role_commands
+
+
+def test_the_built_in_contexts_and_process_managers() -> None:
+    found = declared(Settings(_env_file=None))
+    assert found.names() == ["orders", "tasks", "inventory"]
+    assert [pm.name for pm in found.managers] == ["fulfilment", "order_saga"]
+
+
+def test_a_context_module_setting_adds_a_context_with_its_own_identity_and_permissions() -> None:
+    settings = Settings(_env_file=None, context_modules="examples.loyalty")
+    assert "loyalty" in declared(settings).names()
+    assert "loyalty_actor" in auth.roles(settings)
+    actor = auth.permissions(settings, "loyalty_actor")
+    assert "loyalty.events.>" in actor["publish"]["allow"]
+    assert "orders.events.>" in actor["publish"]["deny"]
+    edge = auth.permissions(settings, auth.EDGE)
+    assert {"loyalty.cmd.earn", "loyalty.cmd.redeem", "loyalty.query.*"} <= set(edge["publish"]["allow"])
+    assert "loyalty.events.>" in edge["publish"]["deny"]
+    # Every other actor is kept off its stream and its commands.
+    assert "loyalty.events.>" in auth.permissions(settings, auth.ORDERS_ACTOR)["publish"]["deny"]
+    assert "actor loyalty" in [c.name for c in role_commands(settings)]
+
+
+def test_internal_commands_are_only_for_those_that_declare_them() -> None:
+    settings = Settings(_env_file=None)
+    edge = auth.permissions(settings, auth.EDGE)["publish"]
+    for internal in ("inventory.cmd.reserve", "orders.cmd.record_reserved", "tasks.cmd.submit_internal"):
+        assert internal not in edge["allow"] and internal in edge["deny"]
+    saga = auth.permissions(settings, "order_saga")["publish"]
+    assert {"inventory.cmd.reserve", "inventory.cmd.release", "orders.cmd.record_rejected"} <= set(saga["allow"])
+    assert "orders.cmd.pay" in saga["deny"] and "tasks.cmd.submit_internal" in saga["deny"]
+
+
+def test_an_unknown_context_module_fails_loudly() -> None:
+    with pytest.raises(ModuleNotFoundError):
+        declared(Settings(_env_file=None, context_modules="examples.no_such_context"))
