@@ -37,6 +37,14 @@ def fulfil_task_id(order_id: str) -> str:
     return keyed_id(fulfil_key(order_id))
 
 
+class _Ref(msgspec.Struct):
+    order_id: str | None = None
+    ref: str | None = None
+
+
+_ref = msgspec.json.Decoder(_Ref)
+
+
 class FulfilmentManager(OutboxReader):
     """Reacts to OrderPaid, OrderCancelled, TaskCompleted and TaskDeadLettered."""
 
@@ -51,6 +59,14 @@ class FulfilmentManager(OutboxReader):
         self._step_s = step_s
         self._order_events = msgspec.json.Decoder(OrderEvent)
         self._task_events = msgspec.json.Decoder(TaskEvent)
+
+    def key(self, ctx: Context, data: bytes) -> str | None:
+        """The order an event is about (a task's `ref` names it): one order's events in order."""
+        try:
+            ref = _ref.decode(data)
+        except msgspec.DecodeError:
+            return ""
+        return ref.order_id or ref.ref or ""
 
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
         if ctx == self._orders:

@@ -4,12 +4,15 @@ legitimate refusals skipped, and poison parked (`bus.parking`) so that one bad m
 stops it. A process manager only sends idempotent commands (keyed), so at-least-once delivery,
 redelivery after a crash and a full replay change nothing.
 
-A subclass says what it reads (`outboxes`: context -> outbox names) and implements `react`."""
+A subclass says what it reads (`outboxes`: context -> outbox names) and implements `react`;
+with `key` (the aggregate an event is about) the events of different aggregates are handled
+concurrently, each aggregate's in stream order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -52,7 +55,7 @@ class OutboxReader:
 
     def __init__(
         self, nc: Client, reader: str, outboxes: Mapping[Context, tuple[str, ...]], *, timeout: float = 5.0,
-        parked: Parked | None = None,
+        parked: Parked | None = None, concurrency: int = 64,
     ) -> None:
         self._nc = nc
         self.reader = reader
@@ -60,6 +63,7 @@ class OutboxReader:
         first = next(iter(self._outboxes))
         self._parked = parked or Parked(first.namespace)
         self._timeout = timeout
+        self._concurrency = concurrency
         self._stopping = asyncio.Event()
 
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
@@ -112,10 +116,7 @@ class OutboxReader:
                 await self._ensure_consumer(ctx)
                 puller = Puller(self._nc, ctx.stream, self.reader)
                 try:
-                    while not self._stopping.is_set():
-                        msgs = await puller.pull(500, wait_s=0.5)
-                        if msgs:
-                            await self._handle_batch(ctx, msgs)
+                    await self._dispatch(ctx, puller)
                 finally:
                     await puller.close()
             except asyncio.CancelledError:
@@ -157,7 +158,44 @@ class OutboxReader:
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
         await js.add_consumer(ctx.stream, config)
 
-    async def _handle_batch(self, ctx: Context, msgs: list[Any]) -> None:
+    def key(self, ctx: Context, data: bytes) -> str | None:
+        """The aggregate an outbox event is about: events with the same key are handled in
+        stream order, different keys concurrently. None (the default): one at a time."""
+        return None
+
+    async def _dispatch(self, ctx: Context, puller: Puller) -> None:
+        """Pull and hand each event to the chain of its key: an event starts once the one
+        before it with the same key is done, so each aggregate's events are handled in stream
+        order while up to `concurrency` events of different aggregates are in flight, and
+        pulling goes on meanwhile (a slow aggregate holds up only its own events)."""
+        slots = asyncio.Semaphore(self._concurrency)
+        tails: dict[str | None, asyncio.Task[None]] = {}
+
+        async def after(previous: asyncio.Task[None] | None, msg: Any) -> None:
+            try:
+                if previous is not None:
+                    await asyncio.gather(previous, return_exceptions=True)
+                if not self._stopping.is_set():  # else left unacked, for the next manager
+                    await self._handle_in_order(ctx, [msg])
+            finally:
+                slots.release()
+
+        def forget(key: str | None, task: asyncio.Task[None]) -> None:
+            if tails.get(key) is task:
+                del tails[key]
+
+        try:
+            while not self._stopping.is_set():
+                for msg in await puller.pull(self._concurrency, wait_s=0.5):
+                    await slots.acquire()
+                    key = self.key(ctx, msg.data)
+                    task = asyncio.get_running_loop().create_task(after(tails.get(key), msg))
+                    tails[key] = task
+                    task.add_done_callback(functools.partial(forget, key))
+        finally:
+            await asyncio.gather(*tails.values(), return_exceptions=True)
+
+    async def _handle_in_order(self, ctx: Context, msgs: list[Any]) -> None:
         """Handle in order, acking each event once it is handled, skipped (refused) or parked.
 
         Acks are per event (explicit), never cumulative: an event that a crashed manager had

@@ -14,6 +14,7 @@ It reads `orders.outbox.{confirmed,cancelled,shipped}` through one durable consu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
 
@@ -34,6 +35,13 @@ READER = "order_saga"
 ROLE = "order_saga"
 
 
+class _OrderRef(msgspec.Struct):
+    order_id: str = ""
+
+
+_order_ref = msgspec.json.Decoder(_OrderRef)
+
+
 class OrderSaga(OutboxReader):
     """Reacts to OrderConfirmed, OrderCancelled and OrderShipped."""
 
@@ -43,6 +51,12 @@ class OrderSaga(OutboxReader):
         self._inventory = inventory
         self._events = msgspec.json.Decoder(OrderEvent)
         self._store = EventStore(nc, orders.stream, timeout=timeout)
+
+    def key(self, ctx: Context, data: bytes) -> str | None:
+        try:
+            return _order_ref.decode(data).order_id
+        except msgspec.DecodeError:
+            return ""  # handled (and parked) with the other undecodable ones
 
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
         event = self.decode(self._events, data, "order event")
@@ -78,17 +92,22 @@ class OrderSaga(OutboxReader):
                                     key=f"release:{order_id}:{line.sku}", cause=headers)
         if status != "confirmed":
             return
-        reserved, short = [], []
-        for line in event.lines:
-            if not valid_token(line.sku):
-                continue
+        lines = [line for line in event.lines if valid_token(line.sku)]
+
+        async def reserve(sku: str, quantity: int) -> bool:
             try:
                 await self.send(self._inventory.command("reserve"),
-                                ReserveStock(sku=line.sku, order_id=order_id, quantity=line.quantity),
-                                key=f"reserve:{order_id}:{line.sku}", cause=headers)
-                reserved.append(line.sku)
+                                ReserveStock(sku=sku, order_id=order_id, quantity=quantity),
+                                key=f"reserve:{order_id}:{sku}", cause=headers)
+                return True
             except InsufficientStockError:
-                short.append(line.sku)
+                return False
+
+        # All lines at once (each SKU is its own aggregate); any other error fails the event
+        # as a whole, to be retried: every reserve is keyed, so a retry repeats what is done.
+        outcomes = await asyncio.gather(*(reserve(line.sku, line.quantity) for line in lines))
+        reserved = [line.sku for line, ok in zip(lines, outcomes, strict=True) if ok]
+        short = [line.sku for line, ok in zip(lines, outcomes, strict=True) if not ok]
         if not short:
             await self.send(self._orders.command("record_reserved"), RecordReserved(order_id=order_id),
                             key=f"reserved:{order_id}", cause=headers)

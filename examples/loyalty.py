@@ -21,7 +21,7 @@ from bus.eventstore import StoredEvent
 from bus.runtime import AggregateSpec
 from bus.subjects import EV_TIME, Context
 from http_edge import kit
-from infra.contexts import BoundedContext, Query, ReadModel
+from infra.contexts import BoundedContext, Contract, Query, ReadModel
 
 CustomerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 Points = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
@@ -189,4 +189,12 @@ CONTEXT = BoundedContext(
     read_model=ReadModel(projection=BalancesProjection, tables=("loyalty_balances",), ddl=DDL,
                          queries={"get": Query(GetBalance, get_balance)}),
     routes=routes,
+    # What jetsource's behaviour suite sends it (tests/integration/test_contracts.py).
+    contract=Contract(
+        id_field="customer_id",
+        create=lambda cid: ("earn", {"customer_id": cid, "points": 10}),
+        change=lambda cid: ("earn", {"customer_id": cid, "points": 1}),
+        refused=lambda cid: ("redeem", {"customer_id": cid, "points": 1_000_000}, "rule_violation"),
+        invalid=("earn", {"customer_id": "c-1", "points": 0}, "points"),
+    ),
 )

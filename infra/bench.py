@@ -127,6 +127,48 @@ async def ceiling_js_publish(url: Nats, count: int, inflight: int) -> Mapping[st
         await nc.close()
 
 
+SAGA_SKUS = 200  # tracked SKUs the saga phase's orders draw from (two lines each)
+
+
+async def bench_saga(url: Nats, settings: Settings, count: int, inflight: int) -> Mapping[str, object]:
+    """Orders placed, confirmed and reserved end to end: each op places an order of two tracked
+    SKUs and confirms it; confirm answers once the saga has reserved both lines in the
+    inventory context (or rejected them), so an op's latency is the whole saga's."""
+    from infra.bootstrap import context
+
+    orders, inventory = context(settings, "orders"), context(settings, "inventory")
+    nc = await url.connect("bench-saga")
+    run = os.getpid()
+    skus = [f"bench-{run}-{i}" for i in range(SAGA_SKUS)]
+    for sku in skus:  # enough stock for every order of the phase and its warm-up
+        await request(nc, inventory.command("receive"), json.dumps({"sku": sku, "quantity": 1_000_000}).encode(),
+                      timeout=10)
+    n = 0
+    reserved = 0
+
+    async def op() -> bool:
+        nonlocal n, reserved
+        n += 1
+        lines = [{"sku": skus[(n * 7 + k * 13) % SAGA_SKUS], "quantity": 1, "unit_price": 100} for k in range(2)]
+        placed = await request(nc, orders.command("place"), json.dumps(
+            {"customer_id": "bench", "currency": "EUR", "lines": lines}).encode(), timeout=10)
+        if placed.headers and "Nats-Service-Error-Code" in placed.headers:
+            return False
+        oid = json.loads(placed.data)["order_id"]
+        confirmed = await request(nc, orders.command("confirm"), json.dumps({"order_id": oid}).encode(), timeout=10)
+        if confirmed.headers and "Nats-Service-Error-Code" in confirmed.headers:
+            return False
+        ok = json.loads(confirmed.data)["status"] == "reserved"
+        reserved += ok
+        return ok
+
+    await _drive(min(500, count), inflight, op)  # warm-up
+    reserved = 0
+    result = await _drive(count, inflight, op)
+    await nc.close()
+    return {**result, "reserved": reserved}
+
+
 async def bench_nats(url: Nats, subject: str, count: int, inflight: int) -> Mapping[str, object]:
     nc = await url.connect("bench-nats")
 
@@ -445,7 +487,7 @@ async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float
 
 
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
-    only = set(args.only or ["ceilings", "nats", "http", "tasks"])
+    only = set(args.only or ["ceilings", "nats", "saga", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
     async with _system(settings, args.pid) as (settings, base, pid):
         url = Nats(settings.resolved_nats_url(), credentials(settings, ADMIN))
@@ -462,6 +504,9 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             await settle(url, settings)
             results[f"nats_orders_cmd_place_x{4 * args.inflight}"] = await bench_nats(
                 url, subject, args.count, 4 * args.inflight)
+        if "saga" in only:
+            await settle(url, settings)
+            results["saga_place_confirm_reserved"] = await bench_saga(url, settings, max(1, args.count // 4), args.inflight)
         if "http" in only:
             await settle(url, settings)
             results["http_post_orders"] = await bench_http(base, args.count, args.inflight, seconds=10)

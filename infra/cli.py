@@ -382,7 +382,7 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
-    b.add_argument("--only", choices=["ceilings", "nats", "http", "tasks"], action="append")
+    b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks"], action="append")
     b.add_argument("--pid", type=int, help="a running `jetsource up`'s pid: task phases report CPU per task "
                                            "for each of its processes (a system the bench starts reports it anyway)")
     b.set_defaults(fn=cmd_bench)

@@ -73,6 +73,23 @@ class Role:
     permissions: Callable[[Context, Settings], dict[str, Any]]
 
 
+Command = tuple[str, dict[str, Any]]  # (command name, body)
+
+
+@dataclass(frozen=True, eq=False)
+class Contract:
+    """What the behaviour suite every context must pass (`tests/integration/test_contracts.py`:
+    idempotent repeats, conflicts, coded errors, read-your-writes) sends it. Each function takes
+    an aggregate id the suite chose."""
+
+    id_field: str  # the aggregate id's field in commands and in the `get` query
+    create: Callable[[str], Command]  # brings a new aggregate into being
+    change: Callable[[str], Command]  # valid on an existing aggregate
+    refused: Callable[[str], tuple[str, dict[str, Any], str]]  # refused by the decider: (name, body, code)
+    invalid: tuple[str, dict[str, Any], str]  # refused by validation: (name, body, the field it names)
+    repeatable: bool = True  # `change` may be sent again and again (each time a new event)
+
+
 @dataclass(frozen=True, eq=False)
 class BoundedContext:
     """Everything jetsource needs to run one context."""
@@ -97,6 +114,8 @@ class BoundedContext:
     roles: tuple[Role, ...] = ()
     # Extra lines for `jetsource status` (work queues).
     status: Callable[[Client, Context], Awaitable[list[str]]] | None = None
+    # The behaviour suite's commands for this context (every context should declare one).
+    contract: Contract | None = None
 
     @property
     def actor_role(self) -> str:

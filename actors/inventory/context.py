@@ -5,7 +5,7 @@ from __future__ import annotations
 from actors.inventory.messages import GetStock, ListStock
 from actors.inventory.service import inventory_spec
 from http_edge import inventory as routes
-from infra.contexts import BoundedContext, Query, ReadModel
+from infra.contexts import BoundedContext, Contract, Query, ReadModel
 from projections import inventory as read_model
 
 CONTEXT = BoundedContext(
@@ -19,4 +19,11 @@ CONTEXT = BoundedContext(
     ),
     routes=routes.routes,
     openapi=routes.openapi,
+    contract=Contract(
+        id_field="sku",
+        create=lambda sku: ("receive", {"sku": sku, "quantity": 5}),
+        change=lambda sku: ("receive", {"sku": sku, "quantity": 1}),
+        refused=lambda sku: ("adjust", {"sku": sku, "delta": -1000, "reason": "count"}, "rule_violation"),
+        invalid=("receive", {"sku": "s-1", "quantity": 0}, "quantity"),
+    ),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from actors.orders.messages import GetOrder, ListOrders
 from actors.orders.service import order_spec
 from http_edge import orders as routes
-from infra.contexts import BoundedContext, Query, ReadModel
+from infra.contexts import BoundedContext, Contract, Query, ReadModel
 from projections import orders as read_model
 
 CONTEXT = BoundedContext(
@@ -19,4 +19,12 @@ CONTEXT = BoundedContext(
     ),
     routes=routes.routes,
     openapi=routes.openapi,
+    contract=Contract(
+        id_field="order_id",
+        create=lambda oid: ("place", {"order_id": oid, "customer_id": "c-1", "currency": "EUR",
+                                      "lines": [{"sku": "apple", "quantity": 1, "unit_price": 100}]}),
+        change=lambda oid: ("add_item", {"order_id": oid, "sku": "pear", "quantity": 1, "unit_price": 50}),
+        refused=lambda oid: ("pay", {"order_id": oid, "amount": 100}, "rule_violation"),
+        invalid=("place", {"customer_id": "c-1", "currency": "euro", "lines": []}, "currency"),
+    ),
 )

@@ -14,7 +14,7 @@ from actors.tasks.service import task_spec
 from bus.streams import ensure_work_consumers
 from bus.subjects import Context, Parked
 from http_edge import tasks as routes
-from infra.contexts import BoundedContext, Query, ReadModel, Role
+from infra.contexts import BoundedContext, Contract, Query, ReadModel, Role
 from infra.settings import Settings
 from projections import tasks as read_model
 
@@ -67,4 +67,13 @@ CONTEXT = BoundedContext(
     prepare=_prepare,
     roles=(Role("worker", ("worker",), _worker_permissions),),
     status=_status,
+    contract=Contract(
+        id_field="task_id",
+        # Far in the future: no worker runs it while the suite looks at it.
+        create=lambda tid: ("submit", {"task_id": tid, "type": "echo", "payload": {"n": 1}, "delay_s": 86_400}),
+        change=lambda tid: ("cancel", {"task_id": tid, "reason": "contract"}),
+        refused=lambda tid: ("retry", {"task_id": tid}, "rule_violation"),
+        invalid=("submit", {"type": "echo", "priority": "urgent"}, "priority"),
+        repeatable=False,
+    ),
 )
