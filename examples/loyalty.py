@@ -16,9 +16,9 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from actors.runtime import AggregateSpec
 from bus.errors import NotFoundError, RuleViolationError
 from bus.eventstore import StoredEvent
-from bus.runtime import AggregateSpec
 from bus.subjects import EV_TIME, Context
 from http_edge import kit
 from infra.contexts import BoundedContext, Query, ReadModel

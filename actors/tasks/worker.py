@@ -45,7 +45,7 @@ from bus.errors import (
 )
 from bus import parking
 from bus.pull import position
-from bus.runtime import ErrorBody
+from bus.wire import ErrorBody
 from bus.subjects import Context, Parked
 from bus.workqueue import PriorityQueues, WorkItem
 
