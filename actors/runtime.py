@@ -25,20 +25,11 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
 
+from actors.errors import JetsourceError, NotFoundError, PendingError, RuleViolationError, ValidationError
 from bus import subjects as h
 from bus.codec import Decoder, encode
 from bus.connection import on_reconnect
-from bus.errors import (
-    ConflictError,
-    DeadlineError,
-    IdempotencyKeyReusedError,
-    JetsourceError,
-    NotFoundError,
-    PendingError,
-    PreconditionFailedError,
-    RuleViolationError,
-    ValidationError,
-)
+from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
 from bus.eventstore import EventStore, NewEvent, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
 from bus.service import Concurrency, respond

@@ -16,8 +16,8 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from actors.errors import NotFoundError, RuleViolationError
 from actors.runtime import AggregateSpec
-from bus.errors import NotFoundError, RuleViolationError
 from bus.eventstore import StoredEvent
 from bus.subjects import EV_TIME, Context
 from http_edge import kit
