@@ -34,7 +34,7 @@ from bus.eventstore import EventStore, NewEvent, StoredEvent, WrongExpectedSeque
 from bus.ids import IdSource
 from bus.service import Concurrency, respond
 from bus.subjects import Context
-from bus.wire import BatchItem, BatchReply, ErrorBody
+from bus.wire import BatchItem, BatchReply, CommandBatch, ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,7 @@ class Actor(Generic[S, C, E]):
     def _batch_endpoint(self, command_type: type) -> Callable[[Request], Awaitable[None]]:
         """Many commands in one request (workers starting what one pull gave them). Each item
         is executed as if sent alone; per-item outcomes come back in order."""
-        batch_type = msgspec.defstruct("CommandBatch", [("items", list[command_type])], kw_only=True)  # type: ignore[valid-type]
-        decoder: Decoder[Any] = Decoder(batch_type)
+        decoder: Decoder[CommandBatch[Any]] = Decoder(CommandBatch[command_type])  # type: ignore[valid-type]
 
         async def run(request: Request) -> BatchReply:
             batch = decoder.decode(request.data)

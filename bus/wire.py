@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import msgspec
 
 from bus import subjects as h
@@ -21,6 +23,16 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
     """`{"error": {...}}`: what a caller gets instead of a result."""
 
     error: ErrorBody
+
+
+T = TypeVar("T")
+
+
+class CommandBatch(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+    """`{"items": [...]}`: the body of a `<command>_batch` request, commands executed as if sent
+    alone."""
+
+    items: list[T]
 
 
 class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -27,7 +27,16 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 
-from actors.tasks.messages import PRIORITIES, Dispatch, TaskAccepted
+from actors.tasks.messages import (
+    PRIORITIES,
+    ClaimTask,
+    CompleteTask,
+    Dispatch,
+    FailTask,
+    ReportProgress,
+    StartTask,
+    TaskAccepted,
+)
 from actors.tasks.registry import TaskContext, TaskFailure, TaskRegistry
 from bus.client import call
 from bus import metrics
@@ -45,7 +54,7 @@ from bus.errors import (
 )
 from bus import parking
 from bus.pull import position
-from bus.wire import ErrorBody
+from bus.wire import CommandBatch, ErrorBody
 from bus.subjects import Context, Parked
 from bus.workqueue import PriorityQueues, WorkItem
 
@@ -103,14 +112,15 @@ def _storable(outcome: tuple[str, Any] | None) -> tuple[str, Any] | None:
     return (kind, msgspec.Raw(raw))
 
 
-def _take_bytes(
-    completions: list[tuple[dict[str, Any], asyncio.Future[None]]], limit: int
-) -> tuple[list[tuple[dict[str, Any], asyncio.Future[None]]], list[tuple[dict[str, Any], asyncio.Future[None]]]]:
+_Completions = list[tuple[CompleteTask, asyncio.Future[None]]]
+
+
+def _take_bytes(completions: _Completions, limit: int) -> tuple[_Completions, _Completions]:
     """The completions that fit in one request of about `limit` bytes of results (at least one),
     and the rest."""
     total = 0
-    for n, (body, _) in enumerate(completions):
-        result = body.get("result")
+    for n, (command, _) in enumerate(completions):
+        result = command.result
         total += len(result) if isinstance(result, msgspec.Raw) else 0
         if total > limit and n:
             return completions[:n], completions[n:]
@@ -186,7 +196,7 @@ class Worker:
         # Running attempts whose start is not stored yet: task id -> (task, monotonic, epoch start).
         self._unrecorded: dict[str, tuple[TaskAccepted, float, float]] = {}
         self._record_start_after_s = record_start_after_s
-        self._completions: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._completions: _Completions = []
         self._reporters: set[asyncio.Task[None]] = set()
         # Work items whose outcome is being stored, by task id: their leases are renewed too.
         self._recording: dict[str, WorkItem] = {}
@@ -275,9 +285,9 @@ class Worker:
 
     async def _store_starts(self, attempts: list[tuple[TaskAccepted, float | None]]) -> list[_Outcome]:
         """One `start_batch` request: these attempts are running (since the given times)."""
-        body = {"items": [{"task_id": task.task_id, "attempt": task.attempt, "worker": self.name, "started_at": at}
-                          for task, at in attempts]}
-        return _batch.decode(await self._command("start_batch", body)).results
+        batch = CommandBatch(items=[StartTask(task_id=task.task_id, attempt=task.attempt, worker=self.name,
+                                              started_at=at) for task, at in attempts])
+        return _batch.decode(await self._command("start_batch", batch)).results
 
     def _spawn(self, work: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
@@ -308,7 +318,7 @@ class Worker:
             if self._leases is not None:
                 self._leases.cancel()
 
-    async def _command(self, name: str, body: dict[str, Any]) -> bytes:
+    async def _command(self, name: str, body: msgspec.Struct) -> bytes:
         sent = time.perf_counter()
         try:
             return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
@@ -333,9 +343,9 @@ class Worker:
             items = readable
             if not items:
                 return
-            body = {"items": [{"task_id": d.task_id, "attempt": d.attempt} for d in dispatches]}
+            claims = CommandBatch(items=[ClaimTask(task_id=d.task_id, attempt=d.attempt) for d in dispatches])
             try:
-                results = _batch.decode(await self._command("claim_batch", body)).results
+                results = _batch.decode(await self._command("claim_batch", claims)).results
             except JetsourceError as exc:
                 log.warning("could not claim %d tasks: %s", len(items), exc.message)
                 for item in items:
@@ -441,17 +451,20 @@ class Worker:
         runs again elsewhere (at least once)."""
         if outcome is not None:
             kind, value = outcome
-            body = {"task_id": task.task_id, "attempt": task.attempt, "started_at": started_at, "worker": self.name,
-                    ("result" if kind == "complete" else "error"): value}
+            command: CompleteTask | FailTask = (
+                CompleteTask(task_id=task.task_id, attempt=task.attempt, result=value, started_at=started_at,
+                             worker=self.name) if kind == "complete"
+                else FailTask(task_id=task.task_id, attempt=task.attempt, error=value, started_at=started_at,
+                              worker=self.name))
             delay = RETRY_FIRST_S
             retrying, internal = False, 0
             try:
                 while True:
                     try:
-                        if kind == "complete":
-                            await self._complete(body)
+                        if isinstance(command, CompleteTask):
+                            await self._complete(command)
                         else:
-                            await self._command("fail", body)
+                            await self._command("fail", command)
                         break
                     except (RuleViolationError, NotFoundError):
                         # Cancelled meanwhile, finished by another worker, or stored by an
@@ -489,13 +502,13 @@ class Worker:
                         log.info("no outcome waits to be stored any more")
         await item.ack()
 
-    async def _complete(self, body: dict[str, Any]) -> None:
+    async def _complete(self, command: CompleteTask) -> None:
         """Report a completion; concurrent ones share a `complete_batch` request (group commit:
         while requests are in flight the next batch gathers, no timer). Up to REPORTERS requests
         are in flight: with one, a worker completed at most one batch per actor round trip
         (measured: 76 per 28 ms, the whole pipeline's limit)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._completions.append((body, future))
+        self._completions.append((command, future))
         if len(self._reporters) < REPORTERS:
             reporter = asyncio.get_running_loop().create_task(self._report_completions())
             self._reporters.add(reporter)
@@ -506,7 +519,8 @@ class Worker:
         while self._completions:
             batch, self._completions = _take_bytes(self._completions, MAX_BATCH_BYTES)
             try:
-                results = _batch.decode(await self._command("complete_batch", {"items": [b for b, _ in batch]})).results
+                completes = CommandBatch(items=[command for command, _ in batch])
+                results = _batch.decode(await self._command("complete_batch", completes)).results
             except Exception as exc:  # noqa: BLE001 - handed to each waiting handler run
                 err = exc if isinstance(exc, JetsourceError) else UnavailableError(f"complete_batch failed: {exc}")
                 for _, future in batch:
@@ -531,8 +545,8 @@ class Worker:
             if task.task_id in self._unrecorded:
                 await self._record_starts([task.task_id])  # progress belongs to a running task
             with contextlib.suppress(JetsourceError):
-                await self._command("progress", {"task_id": task.task_id, "attempt": task.attempt,
-                                                 "percent": percent, "message": message})
+                await self._command("progress", ReportProgress(task_id=task.task_id, attempt=task.attempt,
+                                                               percent=percent, message=message))
 
         ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
         run = asyncio.ensure_future(handler(ctx))  # handlers may return any awaitable
