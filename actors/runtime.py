@@ -281,14 +281,24 @@ class Actor(Generic[S, C, E]):
         async def run(request: Request) -> BatchReply:
             batch = decoder.decode(request.data)
             # Keys and expected versions address one aggregate: never shared by a batch. One
-            # request is one trace.
+            # request is one trace, but for items that name their own.
             headers = {k: v for k, v in (request.headers or {}).items()
                        if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID, h.DEADLINE)}
             headers.setdefault(h.TRACE_ID, self._ids.next())
+            traces = batch.traces
+            if traces is not None and len(traces) != len(batch.items):
+                raise ValidationError(f"traces has {len(traces)} entries for {len(batch.items)} items; "
+                                      "give one per item (null: the request's)", field="traces")
             outcomes: list[Any] = [self._answer_from_cache(c) for c in batch.items]
             rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
             if rest:
-                done = await asyncio.gather(*(self.execute(batch.items[i], headers) for i in rest),
+                deadline = {h.DEADLINE: headers[h.DEADLINE]} if h.DEADLINE in headers else {}
+
+                def item_headers(i: int) -> Mapping[str, str]:
+                    trace = traces[i] if traces is not None else None
+                    return headers if trace is None else deadline | trace.headers()
+
+                done = await asyncio.gather(*(self.execute(batch.items[i], item_headers(i)) for i in rest),
                                             return_exceptions=True)
                 for i, outcome in zip(rest, done, strict=True):
                     outcomes[i] = outcome
