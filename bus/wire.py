@@ -1,4 +1,5 @@
-"""The wire types every service shares: coded error replies and batch replies."""
+"""The wire types every service shares: coded error replies, batch requests and replies, and the
+trace a command continues."""
 
 from __future__ import annotations
 
