@@ -17,9 +17,9 @@ from nats.aio.client import Client
 
 from actors.manager import OutboxReader
 from actors.orders.messages import OrderCancelled, OrderEvent, OrderPaid, RecordFulfilmentFailure, ShipOrder
+from actors.runtime import keyed_id
 from actors.tasks.messages import CancelTask, SubmitInternalTask, TaskCompleted, TaskDeadLettered, TaskEvent
 from actors.tasks.registry import FULFIL_ORDER
-from bus.runtime import keyed_id
 from bus.subjects import Context, Parked
 from infra.contexts import ProcessManager
 from infra.settings import Settings

@@ -21,11 +21,11 @@ from collections.abc import Mapping
 import msgspec
 from nats.aio.client import Client
 
+from actors.errors import InsufficientStockError
 from actors.inventory.messages import CommitStock, ReleaseStock, ReserveStock
 from actors.manager import OutboxReader
 from actors.orders import domain
 from actors.orders.messages import OrderCancelled, OrderConfirmed, OrderEvent, OrderShipped, RecordRejected, RecordReserved
-from bus.errors import InsufficientStockError
 from bus.eventstore import EventStore, appended
 from bus.subjects import Context, valid_token
 from infra.contexts import ProcessManager

@@ -1,1 +1,1 @@
-"""Everything about NATS: connection, codec, subjects, streams, event store, actor runtime."""
+"""Everything about NATS: connection, codec, subjects, streams, event store, wire types, service plumbing."""

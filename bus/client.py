@@ -12,7 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from bus import subjects as h
 from bus.connection import request
 from bus.errors import DeadlineError, UnavailableError, from_code
-from bus.runtime import ErrorReply
+from bus.wire import ErrorReply
 
 _error_decoder = msgspec.json.Decoder(ErrorReply)
 

@@ -1,21 +1,39 @@
-"""The domain error tree: stable machine codes shared by every transport.
-
-Imports nothing from NATS so pure domain code may raise these.
+"""The error tree with stable machine codes shared by every transport: the transport's own
+errors here, on the base and beside the errors a decider raises (`actors.errors`, re-exported),
+and the table that rebuilds any of them from its code.
 """
 
 from __future__ import annotations
 
+# The bus's one import from outside itself: the errors a domain raises, so the tree is one.
+from actors.errors import (
+    InsufficientStockError,
+    JetsourceError,
+    NotFoundError,
+    PendingError,
+    RuleViolationError,
+    ValidationError,
+)
 
-class JetsourceError(Exception):
-    """Base of every error with a stable machine code."""
-
-    code = "internal"
-    status = 500
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
+__all__ = [
+    "BY_CODE",
+    "ConflictError",
+    "DeadlineError",
+    "IdempotencyKeyReusedError",
+    "InsufficientStockError",
+    "InternalError",
+    "JetsourceError",
+    "MalformedError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PendingError",
+    "PreconditionFailedError",
+    "RateLimitedError",
+    "RuleViolationError",
+    "UnavailableError",
+    "ValidationError",
+    "from_code",
+]
 
 
 class MalformedError(JetsourceError):
@@ -23,27 +41,6 @@ class MalformedError(JetsourceError):
 
     code = "malformed"
     status = 400
-
-
-class ValidationError(JetsourceError):
-    """A field is missing, of the wrong type or out of range."""
-
-    code = "validation"
-    status = 422
-
-
-class NotFoundError(JetsourceError):
-    """The addressed aggregate or read model row does not exist."""
-
-    code = "not_found"
-    status = 404
-
-
-class RuleViolationError(JetsourceError):
-    """The command is well-formed but forbidden in the aggregate's current state."""
-
-    code = "rule_violation"
-    status = 409
 
 
 class ConflictError(JetsourceError):
@@ -93,22 +90,6 @@ class DeadlineError(JetsourceError):
 
     code = "timeout"
     status = 504
-
-
-class InsufficientStockError(RuleViolationError):
-    """Not enough available stock for a reservation (nothing was reserved)."""
-
-    code = "insufficient_stock"
-    status = 409
-
-
-class PendingError(RuleViolationError):
-    """The aggregate waits on another context's answer (a saga step, such as an order's stock
-    reservation); the command can be decided once it has come. The runtime waits for it, bounded,
-    before answering with this."""
-
-    code = "pending"
-    status = 409
 
 
 class InternalError(JetsourceError):

@@ -16,9 +16,9 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from bus.errors import NotFoundError, RuleViolationError
+from actors.errors import NotFoundError, RuleViolationError
+from actors.runtime import AggregateSpec
 from bus.eventstore import StoredEvent
-from bus.runtime import AggregateSpec
 from bus.subjects import EV_TIME, Context
 from http_edge import kit
 from infra.contexts import BoundedContext, Contract, Query, ReadModel

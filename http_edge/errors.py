@@ -7,7 +7,7 @@ from aiohttp import web
 
 from bus.codec import encode
 from bus.errors import JetsourceError
-from bus.runtime import ErrorBody, ErrorReply
+from bus.wire import ErrorBody, ErrorReply
 
 log = logging.getLogger(__name__)
 

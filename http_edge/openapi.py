@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from bus.runtime import ErrorReply
+from bus.wire import ErrorReply
 
 OpenApi = Callable[[], tuple[dict[str, Any], list[type]]]
 

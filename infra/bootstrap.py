@@ -13,11 +13,11 @@ from typing import Any, Protocol
 from aiohttp import web
 from nats.aio.client import Client
 
+from actors.runtime import Actor
 from actors.tasks.registry import TaskRegistry, build_registry
 from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import EventStore
-from bus.runtime import Actor
 from bus.streams import ensure_stream, event_stream, parked_stream
 from bus.subjects import Context, Parked
 from http_edge.app import create_app

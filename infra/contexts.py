@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
-    from bus.runtime import AggregateSpec
+    from actors.runtime import AggregateSpec
     from infra.settings import Settings
     from projections.runner import Projection
 

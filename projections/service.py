@@ -15,7 +15,7 @@ from nats.micro.service import EndpointConfig, Service
 
 from bus.codec import Decoder
 from bus.errors import DeadlineError, UnavailableError
-from bus.runtime import Concurrency, respond
+from bus.service import Concurrency, respond
 from bus.subjects import Context
 from projections.runner import Checkpoints
 from projections.schema import database_down

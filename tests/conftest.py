@@ -20,9 +20,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.runtime import Actor
-from bus.subjects import Context
+from actors.runtime import Actor
 from actors.tasks.worker import Worker
+from bus.subjects import Context
 from infra.bootstrap import (
     context,
     ensure_streams,

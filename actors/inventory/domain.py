@@ -7,6 +7,7 @@ from typing import assert_never
 import msgspec
 from msgspec.structs import replace
 
+from actors.errors import InsufficientStockError, RuleViolationError, ValidationError
 from actors.inventory.messages import (
     AdjustStock,
     CommitStock,
@@ -21,7 +22,6 @@ from actors.inventory.messages import (
     StockReleased,
     StockReserved,
 )
-from bus.errors import InsufficientStockError, RuleViolationError, ValidationError
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from actors.inventory import domain
 from actors.inventory.messages import COMMANDS, InventoryAccepted, InventoryCommand, InventoryEvent
-from bus.runtime import AggregateSpec
+from actors.runtime import AggregateSpec
 from bus.subjects import Context
 
 

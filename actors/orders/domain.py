@@ -6,6 +6,7 @@ import msgspec
 from msgspec.structs import replace
 from typing import assert_never
 
+from actors.errors import NotFoundError, PendingError, RuleViolationError, ValidationError
 from actors.orders.messages import (
     AddItem,
     CancelOrder,
@@ -32,7 +33,6 @@ from actors.orders.messages import (
     RemoveItem,
     ShipOrder,
 )
-from bus.errors import NotFoundError, PendingError, RuleViolationError, ValidationError
 
 MAX_LINES = 200
 

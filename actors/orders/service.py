@@ -17,9 +17,9 @@ from actors.orders.messages import (
     OrderShipped,
     PlaceOrder,
 )
+from actors.runtime import Actor, AggregateSpec
 from bus.codec import encode
 from bus.eventstore import EventStore
-from bus.runtime import Actor, AggregateSpec
 from bus.subjects import Context
 
 

@@ -8,6 +8,7 @@ import msgspec
 from msgspec.structs import replace
 from typing import Any, assert_never
 
+from actors.errors import NotFoundError, RuleViolationError, ValidationError
 from actors.tasks.messages import (
     CancelTask,
     ClaimTask,
@@ -32,7 +33,6 @@ from actors.tasks.messages import (
     TaskStatus,
     TaskSubmitted,
 )
-from bus.errors import NotFoundError, RuleViolationError, ValidationError
 
 FINAL: frozenset[str] = frozenset({"completed", "dead", "cancelled"})
 

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 
+from actors.runtime import Actor, AggregateSpec
 from actors.tasks import domain
 from actors.tasks.messages import (
     COMMANDS,
@@ -30,7 +31,6 @@ from actors.tasks.registry import TaskType
 from bus.codec import encode, validation_error
 from bus.errors import ValidationError
 from bus.eventstore import EventStore
-from bus.runtime import Actor, AggregateSpec
 from bus.subjects import Context
 
 

@@ -25,10 +25,10 @@ import msgspec
 import psutil
 import pytest
 
+from actors.runtime import _ID_NAMESPACE
 from bus import subjects as h
 from bus.connection import Credentials, connect
 from bus.eventstore import EventStore
-from bus.runtime import _ID_NAMESPACE
 from bus.subjects import Context
 from infra.embedded import free_port
 from tests.e2e.test_heal import _is_nats, _is_postmaster, _replaced, _server
@@ -67,7 +67,7 @@ FAULTS = [f for f in ALL_FAULTS if f[0] in _CHOSEN.split(",")] if _CHOSEN else A
 
 
 def derived_id(key: str) -> str:
-    """The aggregate id a keyed create gets (bus.runtime): known even when the create failed."""
+    """The aggregate id a keyed create gets (actors.runtime): known even when the create failed."""
     return uuid.uuid5(_ID_NAMESPACE, key).hex
 
 

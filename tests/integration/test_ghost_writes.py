@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from actors.runtime import _ID_NAMESPACE
 from bus import subjects as h
 from bus.client import call
 from bus.errors import UnavailableError
-from bus.runtime import _ID_NAMESPACE
 from infra.bootstrap import nats_connection, run_edge
 from infra.embedded import free_port
 from projections.runner import Checkpoints

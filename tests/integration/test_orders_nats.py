@@ -22,7 +22,7 @@ async def test_place_order_over_nats_stores_an_event_and_replies_with_the_versio
 async def test_the_state_cache_stays_bounded_and_evicted_orders_reload_from_the_stream(system: System) -> None:
     from actors.orders.service import order_spec
     from bus.eventstore import EventStore
-    from bus.runtime import Actor
+    from actors.runtime import Actor
 
     actor = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders), cache_size=3)
     from actors.orders.messages import AddItem, OrderAccepted, OrderLine, PlaceOrder
@@ -44,7 +44,7 @@ async def test_a_keyed_retry_on_another_actor_process_gets_the_same_answer_and_s
     from actors.orders.service import order_spec
     from bus import subjects as h
     from bus.eventstore import EventStore
-    from bus.runtime import Actor
+    from actors.runtime import Actor
 
     other = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders))
     placed = await system.actor.execute(PlaceOrder(customer_id="c", currency="EUR",
@@ -68,7 +68,7 @@ async def test_a_refusal_is_checked_against_the_stream_when_another_process_wrot
     from actors.orders.messages import ConfirmOrder, OrderAccepted, OrderLine, PayOrder, PlaceOrder
     from actors.orders.service import order_spec
     from bus.eventstore import EventStore
-    from bus.runtime import Actor
+    from actors.runtime import Actor
 
     other = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders))
     placed = await other.execute(PlaceOrder(customer_id="c", currency="EUR",

@@ -7,6 +7,7 @@ from functools import reduce
 import msgspec
 import pytest
 
+from actors.errors import InsufficientStockError, RuleViolationError, ValidationError
 from actors.inventory import domain
 from actors.inventory.messages import (
     COMMANDS,
@@ -22,7 +23,6 @@ from actors.inventory.messages import (
     StockReleased,
     StockReserved,
 )
-from bus.errors import InsufficientStockError, RuleViolationError, ValidationError
 
 SKU = "sku-1"
 RECEIVED = StockReceived(sku=SKU, quantity=10)

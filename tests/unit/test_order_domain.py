@@ -6,6 +6,7 @@ from functools import reduce
 
 import pytest
 
+from actors.errors import NotFoundError, PendingError, RuleViolationError, ValidationError
 from actors.orders import domain
 from actors.orders.messages import (
     AddItem,
@@ -29,7 +30,6 @@ from actors.orders.messages import (
     RemoveItem,
     ShipOrder,
 )
-from bus.errors import NotFoundError, PendingError, RuleViolationError, ValidationError
 
 OID = "o1"
 PLACED = OrderPlaced(order_id=OID, customer_id="c1", currency="EUR", lines=[OrderLine(sku="a", quantity=2, unit_price=100)])

@@ -6,6 +6,7 @@ from functools import reduce
 
 import pytest
 
+from actors.errors import NotFoundError, RuleViolationError, ValidationError
 from actors.tasks import domain
 from actors.tasks.messages import (
     CancelTask,
@@ -26,7 +27,6 @@ from actors.tasks.messages import (
     TaskStarted,
     TaskSubmitted,
 )
-from bus.errors import NotFoundError, RuleViolationError, ValidationError
 
 TID = "t1"
 POLICY = RetryPolicy(max_attempts=2, backoff_s=1.0, backoff_max_s=10.0, jitter=0.0)

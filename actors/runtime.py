@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -25,25 +25,16 @@ from nats.micro import add_service
 from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
 
-from bus import metrics
+from actors.errors import JetsourceError, NotFoundError, PendingError, RuleViolationError, ValidationError
 from bus import subjects as h
 from bus.codec import Decoder, encode
 from bus.connection import on_reconnect
-from bus.errors import (
-    ConflictError,
-    DeadlineError,
-    IdempotencyKeyReusedError,
-    InternalError,
-    JetsourceError,
-    NotFoundError,
-    PendingError,
-    PreconditionFailedError,
-    RuleViolationError,
-    ValidationError,
-)
+from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
 from bus.eventstore import EventStore, NewEvent, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
+from bus.service import Concurrency, respond
 from bus.subjects import Context
+from bus.wire import BatchItem, BatchReply, CommandBatch, ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -58,97 +49,6 @@ def keyed_id(key: str) -> str:
     """The id a keyed create command without an id gets: the same key always creates (or finds)
     the same aggregate, so a process manager knows the id of what it created."""
     return uuid.uuid5(_ID_NAMESPACE, key).hex
-
-
-class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
-    """The body of every coded error reply and HTTP error response."""
-
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
-    """`{"error": {...}}`: what a caller gets instead of a result."""
-
-    error: ErrorBody
-
-
-class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One outcome in a batch reply: the command's reply, or why it was refused."""
-
-    accepted: msgspec.Raw | None = None
-    refused: ErrorBody | None = None
-
-
-class BatchReply(msgspec.Struct, frozen=True, kw_only=True):
-    """Reply to a `<command>_batch` request, in request order."""
-
-    results: list[BatchItem]
-
-
-def error_reply(exc: JetsourceError) -> tuple[bytes, dict[str, str]]:
-    """Encode a coded error as a NATS micro error reply."""
-    body = encode(ErrorReply(error=ErrorBody(code=exc.code, message=exc.message, field=exc.field)))
-    return body, {h.SERVICE_ERROR_CODE: str(exc.status), h.SERVICE_ERROR: exc.message[:500]}
-
-
-# Reply subjects a service answers on: inboxes (`_INBOX.` and per-role `_INBOX.<role>.`) and
-# replies mapped across accounts (`_R_.`). Any other reply subject is a caller's attempt to make
-# the service publish where it may (its own event stream): such a request is not executed.
-REPLY_PREFIXES = ("_INBOX.", "_R_.")
-
-
-async def respond(request: Request, handler: Callable[[], Any]) -> None:
-    """Run a handler and send its reply; the one catch-all of the NATS transport."""
-    reply = request._msg.reply  # noqa: SLF001 - nats.micro's Request does not expose it
-    if not reply.startswith(REPLY_PREFIXES):
-        metrics.COMMAND_ERRORS.labels(request.subject, "reply_refused").inc()
-        log.warning("refused a request on %s whose reply subject %r is not an inbox", request.subject, reply[:200])
-        return
-    try:
-        reply = await handler()
-        await request.respond(reply if isinstance(reply, bytes) else encode(reply))
-    except asyncio.CancelledError:
-        raise
-    except JetsourceError as exc:
-        metrics.COMMAND_ERRORS.labels(request.subject, exc.code).inc()
-        body, headers = error_reply(exc)
-        await request.respond(body, headers=headers)
-    except Exception:
-        metrics.COMMAND_ERRORS.labels(request.subject, "internal").inc()
-        log.exception("unexpected failure handling %s", request.subject)
-        body, headers = error_reply(InternalError("internal error; see the service log"))
-        await request.respond(body, headers=headers)
-
-
-class Concurrency:
-    """Runs request handlers as tasks, at most `limit` at once.
-
-    nats-py awaits a subscription's callbacks one at a time; handing each request to a task
-    gives concurrency, and waiting for a free slot in the callback gives backpressure.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._slots = asyncio.Semaphore(limit)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def wrap(self, handler: Callable[[Request], Coroutine[Any, Any, None]]) -> Callable[[Request], Awaitable[None]]:
-        async def spawn(request: Request) -> None:
-            await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(handler(request))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
-
-        return spawn
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-
-    async def drain(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 ANY_VERSION = -1  # `Expected-Version: *` (HTTP `If-Match: *`): any current version, i.e. it exists
@@ -376,20 +276,29 @@ class Actor(Generic[S, C, E]):
     def _batch_endpoint(self, command_type: type) -> Callable[[Request], Awaitable[None]]:
         """Many commands in one request (workers starting what one pull gave them). Each item
         is executed as if sent alone; per-item outcomes come back in order."""
-        batch_type = msgspec.defstruct("CommandBatch", [("items", list[command_type])], kw_only=True)  # type: ignore[valid-type]
-        decoder: Decoder[Any] = Decoder(batch_type)
+        decoder: Decoder[CommandBatch[Any]] = Decoder(CommandBatch[command_type])  # type: ignore[valid-type]
 
         async def run(request: Request) -> BatchReply:
             batch = decoder.decode(request.data)
             # Keys and expected versions address one aggregate: never shared by a batch. One
-            # request is one trace.
+            # request is one trace, but for items that name their own.
             headers = {k: v for k, v in (request.headers or {}).items()
                        if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID, h.DEADLINE)}
             headers.setdefault(h.TRACE_ID, self._ids.next())
+            traces = batch.traces
+            if traces is not None and len(traces) != len(batch.items):
+                raise ValidationError(f"traces has {len(traces)} entries for {len(batch.items)} items; "
+                                      "give one per item (null: the request's)", field="traces")
             outcomes: list[Any] = [self._answer_from_cache(c) for c in batch.items]
             rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
             if rest:
-                done = await asyncio.gather(*(self.execute(batch.items[i], headers) for i in rest),
+                deadline = {h.DEADLINE: headers[h.DEADLINE]} if h.DEADLINE in headers else {}
+
+                def item_headers(i: int) -> Mapping[str, str]:
+                    trace = traces[i] if traces is not None else None
+                    return headers if trace is None else deadline | trace.headers()
+
+                done = await asyncio.gather(*(self.execute(batch.items[i], item_headers(i)) for i in rest),
                                             return_exceptions=True)
                 for i, outcome in zip(rest, done, strict=True):
                     outcomes[i] = outcome

@@ -1,0 +1,41 @@
+"""One trace from an HTTP request through the process managers and the worker: what a paid
+order causes (its fulfilment task, run by a worker, and the ship) carries the pay's trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import System, eventually
+from tests.integration.test_orders_http import PLACE, get, post
+
+TRACE = "trace-pay-1"
+
+
+async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_and_the_ship(system: System) -> None:
+    await system.start_worker()
+    _, _, body = await post(system, "/orders", PLACE)
+    oid = body["order_id"]
+    assert (await post(system, f"/orders/{oid}/confirm"))[0] == 200
+    status, headers, _ = await post(system, f"/orders/{oid}/pay", {"amount": 300}, {"X-Trace-Id": TRACE})
+    assert (status, headers["X-Trace-Id"]) == (200, TRACE)
+    await eventually(lambda: get(system, f"/orders/{oid}"), lambda r: r[2].get("status") == "shipped",
+                     timeout=30, every=0.1, failure=f"order {oid} was never shipped")
+
+    _, _, history = await get(system, f"/orders/{oid}/events")
+    by_type: dict[str, dict[str, Any]] = {e["type"]: e for e in history["events"]}
+    assert by_type["order.confirmed"]["trace_id"] != TRACE  # the trace is the pay's, not the order's
+    assert (by_type["order.paid"]["trace_id"], by_type["order.paid"]["correlation_id"]) == (TRACE, TRACE)
+
+    _, _, page = await eventually(lambda: get(system, "/tasks", type="order.fulfil"),
+                                  lambda r: any(t["ref"] == f"order:{oid}" for t in r[2]["items"]),
+                                  failure="the fulfilment task never showed up")
+    [task] = [t for t in page["items"] if t["ref"] == f"order:{oid}"]
+    status, _, task_history = await get(system, f"/tasks/{task['task_id']}/events")
+    assert status == 200
+    events = task_history["events"]
+    assert [e["type"] for e in events][0] == "task.submitted" and events[-1]["type"] == "task.completed"
+    assert [(e["type"], e["trace_id"], e["correlation_id"]) for e in events] == [
+        (e["type"], TRACE, TRACE) for e in events]
+
+    shipped = by_type["order.shipped"]  # shipped in the read model, so in the stream
+    assert (shipped["type"], shipped["trace_id"], shipped["correlation_id"]) == ("order.shipped", TRACE, TRACE)
