@@ -39,7 +39,6 @@ from bus.errors import (
 from bus.eventstore import appended
 from bus.pull import Puller, position
 from bus.subjects import Context, Parked
-from bus.wire import Trace
 
 log = logging.getLogger(__name__)
 # A legitimate refusal of a command (the aggregate moved on): nothing to repair, skip the event.
@@ -103,8 +102,12 @@ class OutboxReader:
         """An idempotent command caused by the event whose headers are `cause`: it carries that
         event's trace and correlation, and names the event's command as its cause."""
         headers = {h.IDEMPOTENCY_KEY: key}
-        if (trace := Trace.of(cause)) is not None:  # every appended message has a trace
-            headers |= trace.headers()
+        if trace := cause.get(h.EV_TRACE_ID):
+            headers[h.TRACE_ID] = trace
+        if correlation := cause.get(h.EV_CORRELATION_ID) or cause.get(h.EV_TRACE_ID):
+            headers[h.CORRELATION_ID] = correlation
+        if causation := cause.get(h.EV_COMMAND_ID):
+            headers[h.CAUSATION_ID] = causation
         return await call(self._nc, subject, encode(command), headers=headers, timeout=self._timeout)
 
     async def _consume(self, ctx: Context) -> None:

@@ -157,6 +157,10 @@ class AggregateSpec(Generic[S, C, E]):
     # most `settle_wait_s` (and never past the caller's deadline).
     pending: Callable[[S], bool] | None = None
     settle_wait_s: float = 2.0
+    # Commands that continue the trace of the aggregate's last stored event instead of starting
+    # their own: a worker's attempt bookkeeping, batched across many tasks (and so many traces),
+    # stays in the trace of whatever queued the attempt (a submit, a retry), at no cost on the wire.
+    inherits_trace: tuple[type, ...] = ()
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -167,6 +171,9 @@ class _Entry(msgspec.Struct, gc=False):
     # command id -> (stream sequence of its last event, fingerprint of the keyed request or "")
     commands: dict[str, tuple[int, str]] = {}
     loaded: bool = False
+    # The trace and correlation of its last stored event: what `inherits_trace` commands continue.
+    trace: str = ""
+    correlation: str = ""
 
 
 class Actor(Generic[S, C, E]):
@@ -281,24 +288,14 @@ class Actor(Generic[S, C, E]):
         async def run(request: Request) -> BatchReply:
             batch = decoder.decode(request.data)
             # Keys and expected versions address one aggregate: never shared by a batch. One
-            # request is one trace, but for items that name their own.
+            # request is one trace.
             headers = {k: v for k, v in (request.headers or {}).items()
                        if k in (h.TRACE_ID, h.CORRELATION_ID, h.CAUSATION_ID, h.DEADLINE)}
             headers.setdefault(h.TRACE_ID, self._ids.next())
-            traces = batch.traces
-            if traces is not None and len(traces) != len(batch.items):
-                raise ValidationError(f"traces has {len(traces)} entries for {len(batch.items)} items; "
-                                      "give one per item (null: the request's)", field="traces")
             outcomes: list[Any] = [self._answer_from_cache(c) for c in batch.items]
             rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
             if rest:
-                deadline = {h.DEADLINE: headers[h.DEADLINE]} if h.DEADLINE in headers else {}
-
-                def item_headers(i: int) -> Mapping[str, str]:
-                    trace = traces[i] if traces is not None else None
-                    return headers if trace is None else deadline | trace.headers()
-
-                done = await asyncio.gather(*(self.execute(batch.items[i], item_headers(i)) for i in rest),
+                done = await asyncio.gather(*(self.execute(batch.items[i], headers) for i in rest),
                                             return_exceptions=True)
                 for i, outcome in zip(rest, done, strict=True):
                     outcomes[i] = outcome
@@ -462,6 +459,8 @@ class Actor(Generic[S, C, E]):
             return await self._attempt(aggregate_id, subject, entry, command, meta, attempt, verified=True)
         if not events:
             return self._spec.reply(aggregate_id, entry.state, entry.version)
+        if entry.trace and isinstance(command, self._spec.inherits_trace):
+            meta = dataclasses.replace(meta, trace_id=entry.trace, correlation_id=entry.correlation or entry.trace)
         new = self._new_events(aggregate_id, events, meta)
         extra = self._spec.outbox(entry.state, events) if self._spec.outbox else ()
         meta.check_deadline()
@@ -476,6 +475,7 @@ class Actor(Generic[S, C, E]):
         entry.state = state
         entry.version = result.last_seq
         entry.commands[meta.command_id] = (result.last_seq, meta.fingerprint or "")
+        entry.trace, entry.correlation = meta.trace_id, meta.correlation_id
         if self._changed and (changed := self._changed.pop(aggregate_id, None)) is not None:
             changed.set()
         if self._spec.after_commit is not None:
@@ -561,6 +561,8 @@ class Actor(Generic[S, C, E]):
                 state = self._spec.evolve(state, event)
                 command_id = stored.headers[h.EV_COMMAND_ID]
                 entry.commands[command_id] = (stored.seq, stored.headers.get(h.EV_REQUEST_HASH, ""))
+                entry.trace = stored.headers.get(h.EV_TRACE_ID, "")
+                entry.correlation = stored.headers.get(h.EV_CORRELATION_ID, "")
             entry.version = stored.seq  # the subject's last sequence, which the next append expects
         entry.state = state
         entry.loaded = True

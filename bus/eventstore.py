@@ -109,19 +109,21 @@ class _Pending:
     future: asyncio.Future[AppendResult] = field(repr=False)
     deadline: float | None = None  # epoch seconds: past it, the command is dropped unstored
 
-    def messages(self) -> list[tuple[str, NewEvent, int | None]]:
+    def messages(self, bare: str | None = None) -> list[tuple[str, NewEvent, int | None]]:
         out = [(self.subject, event, self.expected_seq if i == 0 else None) for i, event in enumerate(self.events)]
         if self.extra:
-            # An outbox copy or work item carries its command's id (readers tell by it that an
-            # actor appended it), trace id (one trace from HTTP to the worker), and its
-            # correlation (when not the trace id, its default) and causation ids, so what a
-            # process manager does about it continues the same trace. The rest of the event's
-            # headers would cost every work item ~200 bytes of storage and parsing.
+            # An outbox copy carries its command's id (readers tell by it that an actor appended
+            # it), trace id, and its correlation (when not the trace id, its default) and
+            # causation ids, so what a process manager does about it continues the same trace.
+            # Messages under `bare` (work items) carry nothing: a worker needs none of it (the
+            # task actor continues each task's trace itself), and every header would cost every
+            # task its bytes of storage and parsing.
             first = self.events[0].headers
             headers = {name: first[name] for name in _COPIED if name in first}
             if h.EV_CORRELATION_ID in headers and headers[h.EV_CORRELATION_ID] == headers.get(h.EV_TRACE_ID):
                 del headers[h.EV_CORRELATION_ID]
-            out += [(subject, NewEvent(data, headers), None) for subject, data in self.extra]
+            out += [(subject, NewEvent(data, {} if bare and subject.startswith(bare) else headers), None)
+                    for subject, data in self.extra]
         return out
 
 
@@ -146,9 +148,13 @@ class EventStore:
         timeout: float = 5.0,
         max_batch: int = 256,
         max_inflight_batches: int = 8,
+        bare: str | None = None,
     ) -> None:
+        """`bare`: a subject prefix (a work queue's) whose extra messages are stored without
+        headers."""
         self._nc = nc
         self.stream = stream
+        self._bare = bare
         self._timeout = timeout
         self._max_batch = min(max_batch, MAX_ATOMIC_BATCH)
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -246,7 +252,7 @@ class EventStore:
             if len(batch) == 1:
                 await self._append_alone(batch[0])
                 return
-            messages = [m for item in batch for m in item.messages()]
+            messages = [m for item in batch for m in item.messages(self._bare)]
             sent = time.perf_counter()
             try:
                 ack = await self._publish_atomic(messages)
@@ -287,7 +293,7 @@ class EventStore:
                 ack = await self._publish_one(item.subject, item.events[0], item.expected_seq)
                 result = AppendResult(ack.seq, ack.seq, ack.duplicate)
             else:
-                messages = item.messages()
+                messages = item.messages(self._bare)
                 ack = await self._publish_atomic(messages)
                 first = ack.seq - len(messages) + 1
                 result = AppendResult(first, first + len(item.events) - 1)

@@ -48,10 +48,11 @@ def parked_subjects(settings: Settings) -> Parked:
     return Parked(settings.namespace)
 
 
-def _store(settings: Settings, nc: Client, ctx: Context) -> EventStore:
+def _store(settings: Settings, nc: Client, ctx: Context, work_queue: bool = False) -> EventStore:
     return EventStore(
         nc, ctx.stream, timeout=settings.request_timeout_s,
         max_batch=settings.append_batch_max, max_inflight_batches=settings.append_batches_inflight,
+        bare=ctx.queue_wildcard[:-1] if work_queue else None,
     )
 
 
@@ -134,7 +135,7 @@ def run_actor(settings: Settings, nc: Client, name: str) -> contextlib.AbstractA
     """One declared context's actor, started, and stopped (drained) on exit."""
     bc = declared(settings).context(name)
     ctx = bc.context(settings)
-    return _running(Actor(nc, _store(settings, nc, ctx), bc.aggregate(ctx, settings),
+    return _running(Actor(nc, _store(settings, nc, ctx, bc.work_queue), bc.aggregate(ctx, settings),
                           concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries))
 
 

@@ -17,6 +17,10 @@ from actors.tasks.messages import (
     COMMANDS,
     HORIZON_S,
     ClaimTask,
+    CompleteTask,
+    FailTask,
+    ReportProgress,
+    StartTask,
     SubmitInternalTask,
     SubmitTask,
     TaskAccepted,
@@ -130,6 +134,8 @@ def task_spec(ctx: Context, types: Mapping[str, TaskType]) -> AggregateSpec[doma
         # process would grant it: the cancel's signal makes every process reload the task first.
         invalidations=ctx.live("cancel", "*"),
         read_only=(ClaimTask,),
+        # A worker's commands, batched across tasks, continue each task's own trace.
+        inherits_trace=(StartTask, ReportProgress, CompleteTask, FailTask),
         event_id=lambda e: e.task_id,
     )
 

@@ -54,7 +54,7 @@ from bus.errors import (
 )
 from bus import parking
 from bus.pull import position
-from bus.wire import CommandBatch, ErrorBody, Trace
+from bus.wire import CommandBatch, ErrorBody
 from bus.subjects import Context, Parked
 from bus.workqueue import PriorityQueues, WorkItem
 
@@ -112,24 +112,19 @@ def _storable(outcome: tuple[str, Any] | None) -> tuple[str, Any] | None:
     return (kind, msgspec.Raw(raw))
 
 
-_Completions = list[tuple[CompleteTask, Trace | None, asyncio.Future[None]]]
+_Completions = list[tuple[CompleteTask, asyncio.Future[None]]]
 
 
 def _take_bytes(completions: _Completions, limit: int) -> tuple[_Completions, _Completions]:
     """The completions that fit in one request of about `limit` bytes of results (at least one),
     and the rest."""
     total = 0
-    for n, (command, _, _) in enumerate(completions):
+    for n, (command, _) in enumerate(completions):
         result = command.result
         total += len(result) if isinstance(result, msgspec.Raw) else 0
         if total > limit and n:
             return completions[:n], completions[n:]
     return completions, []
-
-
-def _traces(traces: list[Trace | None]) -> list[Trace | None] | None:
-    """A batch's `traces`: None when no item has one (the batch gets a trace of its own)."""
-    return traces if any(traces) else None
 
 
 class _Capacity:
@@ -198,9 +193,8 @@ class Worker:
         # Cancel signals seen lately, oldest first (an ordered set): a task cancelled between its
         # claim and its handler's start never runs.
         self._recently_cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
-        # Running attempts whose start is not stored yet: task id -> (task, monotonic, epoch start,
-        # the trace its commands continue).
-        self._unrecorded: dict[str, tuple[TaskAccepted, float, float, Trace | None]] = {}
+        # Running attempts whose start is not stored yet: task id -> (task, monotonic, epoch start).
+        self._unrecorded: dict[str, tuple[TaskAccepted, float, float]] = {}
         self._record_start_after_s = record_start_after_s
         self._completions: _Completions = []
         self._reporters: set[asyncio.Task[None]] = set()
@@ -267,7 +261,7 @@ class Worker:
         while True:
             await asyncio.sleep(self._record_start_after_s / 2)
             horizon = time.monotonic() - self._record_start_after_s
-            due = [task_id for task_id, (_, since, _, _) in self._unrecorded.items() if since <= horizon]
+            due = [task_id for task_id, (_, since, _) in self._unrecorded.items() if since <= horizon]
             if due:
                 await self._record_starts(due)
 
@@ -278,7 +272,7 @@ class Worker:
         if not entries:
             return
         try:
-            results = await self._store_starts([(task, at, trace) for _, (task, _, at, trace) in entries])
+            results = await self._store_starts([(task, at) for _, (task, _, at) in entries])
         except JetsourceError as exc:
             log.warning("could not record the start of %d tasks: %s", len(entries), exc.message)
             return  # stored with their outcome instead
@@ -289,11 +283,10 @@ class Worker:
                     self._cancelled.add(task_id)
                     running[0].cancel()
 
-    async def _store_starts(self, attempts: list[tuple[TaskAccepted, float | None, Trace | None]]) -> list[_Outcome]:
+    async def _store_starts(self, attempts: list[tuple[TaskAccepted, float | None]]) -> list[_Outcome]:
         """One `start_batch` request: these attempts are running (since the given times)."""
         batch = CommandBatch(items=[StartTask(task_id=task.task_id, attempt=task.attempt, worker=self.name,
-                                              started_at=at) for task, at, _ in attempts],
-                             traces=_traces([trace for _, _, trace in attempts]))
+                                              started_at=at) for task, at in attempts])
         return _batch.decode(await self._command("start_batch", batch)).results
 
     def _spawn(self, work: Any) -> asyncio.Task[None]:
@@ -325,11 +318,10 @@ class Worker:
             if self._leases is not None:
                 self._leases.cancel()
 
-    async def _command(self, name: str, body: msgspec.Struct, trace: Trace | None = None) -> bytes:
+    async def _command(self, name: str, body: msgspec.Struct) -> bytes:
         sent = time.perf_counter()
         try:
-            return await call(self._nc, self._ctx.command(name), encode(body),
-                              headers=trace.headers() if trace is not None else None, timeout=self._timeout)
+            return await call(self._nc, self._ctx.command(name), encode(body), timeout=self._timeout)
         finally:
             metrics.WORKER_REQUEST_SECONDS.labels(name).observe(time.perf_counter() - sent)
 
@@ -393,12 +385,12 @@ class Worker:
             return
         await item.ack()
 
-    async def _started_first(self, item: WorkItem, task: TaskAccepted, trace: Trace | None) -> bool:
+    async def _started_first(self, item: WorkItem, task: TaskAccepted) -> bool:
         """Store a claimed attempt's start before running it; False (the item settled) when the
         store refuses it: cancelled meanwhile, so it never runs. A stray signal costs one stored
         start, never the task."""
         try:
-            [result] = await self._store_starts([(task, None, trace)])
+            [result] = await self._store_starts([(task, None)])
         except JetsourceError as exc:
             log.warning("could not start %s: %s", task.task_id, exc.message)
             await item.nak(1.0)
@@ -412,8 +404,6 @@ class Worker:
         return True
 
     async def _run(self, item: WorkItem, task: TaskAccepted, slot: _Slot) -> None:
-        # What the attempt stores continues the trace of what queued it (a submit, a retry).
-        trace = Trace.of(item.msg.headers) if item.msg.headers else None
         start_recorded = False
         while task.task_id in self._recently_cancelled:
             # A cancel signal came after the claim was answered: let the store decide with a
@@ -421,14 +411,14 @@ class Worker:
             # nothing awaited between the last check and the handler's registration in
             # `_execute`, so no signal falls between the two.
             del self._recently_cancelled[task.task_id]
-            if not await self._started_first(item, task, trace):
+            if not await self._started_first(item, task):
                 return
             start_recorded = True
         started_at = time.time()
         if not start_recorded:
-            self._unrecorded[task.task_id] = (task, time.monotonic(), started_at, trace)
+            self._unrecorded[task.task_id] = (task, time.monotonic(), started_at)
         try:
-            outcome = _storable(await self._execute(item, task, trace))
+            outcome = _storable(await self._execute(item, task))
         finally:
             # Its start, unless stored meanwhile, goes with the outcome.
             self._unrecorded.pop(task.task_id, None)
@@ -447,14 +437,14 @@ class Worker:
             self._storing.take()
             slot.release()
             try:
-                await self._record(item, task, outcome, started_at, trace)
+                await self._record(item, task, outcome, started_at)
             finally:
                 self._storing.give()
         finally:
             self._recording.pop(task.task_id, None)
 
     async def _record(self, item: WorkItem, task: TaskAccepted, outcome: tuple[str, Any] | None,
-                      started_at: float, trace: Trace | None) -> None:
+                      started_at: float) -> None:
         """Store an attempt's outcome and settle its work item. A transient failure is tried
         again with back-off (the lease is renewed meanwhile) until the outcome is stored or
         refused; a stopping worker gives up after its lease and leaves the item un-acked, so it
@@ -472,9 +462,9 @@ class Worker:
                 while True:
                     try:
                         if isinstance(command, CompleteTask):
-                            await self._complete(command, trace)
+                            await self._complete(command)
                         else:
-                            await self._command("fail", command, trace)
+                            await self._command("fail", command)
                         break
                     except (RuleViolationError, NotFoundError):
                         # Cancelled meanwhile, finished by another worker, or stored by an
@@ -512,13 +502,13 @@ class Worker:
                         log.info("no outcome waits to be stored any more")
         await item.ack()
 
-    async def _complete(self, command: CompleteTask, trace: Trace | None) -> None:
+    async def _complete(self, command: CompleteTask) -> None:
         """Report a completion; concurrent ones share a `complete_batch` request (group commit:
         while requests are in flight the next batch gathers, no timer). Up to REPORTERS requests
         are in flight: with one, a worker completed at most one batch per actor round trip
         (measured: 76 per 28 ms, the whole pipeline's limit)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._completions.append((command, trace, future))
+        self._completions.append((command, future))
         if len(self._reporters) < REPORTERS:
             reporter = asyncio.get_running_loop().create_task(self._report_completions())
             self._reporters.add(reporter)
@@ -529,16 +519,15 @@ class Worker:
         while self._completions:
             batch, self._completions = _take_bytes(self._completions, MAX_BATCH_BYTES)
             try:
-                completes = CommandBatch(items=[command for command, _, _ in batch],
-                                         traces=_traces([trace for _, trace, _ in batch]))
+                completes = CommandBatch(items=[command for command, _ in batch])
                 results = _batch.decode(await self._command("complete_batch", completes)).results
             except Exception as exc:  # noqa: BLE001 - handed to each waiting handler run
                 err = exc if isinstance(exc, JetsourceError) else UnavailableError(f"complete_batch failed: {exc}")
-                for _, _, future in batch:
+                for _, future in batch:
                     if not future.done():
                         future.set_exception(err)
                 continue
-            for (_, _, future), result in zip(batch, results, strict=True):
+            for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if result.refused is not None:
@@ -546,7 +535,7 @@ class Worker:
                 else:
                     future.set_result(None)
 
-    async def _execute(self, item: WorkItem, task: TaskAccepted, trace: Trace | None) -> tuple[str, Any] | None:
+    async def _execute(self, item: WorkItem, task: TaskAccepted) -> tuple[str, Any] | None:
         """Run the handler under its timeout, keeping the lease; None when cancelled."""
         handler = self._registry.get(task.task_type)
         if handler is None:
@@ -557,7 +546,7 @@ class Worker:
                 await self._record_starts([task.task_id])  # progress belongs to a running task
             with contextlib.suppress(JetsourceError):
                 await self._command("progress", ReportProgress(task_id=task.task_id, attempt=task.attempt,
-                                                               percent=percent, message=message), trace)
+                                                               percent=percent, message=message))
 
         ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
         run = asyncio.ensure_future(handler(ctx))  # handlers may return any awaitable

@@ -354,23 +354,6 @@ async def test_a_start_batch_answers_each_item_in_order(system: System) -> None:
     assert bad.headers and bad.headers["Nats-Service-Error-Code"] == "422"
 
 
-async def test_each_item_of_a_batch_continues_the_trace_it_names_or_else_the_requests(system: System) -> None:
-    # A worker's start_batch holds the work of many traces: each item names its own.
-    first, second = [await submit(system, {"type": "echo"}) for _ in range(2)]
-    body = {"items": [{"task_id": t["task_id"], "attempt": 1, "worker": "w"} for t in (first, second)],
-            "traces": [{"trace_id": "trace-a", "correlation_id": "corr-a", "causation_id": "cmd-a"}, None]}
-    reply = await system.request(system.tasks.command("start_batch"), body, headers={"Trace-Id": "trace-batch"})
-    assert [r["accepted"]["status"] for r in json.loads(reply.data)["results"]] == ["running", "running"]
-    started = [(await events_of(system, t["task_id"]))[-1] for t in (first, second)]
-    assert [(e["type"], e["trace_id"], e["correlation_id"]) for e in started] == [
-        ("task.started", "trace-a", "corr-a"), ("task.started", "trace-batch", "trace-batch")]
-    for traces in ([None], [{"trace_id": "two\r\nlines"}, None]):  # one per item; one line each
-        bad = await system.request(system.tasks.command("start_batch"), {**body, "traces": traces})
-        assert bad.headers and bad.headers["Nats-Service-Error-Code"] == "422"
-        assert json.loads(bad.data)["error"]["field"].startswith("traces")
-    assert [len(await events_of(system, t["task_id"])) for t in (first, second)] == [2, 2]
-
-
 async def test_a_claim_stores_nothing_and_refuses_a_cancelled_task(system: System) -> None:
     # Delayed far ahead, so no worker takes it meanwhile.
     task = await submit(system, {"type": "echo", "delay_s": 3600})
