@@ -362,24 +362,49 @@ class Actor(Generic[S, C, E]):
         subject = self._spec.ctx.events(aggregate_id)
         if self._spec.pending is None:
             return await self._execute(aggregate_id, subject, command, meta, fresh)
-        settle_by = time.monotonic() + self._spec.settle_wait_s
-        if meta.deadline is not None:  # leave the answer time to travel back
-            settle_by = min(settle_by, time.monotonic() + (meta.deadline - time.time()) - 0.2)
+        return await self._execute_settled(aggregate_id, subject, command, meta, fresh)
+
+    async def _execute_settled(
+        self, aggregate_id: str, subject: str, command: C, meta: CommandMeta, fresh: bool,
+    ) -> msgspec.Struct:
+        """`_execute` for an aggregate that may be pending: a command refused with PendingError
+        is decided again once it is not, and one that leaves it pending is answered once it is
+        not (each wait bounded by `settle_wait_s` and the caller's deadline)."""
+        pending = self._spec.pending
+        assert pending is not None
+        settle_by = 0.0
         while True:
             try:
                 reply = await self._execute(aggregate_id, subject, command, meta, fresh)
             except PendingError:
+                settle_by = settle_by or self._settle_by(meta)
                 if not await self._settled(aggregate_id, subject, settle_by):
                     raise
                 fresh = False
                 continue
             entry = self._cache.get(aggregate_id)
-            if entry is not None and self._spec.pending(entry.state):
-                await self._settled(aggregate_id, subject, settle_by)
-                entry = self._cache.get(aggregate_id)
-                if entry is not None and not self._spec.pending(entry.state):
-                    return self._spec.reply(aggregate_id, entry.state, entry.version)
+            if entry is None or not pending(entry.state):
+                return reply
+            # Stored; the answer waits (bounded) for the saga. A failure while waiting does not
+            # change what was stored: the reply says what it is now.
+            try:
+                await self._settled(aggregate_id, subject, settle_by or self._settle_by(meta))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the command is stored; answer with what is known
+                return reply
+            entry = self._cache.get(aggregate_id)
+            if entry is not None and not pending(entry.state):
+                return self._spec.reply(aggregate_id, entry.state, entry.version)
             return reply
+
+    def _settle_by(self, meta: CommandMeta) -> float:
+        """When a wait for a pending aggregate gives up (monotonic): the setting's bound, and
+        early enough before the caller's deadline for the answer to reach it."""
+        settle_by = time.monotonic() + self._spec.settle_wait_s
+        if meta.deadline is not None:
+            settle_by = min(settle_by, time.monotonic() + (meta.deadline - time.time()) - 0.2)
+        return settle_by
 
     async def _settled(self, aggregate_id: str, subject: str, until: float) -> bool:
         """Wait until the aggregate is no longer pending, or `until` (monotonic) passes: woken

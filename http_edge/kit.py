@@ -55,7 +55,8 @@ _written = msgspec.json.Decoder(_Written)
 
 @functools.cache
 def _id_decoder(id_key: str) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(msgspec.defstruct(f"Written_{id_key}", [(id_key, str)]))
+    """A created aggregate's reply: its version, sequence and id in one decode."""
+    return msgspec.json.Decoder(msgspec.defstruct(f"Written_{id_key}", [(id_key, str)], bases=(_Written,)))
 
 
 def _command_headers(request: web.Request) -> dict[str, str]:
@@ -96,11 +97,14 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 def written(request: web.Request, reply: bytes, status: int, location: tuple[str, str] | None = None) -> web.Response:
     """A command's reply: ETag (the new version), the stream sequence (for `min_seq`), and for a
     created resource its Location, `location` = (path prefix, id field of the reply)."""
-    info = _written.decode(reply)
+    if location is None:
+        info = _written.decode(reply)
+    else:
+        prefix, id_key = location
+        info = _id_decoder(id_key).decode(reply)
     headers = {"ETag": f'"{info.version}"', "X-Stream-Sequence": str(info.seq), "X-Trace-Id": request[TRACE_ID]}
     if location is not None:
-        prefix, id_key = location
-        headers["Location"] = f"{prefix}/{getattr(_id_decoder(id_key).decode(reply), id_key)}"
+        headers["Location"] = f"{prefix}/{getattr(info, id_key)}"
     return web.Response(status=status, body=reply, content_type="application/json", headers=headers)
 
 
