@@ -47,10 +47,10 @@ class InsufficientStockError(RuleViolationError):
     status = 409
 
 
-class PendingError(RuleViolationError):
+class PendingError(JetsourceError):
     """The aggregate waits on another context's answer (a saga step, such as an order's stock
     reservation); the command can be decided once it has come. The runtime waits for it, bounded,
-    before answering with this."""
+    before answering with this. Not a refusal: retry it (a process manager does, in place)."""
 
     code = "pending"
     status = 409

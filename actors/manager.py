@@ -48,6 +48,7 @@ REFUSED = (RuleViolationError, NotFoundError)
 POISON = (ValidationError, MalformedError, IdempotencyKeyReusedError)
 # An internal error may be a passing fault; one that persists this many tries is parked.
 INTERNAL_TRIES = 5
+ACK_WAIT_S = 5  # an event not acked (nor kept, `in_progress`) this long is delivered again
 
 
 class OutboxReader:
@@ -98,10 +99,11 @@ class OutboxReader:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def send(self, subject: str, command: msgspec.Struct, key: str, cause: Mapping[str, str]) -> bytes:
-        """An idempotent command caused by the event whose headers are `cause`: it carries that
-        event's trace and correlation, and names the event's command as its cause."""
-        headers = {h.IDEMPOTENCY_KEY: key}
+    async def send(self, subject: str, command: msgspec.Struct, key: str | None, cause: Mapping[str, str]) -> bytes:
+        """An idempotent command caused by the event whose headers are `cause` (keyed, unless it
+        is idempotent by itself): it carries that event's trace and correlation, and names the
+        event's command as its cause."""
+        headers = {h.IDEMPOTENCY_KEY: key} if key is not None else {}
         if trace := cause.get(h.EV_TRACE_ID):
             headers[h.TRACE_ID] = trace
         if correlation := cause.get(h.EV_CORRELATION_ID) or cause.get(h.EV_TRACE_ID):
@@ -137,7 +139,7 @@ class OutboxReader:
     def _config(self, ctx: Context) -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=self.reader, filter_subjects=[ctx.outbox(n) for n in self._outboxes[ctx]],
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=5, max_deliver=-1,
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S, max_deliver=-1,
             max_ack_pending=10_000,
         )
 
@@ -170,23 +172,42 @@ class OutboxReader:
         pulling goes on meanwhile (a slow aggregate holds up only its own events)."""
         slots = asyncio.Semaphore(self._concurrency)
         tails: dict[str | None, asyncio.Task[None]] = {}
+        queued: dict[int, Any] = {}  # given to this manager, not being handled yet (by id: Msg is unhashable)
 
         async def after(previous: asyncio.Task[None] | None, msg: Any) -> None:
             try:
                 if previous is not None:
                     await asyncio.gather(previous, return_exceptions=True)
+                queued.pop(id(msg), None)
                 if not self._stopping.is_set():  # else left unacked, for the next manager
                     await self._handle_in_order(ctx, [msg])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # an ack or a park that failed: the event comes again after the ack wait
+                log.exception("%s: handling an event of %s failed", self.reader, ctx.stream)
             finally:
+                queued.pop(id(msg), None)
                 slots.release()
+
+        async def keep_leases() -> None:
+            # Events waiting behind a slow one of their aggregate are still this manager's:
+            # without this they would be redelivered (to be handled twice) after the ack wait.
+            while True:
+                await asyncio.sleep(ACK_WAIT_S / 3)
+                for msg in list(queued.values()):
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
 
         def forget(key: str | None, task: asyncio.Task[None]) -> None:
             if tails.get(key) is task:
                 del tails[key]
 
+        leases = asyncio.get_running_loop().create_task(keep_leases())
         try:
             while not self._stopping.is_set():
-                for msg in await puller.pull(self._concurrency, wait_s=0.5):
+                msgs = await puller.pull(self._concurrency, wait_s=0.5)
+                queued.update((id(m), m) for m in msgs)
+                for msg in msgs:
                     await slots.acquire()
                     key = self.key(ctx, msg.data)
                     task = asyncio.get_running_loop().create_task(after(tails.get(key), msg))
@@ -194,6 +215,7 @@ class OutboxReader:
                     task.add_done_callback(functools.partial(forget, key))
         finally:
             await asyncio.gather(*tails.values(), return_exceptions=True)
+            leases.cancel()
 
     async def _handle_in_order(self, ctx: Context, msgs: list[Any]) -> None:
         """Handle in order, acking each event once it is handled, skipped (refused) or parked.

@@ -1,14 +1,16 @@
 """The order saga: an order's stock, reserved in the inventory context and given back when the
 order does not go ahead.
 
-- `order.confirmed` → reserve every line (`inventory.cmd.reserve`, one SKU at a time). All lines
-  reserved → `orders.cmd.record_reserved`. Any short → release those it did reserve (the
-  compensation) and `orders.cmd.record_rejected` naming every short SKU.
+- `order.confirmed` → reserve every line (`inventory.cmd.reserve`, all at once: each SKU is its
+  own aggregate). All lines reserved → `orders.cmd.record_reserved`. Any short →
+  `orders.cmd.record_rejected` naming every short SKU, then release what it did reserve (the
+  compensation).
 - `order.cancelled` → release the reservation of each SKU the order held.
 - `order.shipped` → commit it (the stock leaves on hand).
 
-Every command is keyed by the order (and SKU), so a redelivered or replayed event repeats
-answers instead of acting twice; a SKU that is not a valid inventory id (orders allow dots, NATS
+Reserves and answers are keyed by the order (and SKU), so a redelivered or replayed event repeats
+answers instead of acting twice; releases need no key (releasing what is not held stores
+nothing); a SKU that is not a valid inventory id (orders allow dots, NATS
 subject tokens do not) can never be tracked and is treated as untracked: always available.
 It reads `orders.outbox.{confirmed,cancelled,shipped}` through one durable consumer."""
 
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 import msgspec
 from nats.aio.client import Client
 
-from actors.errors import InsufficientStockError
+from actors.errors import InsufficientStockError, NotFoundError, RuleViolationError
 from actors.inventory.messages import CommitStock, ReleaseStock, ReserveStock
 from actors.manager import OutboxReader
 from actors.orders import domain
@@ -63,9 +65,7 @@ class OrderSaga(OutboxReader):
         if isinstance(event, OrderConfirmed):
             await self._reserve(event, headers)
         elif isinstance(event, OrderCancelled):
-            for sku in filter(valid_token, event.skus):
-                await self.send(self._inventory.command("release"), ReleaseStock(sku=sku, order_id=event.order_id),
-                                key=f"release:{event.order_id}:{sku}", cause=headers)
+            await self._release(event.order_id, event.skus, headers)
         elif isinstance(event, OrderShipped):
             for sku in filter(valid_token, event.skus):
                 await self.send(self._inventory.command("commit"), CommitStock(sku=sku, order_id=event.order_id),
@@ -80,16 +80,33 @@ class OrderSaga(OutboxReader):
                     state = domain.evolve(state, self._events.decode(stored.data))
         return state.status
 
+    async def _release(self, order_id: str, skus: list[str], headers: Mapping[str, str]) -> None:
+        """Give back whatever the order holds of these SKUs. Not keyed: a release is idempotent
+        by itself (nothing held, nothing stored), and a key would make a later release a repeat
+        of an earlier one that found nothing yet (a cancel handled before a racing reserve)."""
+        await asyncio.gather(*(self.send(self._inventory.command("release"), ReleaseStock(sku=sku, order_id=order_id),
+                                         key=None, cause=headers) for sku in skus if valid_token(sku)))
+
+    async def _answer(self, command: str, body: msgspec.Struct, key: str, order_id: str, skus: list[str],
+                      headers: Mapping[str, str]) -> None:
+        """Tell the order; if it has moved on meanwhile (cancelled, or answered by another
+        saga instance), a cancelled or rejected order holds nothing: give its stock back."""
+        try:
+            await self.send(self._orders.command(command), body, key=key, cause=headers)
+        except (RuleViolationError, NotFoundError):
+            if await self._status(order_id) in ("cancelled", "rejected"):
+                await self._release(order_id, skus, headers)
+            raise
+
     async def _reserve(self, event: OrderConfirmed, headers: Mapping[str, str]) -> None:
         order_id = event.order_id
-        # Redelivered or replayed after the order moved on: reserving again could take stock
-        # that arrived since for a SKU that was short then. A rejected order holds nothing.
+        skus = [line.sku for line in event.lines]
+        # Redelivered or replayed after the order moved on: never reserve again (stock that
+        # arrived since for a SKU that was short then is not taken), and give back anything an
+        # interrupted earlier try left held by an order that ended.
         status = await self._status(order_id)
-        if status == "rejected":
-            for line in event.lines:
-                if valid_token(line.sku):
-                    await self.send(self._inventory.command("release"), ReleaseStock(sku=line.sku, order_id=order_id),
-                                    key=f"release:{order_id}:{line.sku}", cause=headers)
+        if status in ("cancelled", "rejected"):
+            await self._release(order_id, skus, headers)
         if status != "confirmed":
             return
         lines = [line for line in event.lines if valid_token(line.sku)]
@@ -103,21 +120,23 @@ class OrderSaga(OutboxReader):
             except InsufficientStockError:
                 return False
 
-        # All lines at once (each SKU is its own aggregate); any other error fails the event
-        # as a whole, to be retried: every reserve is keyed, so a retry repeats what is done.
-        outcomes = await asyncio.gather(*(reserve(line.sku, line.quantity) for line in lines))
-        reserved = [line.sku for line, ok in zip(lines, outcomes, strict=True) if ok]
+        # All lines at once (each SKU is its own aggregate). Any other error fails the event as
+        # a whole, to be retried once every reserve has answered: each is keyed, so a retry
+        # repeats what was done and tries again what was not.
+        outcomes = await asyncio.gather(*(reserve(line.sku, line.quantity) for line in lines), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         short = [line.sku for line, ok in zip(lines, outcomes, strict=True) if not ok]
         if not short:
-            await self.send(self._orders.command("record_reserved"), RecordReserved(order_id=order_id),
-                            key=f"reserved:{order_id}", cause=headers)
+            await self._answer("record_reserved", RecordReserved(order_id=order_id), f"reserved:{order_id}",
+                               order_id, skus, headers)
             return
-        # All lines or none: give back what was reserved before saying so.
-        for sku in reserved:
-            await self.send(self._inventory.command("release"), ReleaseStock(sku=sku, order_id=order_id),
-                            key=f"release:{order_id}:{sku}", cause=headers)
-        await self.send(self._orders.command("record_rejected"), RecordRejected(order_id=order_id, short_skus=short),
-                        key=f"rejected:{order_id}", cause=headers)
+        # All lines or none: the order is rejected first, then its stock given back, so that a
+        # crash in between leaves an order whose redelivered confirm releases it (above).
+        await self._answer("record_rejected", RecordRejected(order_id=order_id, short_skus=short),
+                           f"rejected:{order_id}", order_id, skus, headers)
+        await self._release(order_id, skus, headers)
 
 
 def _build(nc: Client, contexts: Mapping[str, Context], settings: Settings) -> OrderSaga:

@@ -32,7 +32,7 @@ from bus.connection import on_reconnect
 from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
 from bus.eventstore import EventStore, NewEvent, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
-from bus.service import Concurrency, respond
+from bus.service import Concurrency, give_back_slot, respond
 from bus.subjects import Context
 from bus.wire import BatchItem, BatchReply, CommandBatch, ErrorBody
 
@@ -410,6 +410,7 @@ class Actor(Generic[S, C, E]):
         """Wait until the aggregate is no longer pending, or `until` (monotonic) passes: woken
         by a command on it in this process, else reading its stream every 50 ms (the answer may
         come through another actor process)."""
+        give_back_slot()  # waiting is not work: it must not hold back the answer it waits for
         while (remaining := until - time.monotonic()) > 0:
             changed = self._changed.setdefault(aggregate_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
@@ -484,9 +485,10 @@ class Actor(Generic[S, C, E]):
             return await self._attempt(aggregate_id, subject, entry, command, meta, attempt, verified=True)
         if not events:
             return self._spec.reply(aggregate_id, entry.state, entry.version)
+        trace = correlation = None
         if entry.trace and isinstance(command, self._spec.inherits_trace):
-            meta = dataclasses.replace(meta, trace_id=entry.trace, correlation_id=entry.correlation or entry.trace)
-        new = self._new_events(aggregate_id, events, meta)
+            trace, correlation = entry.trace, entry.correlation or entry.trace
+        new = self._new_events(aggregate_id, events, meta, trace, correlation)
         extra = self._spec.outbox(entry.state, events) if self._spec.outbox else ()
         meta.check_deadline()
         try:
@@ -500,7 +502,7 @@ class Actor(Generic[S, C, E]):
         entry.state = state
         entry.version = result.last_seq
         entry.commands[meta.command_id] = (result.last_seq, meta.fingerprint or "")
-        entry.trace, entry.correlation = meta.trace_id, meta.correlation_id
+        entry.trace, entry.correlation = trace or meta.trace_id, correlation or meta.correlation_id
         if self._changed and (changed := self._changed.pop(aggregate_id, None)) is not None:
             changed.set()
         if self._spec.after_commit is not None:
@@ -535,12 +537,16 @@ class Actor(Generic[S, C, E]):
     def _new_id(self) -> str:
         return self._ids.next()
 
-    def _new_events(self, aggregate_id: str, events: list[E], meta: CommandMeta) -> list[NewEvent]:
+    def _new_events(
+        self, aggregate_id: str, events: list[E], meta: CommandMeta, trace: str | None = None,
+        correlation: str | None = None,
+    ) -> list[NewEvent]:
+        """The events with their headers; `trace`/`correlation` (inherited) replace the command's."""
         now = datetime.now(UTC).isoformat()
         base = {
             h.EV_COMMAND_ID: meta.command_id,
-            h.EV_CORRELATION_ID: meta.correlation_id,
-            h.EV_TRACE_ID: meta.trace_id,
+            h.EV_CORRELATION_ID: correlation or meta.correlation_id,
+            h.EV_TRACE_ID: trace or meta.trace_id,
             h.EV_TIME: now,
         }
         if meta.causation_id:

@@ -172,10 +172,12 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
         for extra in bc.roles:
             if role == extra.name:
                 perms = extra.permissions(ctx, settings)
-                perms["publish"]["deny"] = [*perms["publish"].get("deny", []), *ADMIN_API,
-                                            *(c.command(">") for _, c in contexts if c != ctx)]
-                perms["subscribe"]["allow"] = [*perms["subscribe"].get("allow", []), *inbox]
-                perms["subscribe"]["deny"] = [*perms["subscribe"].get("deny", []), *commands]
+                publish, subscribe = perms.setdefault("publish", {}), perms.setdefault("subscribe", {})
+                # Whatever a role allows itself, no event stream is its to write.
+                publish["deny"] = [*publish.get("deny", []), *all_stores, *ADMIN_API,
+                                   *(c.command(">") for _, c in contexts if c != ctx)]
+                subscribe["allow"] = [*subscribe.get("allow", []), *inbox]
+                subscribe["deny"] = [*subscribe.get("deny", []), *commands]
                 return perms
     for pm in found.managers:
         if role == pm.name:

@@ -190,15 +190,43 @@ def _load(extra: str) -> Declared:
         for pm in getattr(mod, "PROCESS_MANAGERS", ()):
             if pm not in managers:
                 managers.append(pm)
+    _check(contexts, managers)
+    return Declared(tuple(contexts), tuple(managers))
+
+
+_RESERVED_ROLES = ("admin", "edge", "projector")
+
+
+def _check(contexts: list[BoundedContext], managers: list[ProcessManager]) -> None:
+    """Refuse a declared set whose names would clash (a role named like another gets its
+    permissions) or whose process managers name what does not exist (a typo would show only
+    as requests refused by the server, retried forever)."""
+    from bus.subjects import valid_token
+    from infra.settings import Settings
+
     names = [c.name for c in contexts]
     if len(set(names)) != len(names):
         raise ValueError(f"two contexts share a name: {names}")
-    known = set(names)
+    bad = [n for n in names if not valid_token(n) or "-" in n]
+    if bad:
+        raise ValueError(f"context names must be letters, digits and '_': {bad}")
+    roles = [*_RESERVED_ROLES, *(c.actor_role for c in contexts), *(r.name for c in contexts for r in c.roles),
+             *(pm.name for pm in managers)]
+    clashes = sorted({r for r in roles if roles.count(r) > 1})
+    if clashes:
+        raise ValueError(f"these NATS identities are declared twice (or are reserved): {clashes}")
+    by_name = {c.name: c for c in contexts}
+    settings = Settings.model_construct(namespace="", task_modules="", saga_wait_s=2.0)
     for pm in managers:
-        missing = (set(pm.consumes) | set(pm.sends)) - known
+        missing = (set(pm.consumes) | set(pm.sends) | set(pm.reads)) - set(by_name)
         if missing:
             raise ValueError(f"process manager {pm.name} needs contexts that are not declared: {sorted(missing)}")
-    return Declared(tuple(contexts), tuple(managers))
+        for name, commands in pm.sends.items():
+            bc = by_name[name]
+            known = (*bc.public_edge_commands(settings), *bc.internal_commands(settings))
+            unknown = [c for c in commands if c not in known]
+            if unknown:
+                raise ValueError(f"process manager {pm.name} sends {name} commands that do not exist: {unknown}")
 
 
 def declared(settings: Settings) -> Declared:

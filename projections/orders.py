@@ -180,7 +180,7 @@ class OrdersProjection:
                 row.lines.pop(event.sku, None)
                 row.retotal()
             case OrderConfirmed():
-                row.status = "confirmed"
+                row.status = "confirmed" if event.lines else "reserved"  # lines: none before the saga
             case OrderReserved():
                 row.status = "reserved"
             case OrderRejected():

@@ -84,7 +84,9 @@ def evolve(state: Order, event: OrderEvent) -> Order:
             lines.pop(event.sku, None)
             return replace(state, lines=lines)
         case OrderConfirmed():
-            return replace(state, status="confirmed")
+            # Confirmed before the saga existed (no lines recorded): nothing will reserve its
+            # stock, so it is as if reserved (its SKUs untracked), and it can be paid as before.
+            return replace(state, status="confirmed" if event.lines else "reserved")
         case OrderReserved():
             return replace(state, status="reserved")
         case OrderRejected():

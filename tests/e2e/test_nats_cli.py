@@ -72,8 +72,8 @@ async def test_the_readme_nats_lines_work_against_jetsource_up() -> None:
                     assert sum(e["processing_time"] for e in place) > 0
                 elif " stream info ORDERS" in line:
                     assert "Subjects: orders.events.>" in out or "orders.events.>" in out, out
-                elif " stream view ORDERS" in line:
-                    assert "order.placed" in out, out
+                elif " stream get ORDERS" in line:
+                    assert "order.placed" in out and "Jetsource-Command-Id" in out, out
             # the README's credentials are needed: without them the server refuses
             anonymous = {k: v for k, v in cli.items() if k not in ("NATS_USER", "NATS_PASSWORD")}
             refused = subprocess.run(["nats", "micro", "ls"], cwd=ROOT, env=anonymous, capture_output=True, text=True,

@@ -45,3 +45,21 @@ def test_internal_commands_are_only_for_those_that_declare_them() -> None:
 def test_an_unknown_context_module_fails_loudly() -> None:
     with pytest.raises(ModuleNotFoundError):
         declared(Settings(_env_file=None, context_modules="examples.no_such_context"))
+
+
+def test_names_that_would_share_an_identity_are_refused() -> None:
+    from infra.contexts import ProcessManager, _check
+
+    found = declared(Settings(_env_file=None))
+    impostor = ProcessManager(name="admin", reader="x", consumes={}, sends={}, build=lambda *_: None)
+    with pytest.raises(ValueError, match="admin"):
+        _check(list(found.contexts), [*found.managers, impostor])
+    typo = ProcessManager(name="pm", reader="pm", consumes={"orders": ("paid",)}, sends={"orders": ("shipp",)},
+                          build=lambda *_: None)
+    with pytest.raises(ValueError, match="shipp"):
+        _check(list(found.contexts), [typo])
+
+
+def test_an_extra_role_may_never_write_an_event_stream_whatever_it_allows_itself() -> None:
+    worker = auth.permissions(Settings(_env_file=None), auth.WORKER)["publish"]["deny"]
+    assert {"orders.events.>", "tasks.events.>", "inventory.events.>", "tasks.queue.>"} <= set(worker)

@@ -168,3 +168,11 @@ def test_commands_on_an_unknown_order_are_not_found() -> None:
     for cmd in (ConfirmOrder(order_id=OID), CancelOrder(order_id=OID), AddItem(order_id=OID, sku="a", quantity=1, unit_price=1)):
         with pytest.raises(NotFoundError):
             domain.decide(given(), cmd)
+
+
+def test_an_order_confirmed_before_the_saga_existed_can_be_paid() -> None:
+    # Its OrderConfirmed has no lines and no outbox copy: nothing will ever reserve it.
+    old = OrderConfirmed(order_id=OID, total=200)
+    state = given(PLACED, old)
+    assert state.status == "reserved" and not domain.pending(state)
+    assert domain.decide(state, PayOrder(order_id=OID, amount=200)) == [PAID]
