@@ -23,10 +23,10 @@ StampedAt = Annotated[float, msgspec.Meta(extra_json_schema={
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False, tag_field="kind",
-              omit_defaults=True):
-    """Base of every task message (`type` is the task type, so the tag field is `kind`). Fields at
-    their defaults are left out when encoded: a worker's batches carry only what they say."""
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False, tag_field="kind"):
+    """Base of every task message (`type` is the task type, so the tag field is `kind`). Its
+    encoding is what keyed requests are fingerprinted by: changing it (omitting defaults, say)
+    would make a retry across an upgrade look like another request under the same key."""
 
 
 class RetryPolicy(Message, frozen=True, kw_only=True):
