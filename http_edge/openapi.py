@@ -71,6 +71,10 @@ def openapi_document(parts: Sequence[OpenApi]) -> bytes:
         paths.update(more)
         types.extend(t for t in structs if t not in types)
     paths.update(_OPERATIONS)
+    names = [t.__name__ for t in types]
+    if len(set(names)) != len(names):  # the paths refer to schemas by class name
+        clashes = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"two contexts' OpenAPI Structs share a class name: {clashes}; rename one")
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     return msgspec.json.encode(
         {"openapi": "3.1.0", "info": {"title": "jetsource", "version": "0.2.0"}, "paths": paths,

@@ -63,3 +63,16 @@ def test_names_that_would_share_an_identity_are_refused() -> None:
 def test_an_extra_role_may_never_write_an_event_stream_whatever_it_allows_itself() -> None:
     worker = auth.permissions(Settings(_env_file=None), auth.WORKER)["publish"]["deny"]
     assert {"orders.events.>", "tasks.events.>", "inventory.events.>", "tasks.queue.>"} <= set(worker)
+
+
+def test_the_openapi_document_has_every_context_and_every_ref_resolves() -> None:
+    import json
+    import re
+
+    from http_edge.openapi import openapi_document
+
+    found = declared(Settings(_env_file=None))
+    doc = json.loads(openapi_document([c.openapi for c in found.contexts if c.openapi]))
+    assert {"/orders", "/tasks", "/inventory/{sku}/receive", "/inventory"} <= set(doc["paths"])
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs and refs <= set(doc["components"]["schemas"])
