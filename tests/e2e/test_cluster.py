@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import psutil
@@ -28,6 +30,7 @@ from tests.e2e.test_up import PLACE, _cli, _env, _free_run, _stop, _wait_ready
 
 NODES = 3
 STREAMS = ("ORDERS", "TASKS", "INVENTORY", "PARKED")
+T = TypeVar("T")
 EDGE_TIMEOUT_S = 5.0  # the edge's request timeout (the default): its 504 comes after this
 
 
@@ -102,17 +105,19 @@ def _node(up: psutil.Process, n: int) -> psutil.Process | None:
     return None
 
 
-async def _until(probe, what: str, log: Path, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+async def _until(probe: Callable[[], Awaitable[T]], what: str, log: Path, timeout: float = 30.0) -> T:
+    """Await probe() until its result is true, and return that."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         try:
-            last = await probe()
+            found = await probe()
         except (NatsError, asyncio.TimeoutError, OSError) as exc:
             last = exc
         else:
-            if last:
-                return last
+            if found:
+                return found
+            last = found
         await asyncio.sleep(0.1)
     raise AssertionError(f"{what} within {timeout:g} s; last: {last!r}\n{log.read_text()[-10000:]}")
 
@@ -144,7 +149,8 @@ async def _restarted(up: psutil.Process, n: int, old: int, log: Path) -> psutil.
         node = _node(up, n)
         return node if node is not None and node.pid != old else None
 
-    found: psutil.Process = await _until(fresh, f"node {n} restarted by the supervisor", log)
+    found = await _until(fresh, f"node {n} restarted by the supervisor", log)
+    assert found is not None
     return found
 
 
@@ -216,7 +222,7 @@ async def test_a_3_node_cluster_loses_no_acknowledged_write_to_a_leader_kill_or_
                         return cluster.leader_since.timestamp() - killed_wall  # the election took this
 
                     try:
-                        elected: float = await _until(new_leader, "ORDERS led by another node", log)
+                        elected = await _until(new_leader, "ORDERS led by another node", log)
                     finally:
                         await watcher.close()
                     await _restarted(up, n, victim.pid, log)
