@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from bus.subjects import Context, Parked
+
+log = logging.getLogger(__name__)
 
 
 def event_stream(
@@ -73,3 +81,79 @@ async def ensure_work_consumers(js: JetStreamContext, ctx: Context, names: tuple
             max_ack_pending=100_000,
         )
         await js.add_consumer(ctx.stream, config)
+
+
+async def wait_for_jetstream(js: JetStreamContext, timeout: float = 30.0) -> None:
+    """Until JetStream answers: on a cluster, until its nodes have elected a meta leader."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await js.account_info()
+            return
+        except NatsError:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(0.25)
+
+
+async def stream_leader(js: JetStreamContext, stream: str) -> tuple[str | None, list[str]]:
+    """The stream's leader (None during an election) and every peer's name, sorted."""
+    cluster = (await js.stream_info(stream)).cluster
+    if cluster is None:
+        return None, []
+    peers = {p.name for p in cluster.replicas or [] if p.name}
+    if cluster.leader:
+        peers.add(cluster.leader)
+    return cluster.leader or None, sorted(peers)
+
+
+async def spread_leaders(nc: Client, streams: list[str], timeout: float = 10.0) -> dict[str, str | None]:
+    """Move stream leaders so each node leads its share: every stream's leader is, of its peers,
+    the one leading the fewest of the streams before it. Returns each stream's leader after.
+
+    A leader moves with `STREAM.LEADER.STEPDOWN` naming the preferred peer (nats-server 2.11+);
+    where that is refused, plain step-downs until another leads. Best effort: a stream still led
+    elsewhere is only a less even spread."""
+    js = nc.jetstream()
+    leads: dict[str, int] = {}
+    out: dict[str, str | None] = {}
+    for stream in streams:
+        leader, peers = await _elected(js, stream, timeout)
+        if not peers:
+            out[stream] = leader
+            continue
+        wanted = min(peers, key=lambda p: (leads.get(p, 0), p != leader, p))
+        leads[wanted] = leads.get(wanted, 0) + 1
+        if leader != wanted:
+            leader = await _move_leader(nc, js, stream, wanted, timeout)
+        out[stream] = leader
+    return out
+
+
+async def _elected(js: JetStreamContext, stream: str, timeout: float) -> tuple[str | None, list[str]]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        leader, peers = await stream_leader(js, stream)
+        if leader or not peers or asyncio.get_running_loop().time() >= deadline:
+            return leader, peers
+        await asyncio.sleep(0.1)
+
+
+async def _move_leader(nc: Client, js: JetStreamContext, stream: str, wanted: str, timeout: float) -> str | None:
+    subject = f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}"
+    body = json.dumps({"placement": {"preferred": wanted}}).encode()
+    leader: str | None = None
+    for _ in range(5):
+        try:
+            reply = json.loads((await nc.request(subject, body, timeout=timeout)).data)
+        except NatsError as exc:
+            log.warning("stream %s: leader step-down failed: %s", stream, exc)
+            return (await stream_leader(js, stream))[0]
+        if reply.get("error") and body:
+            body = b""  # a server without leader placement: step down and see who is elected
+            continue
+        leader, _ = await _elected(js, stream, timeout)
+        if leader == wanted:
+            return leader
+    log.info("stream %s: led by %s, not %s, after step-downs", stream, leader, wanted)
+    return leader

@@ -50,19 +50,28 @@ def secrets_dir(settings: Settings) -> Path:
 
 def ensure_secrets(settings: Settings) -> dict[str, str]:
     """Each role's password, created (random, 256 bits) on first use; files are mode 0600."""
+    return {role: _secret(settings, role) for role in roles(settings)}
+
+
+ROUTE = "cluster_route"  # not a role: the password the embedded cluster's nodes route with
+
+
+def route_password(settings: Settings) -> str:
+    """The embedded cluster's route password, created like the roles' on first use."""
+    return _secret(settings, ROUTE)
+
+
+def _secret(settings: Settings, name: str) -> str:
     folder = secrets_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    out = {}
-    for role in roles(settings):
-        path = folder / f"{role}.password"
-        password = path.read_text().strip() if path.exists() else ""
-        if len(password) < 32:  # missing, or cut short: a weak (even empty) password is worse than a new one
-            password = secrets.token_urlsafe(32)
-            write_private(path, password)
-        os.chmod(path, 0o600)
-        out[role] = password
-    return out
+    path = folder / f"{name}.password"
+    password = path.read_text().strip() if path.exists() else ""
+    if len(password) < 32:  # missing, or cut short: a weak (even empty) password is worse than a new one
+        password = secrets.token_urlsafe(32)
+        write_private(path, password)
+    os.chmod(path, 0o600)
+    return password
 
 
 def credentials(settings: Settings, role: str) -> Credentials:

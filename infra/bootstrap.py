@@ -18,7 +18,7 @@ from actors.tasks.registry import TaskRegistry, build_registry
 from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import EventStore
-from bus.streams import ensure_stream, event_stream, parked_stream
+from bus.streams import ensure_stream, event_stream, parked_stream, spread_leaders, wait_for_jetstream
 from bus.subjects import Context, Parked
 from http_edge.app import create_app
 from http_edge.kit import EdgeConfig
@@ -81,11 +81,40 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
     await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
 
 
+def stream_names(settings: Settings) -> list[str]:
+    """Every stream jetsource declares: each context's, then the parked events'."""
+    return [*(bc.context(settings).stream for bc in declared(settings).contexts), parked_subjects(settings).stream]
+
+
 async def prepare(settings: Settings) -> None:
-    """Create streams, consumers and the read-model schema (idempotent), as the admin."""
+    """Create streams, consumers and the read-model schema (idempotent), as the admin. On the
+    embedded cluster, first wait for its nodes to agree, and then spread the stream leaders."""
     async with nats_connection(settings, "jetsource-prepare") as nc:
-        await ensure_streams(nc, settings)
+        if settings.nats_cluster:
+            await _clustered(nc, settings)
+        else:
+            await ensure_streams(nc, settings)
     await ensure_read_models(settings)
+
+
+async def _clustered(nc: Client, settings: Settings, timeout: float = 30.0) -> None:
+    from nats.errors import Error as NatsError
+
+    js = nc.jetstream()
+    await wait_for_jetstream(js, timeout)
+    # Until every node has reported in, the meta leader may know too few peers for R3.
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await ensure_streams(nc, settings)
+            break
+        except NatsError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            log.info("cluster not ready for the streams yet (%s); retrying", exc)
+            await asyncio.sleep(0.5)
+    leaders = await spread_leaders(nc, stream_names(settings))
+    log.info("stream leaders: %s", ", ".join(f"{s} {n}" for s, n in leaders.items()))
 
 
 async def ensure_read_models(settings: Settings) -> None:

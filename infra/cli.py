@@ -191,6 +191,12 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     _setup_logging(settings, "up")
     from infra.supervisor import up
 
+    if args.cluster:
+        if settings.nats_url:
+            print("jetsource: --cluster starts embedded nodes; JETSOURCE_NATS_URL names an external server",
+                  file=sys.stderr)
+            return 2
+        settings = Settings(nats_cluster=args.cluster)  # the environment's settings, and this
     return up(settings)
 
 
@@ -313,6 +319,13 @@ def _sequence(text: str) -> int:
     return value
 
 
+def _nodes(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 3 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"an odd number of nodes, at least 3, not {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -331,7 +344,10 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     read_models = [c.read_model.projection().name for c in found.contexts if c.read_model is not None]
     p = argparse.ArgumentParser(prog="jetsource", description="Event-sourced services on NATS JetStream.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)").set_defaults(fn=cmd_up)
+    u = sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)")
+    u.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",
+                   help="an embedded cluster of N nats-server nodes (odd; 3 when no N), R(N) streams")
+    u.set_defaults(fn=cmd_up)
     a = sub.add_parser("actor", help="run one context's actor (scale out: run more)")
     a.add_argument("context", choices=contexts)
     a.set_defaults(fn=cmd_actor)

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PG_SYSTEM_USER = "embedded_postgres"
@@ -92,17 +93,37 @@ def nats_server_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """Where the nodes of an embedded cluster find each other: node i routes on `route_port + i`,
+    on 127.0.0.1 only. Routes authenticate, so no other local process joins as a node (a route
+    sees every message, past the clients' permissions)."""
+
+    size: int
+    route_port: int
+    route_password: str
+    name: str = "jetsource"
+    route_user: str = "route"
+
+    def route(self, i: int) -> str:
+        return f"nats-route://{self.route_user}:{self.route_password}@127.0.0.1:{self.route_port + i}"
+
+
 class EmbeddedNats:
-    """A single nats-server with JetStream, durable writes, bound to 127.0.0.1."""
+    """A nats-server with JetStream, durable writes, bound to 127.0.0.1: the single server, or
+    node `index` of an embedded `cluster` (its own ports and store)."""
 
-    name = "nats-server"
-
-    def __init__(self, data_dir: Path, port: int, monitor_port: int, *, authorization: str = "") -> None:
-        self.dir = data_dir / "nats"
-        self.port = port
-        self.monitor_port = monitor_port
+    def __init__(self, data_dir: Path, port: int, monitor_port: int, *, authorization: str = "",
+                 cluster: Cluster | None = None, index: int = 0) -> None:
+        self.cluster = cluster
+        self.index = index
+        self.dir = data_dir / ("nats" if cluster is None else f"nats-{index + 1}")
+        self.port = port + index
+        self.monitor_port = monitor_port + index
         self.authorization = authorization  # an `authorization { ... }` block; empty = no auth (tests)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.name = "nats-server" if cluster is None else f"nats-server {index + 1}"
+        self.server_name = "jetsource" if cluster is None else f"jetsource-{index + 1}"
 
     @property
     def url(self) -> str:
@@ -110,24 +131,35 @@ class EmbeddedNats:
 
     def config(self) -> str:
         store = str(self.dir / "jetstream").replace('"', '\\"')
-        return (
+        out = (
             "# written by jetsource: embedded nats-server\n"
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
-            "server_name: jetsource\n"
+            f"server_name: {self.server_name}\n"
             "max_payload: 1MB\n"
             "jetstream {\n"
             f'  store_dir: "{store}"\n'
             "  # acknowledged means on disk\n"
             "  sync_interval: always\n"
             "}\n"
-            + self.authorization
         )
+        if self.cluster is not None:
+            c = self.cluster
+            routes = ", ".join(c.route(i) for i in range(c.size) if i != self.index)
+            out += (
+                "cluster {\n"
+                f"  name: {c.name}\n"
+                f"  listen: 127.0.0.1:{c.route_port + self.index}\n"
+                f'  authorization {{ user: "{c.route_user}", password: "{c.route_password}" }}\n'
+                f"  routes: [{routes}]\n"
+                "}\n"
+            )
+        return out + self.authorization
 
     def start(self, timeout: float = 20.0) -> None:
         self.launch()
         assert self.proc is not None
-        wait_for_port(self.port, timeout, self.proc, "nats-server")
+        wait_for_port(self.port, timeout, self.proc, self.name)
 
     def launch(self) -> None:
         """Start the server (same config, ports and store: JetStream recovers its data)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,12 +34,16 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".jetsource"), description="embedded servers' data directory")
     nats_port: int = 4222
     nats_monitor_port: int = 8222
+    nats_cluster: int = Field(0, description="embedded cluster of this many nodes (odd, e.g. 3: `jetsource up "
+                                             "--cluster 3`); node i listens on nats_port + i, its monitor on "
+                                             "nats_monitor_port + i, its routes on nats_cluster_port + i; 0 = one server")
+    nats_cluster_port: int = Field(6222, description="route port of the embedded cluster's first node")
     postgres_port: int = 5433
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     namespace: str = Field("", description="prefix of subjects and streams (isolates test runs)")
     db_schema: str = Field("public", description="PostgreSQL schema of the read models")
-    stream_replicas: int = Field(1, description="3 on a NATS cluster")
+    stream_replicas: int = Field(1, description="3 on a NATS cluster; unset with nats_cluster: its size")
     duplicate_window_s: float = 300.0
     actor_concurrency: int = 512
     actor_max_retries: int = 5
@@ -82,6 +86,15 @@ class Settings(BaseSettings):
     # ... or per role (JSON: {"edge": {"user": "edge", "password": "..."}, "worker": {"creds": "..."}}).
     nats_identities: dict[str, NatsIdentity] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _cluster(self) -> Settings:
+        if self.nats_cluster and (self.nats_cluster < 3 or self.nats_cluster % 2 == 0):
+            # an even count tolerates no more failures than one node fewer, and splits votes
+            raise ValueError(f"nats_cluster is an odd number of nodes, at least 3 (or 0), not {self.nats_cluster}")
+        if self.nats_cluster and "stream_replicas" not in self.model_fields_set:
+            self.stream_replicas = self.nats_cluster  # every node holds every stream
+        return self
+
     @property
     def generic_nats_identity(self) -> NatsIdentity:
         return NatsIdentity(user=self.nats_user, password=self.nats_password, creds=self.nats_creds,
@@ -97,7 +110,10 @@ class Settings(BaseSettings):
         return not self.database_url
 
     def resolved_nats_url(self) -> str:
-        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+        """The URL(s) to connect to: the external ones, or every embedded node's."""
+        if self.nats_url:
+            return self.nats_url
+        return ",".join(f"nats://127.0.0.1:{self.nats_port + i}" for i in range(max(1, self.nats_cluster)))
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"

@@ -16,7 +16,7 @@ from bus import subjects as h
 from bus.connection import connect
 from bus.subjects import Context
 from infra.auth import ADMIN, credentials
-from infra.bootstrap import ensure_read_models, parked_subjects
+from infra.bootstrap import ensure_read_models, parked_subjects, stream_names
 from infra.contexts import declared
 from infra.settings import Settings
 from projections.runner import Checkpoints, Projection, Projector
@@ -87,15 +87,36 @@ async def status(settings: Settings, nc: Client) -> int:
     code = 0
     found = declared(settings)
     print("streams:")
-    for bc in found.contexts:
-        ctx = bc.context(settings)
+    nodes: dict[str, list[str]] = {}  # node name -> the streams it leads
+    offline: set[str] = set()
+    for stream in stream_names(settings):
         try:
-            info = await js.stream_info(ctx.stream)
-            print(f"  {ctx.stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
-                  f"replicas={info.config.num_replicas}")
+            info = await js.stream_info(stream)
         except NotFoundError:
-            print(f"  {ctx.stream:<26} missing (run `jetsource up` once)")
+            print(f"  {stream:<26} missing (run `jetsource up` once)")
             code = 1
+            continue
+        line = (f"  {stream:<26} messages={info.state.messages} last_seq={info.state.last_seq} "
+                f"replicas={info.config.num_replicas}")
+        if (cluster := info.cluster) is not None and (cluster.leader or cluster.replicas):
+            leader = cluster.leader or "(electing)"
+            if cluster.leader:
+                nodes.setdefault(cluster.leader, []).append(stream)
+            peers = []
+            for peer in cluster.replicas or []:
+                name = peer.name or "?"
+                nodes.setdefault(name, [])
+                if peer.offline:
+                    offline.add(name)
+                state = "offline" if peer.offline else "current" if peer.current else f"lag={peer.lag or 0}"
+                peers.append(f"{name}({state})")
+            line += f" leader={leader} followers={','.join(peers) or '-'}"
+        print(line)
+    if nodes:
+        print("nodes (as the streams see them):")
+        for name in sorted(nodes):
+            leads = ", ".join(nodes[name]) or "-"
+            print(f"  {name:<26} {'offline' if name in offline else 'up':<8} leads: {leads}")
     print("projections (lag = events not yet applied):")
     for model in read_models(settings):
         durable = model.ctx.consumer(model.projection.name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from infra import auth
-from infra.embedded import EmbeddedNats, EmbeddedPostgres, _die_with_parent, stop_process
+from infra.embedded import Cluster, EmbeddedNats, EmbeddedPostgres, _die_with_parent, stop_process, wait_for_port
 from infra.settings import Settings
 
 log = logging.getLogger("jetsource.up")
@@ -144,6 +144,18 @@ def metrics_ports(children: list[Child]) -> dict[str, int]:
     return {name: port for name, port in ports.items() if port}
 
 
+def nats_nodes(settings: Settings) -> list[EmbeddedNats]:
+    """The embedded nats-server, or each node of the embedded cluster (`nats_cluster`)."""
+    # No anonymous access: every role connects as itself (infra.auth).
+    authorization = auth.server_config_block(settings, auth.ensure_secrets(settings))
+    if not settings.nats_cluster:
+        return [EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port,
+                             authorization=authorization)]
+    cluster = Cluster(settings.nats_cluster, settings.nats_cluster_port, auth.route_password(settings))
+    return [EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port,
+                         authorization=authorization, cluster=cluster, index=i) for i in range(cluster.size)]
+
+
 def up(settings: Settings) -> int:
     stopping = False
 
@@ -155,29 +167,34 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    nats = pg = None
+    nodes: list[EmbeddedNats] = []
+    pg = None
     children: list[Child] = []
     watches: list[Watch] = []
     try:
         # The first start waits for each server: the roles' preparation needs them. A restart
         # does not (clients reconnect on their own), so role crashes are seen meanwhile.
         if settings.nats_embedded:
-            # No anonymous access: every role connects as itself (infra.auth).
-            authorization = auth.server_config_block(settings, auth.ensure_secrets(settings))
-            nats = EmbeddedNats(settings.data_dir, settings.nats_port, settings.nats_monitor_port,
-                                authorization=authorization)
-            nats.start()
-            watches.append(Watch(nats))
-            watches[-1].started(time.monotonic())
+            nodes = nats_nodes(settings)
+            for node in nodes:  # all at once: a cluster's nodes wait for each other's routes
+                node.launch()
+                watches.append(Watch(node))
+                watches[-1].started(time.monotonic())
+            for node in nodes:
+                assert node.proc is not None
+                wait_for_port(node.port, 20.0, node.proc, node.name)
         if settings.postgres_embedded:
             pg = EmbeddedPostgres(settings.data_dir, settings.postgres_port)
             pg.start()
             watches.append(Watch(pg))
             watches[-1].started(time.monotonic())
-        # Children find the embedded server from the same settings (and their identities in the
-        # data directory); only an external database URL is spelled out for them.
+        # Children find the embedded server (or cluster) from the same settings (and their
+        # identities in the data directory); only an external database URL is spelled out for them.
         env = dict(os.environ)
         env["JETSOURCE_DATA_DIR"] = str(settings.data_dir.resolve())
+        if settings.nats_cluster:
+            env["JETSOURCE_NATS_CLUSTER"] = str(settings.nats_cluster)
+            env["JETSOURCE_STREAM_REPLICAS"] = str(settings.stream_replicas)
         env["JETSOURCE_DATABASE_URL"] = settings.resolved_database_url()
         child_settings = settings.model_copy(update={"database_url": env["JETSOURCE_DATABASE_URL"]})
         from infra.bootstrap import prepare
@@ -189,7 +206,7 @@ def up(settings: Settings) -> int:
             child.launch()
             watches.append(Watch(child))
             watches[-1].started(time.monotonic())
-        _print_banner(settings, nats, pg, metrics_ports(children))
+        _print_banner(settings, nodes, pg, metrics_ports(children))
         while not stopping:
             time.sleep(0.2)
             now = time.monotonic()
@@ -207,24 +224,28 @@ def up(settings: Settings) -> int:
                 stop_process(child.proc, signal.SIGTERM, timeout=20)
         if pg is not None:
             pg.stop()
-        if nats is not None:
-            nats.stop()
+        for node in nodes:
+            node.stop()
         if children:
             print("jetsource: stopped", flush=True)
 
 
 def _print_banner(
-    settings: Settings, nats: EmbeddedNats | None, pg: EmbeddedPostgres | None, metrics: dict[str, int]
+    settings: Settings, nodes: list[EmbeddedNats], pg: EmbeddedPostgres | None, metrics: dict[str, int]
 ) -> None:
+    embedded = "  (embedded, JetStream, sync_interval: always)" if nodes else ""
+    if settings.nats_cluster:
+        embedded = (f"  (embedded cluster of {len(nodes)} nodes, R{settings.stream_replicas} streams, "
+                    "sync_interval: always)")
     lines = [
         "jetsource is up",
         f"  HTTP edge      http://{settings.http_host}:{settings.http_port}  (openapi: /openapi.json)",
-        f"  NATS           {settings.resolved_nats_url()}" + ("  (embedded, JetStream, sync_interval: always)" if nats else ""),
+        f"  NATS           {settings.resolved_nats_url()}" + embedded,
     ]
-    if nats:
-        lines.append(f"  NATS monitor   http://127.0.0.1:{settings.nats_monitor_port}")
+    for node in nodes:
+        lines.append(f"  NATS monitor   http://127.0.0.1:{node.monitor_port}" + (f"  ({node.server_name})" if settings.nats_cluster else ""))
     lines.append(f"  PostgreSQL     {settings.resolved_database_url()}" + ("  (embedded)" if pg else ""))
-    if nats or pg:
+    if nodes or pg:
         lines.append(f"  data dir       {settings.data_dir.resolve()}")
     for role, port in metrics.items():
         lines.append(f"  metrics        http://{settings.http_host}:{port}/metrics  ({role})")

@@ -1,5 +1,6 @@
-"""How `jetsource up` hands out metrics ports to its roles, restarts what crashed (with
-back-off, reaping every exit) and tells a stale PostgreSQL lock from a held one."""
+"""How `jetsource up` hands out metrics ports to its roles, lays out an embedded cluster,
+restarts what crashed (with back-off, reaping every exit) and tells a stale PostgreSQL lock
+from a held one."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from infra.embedded import EmbeddedPostgres, is_postgres
 from infra.settings import Settings
-from infra.supervisor import Watch, metrics_ports, role_commands
+from infra.supervisor import Watch, metrics_ports, nats_nodes, role_commands
 
 
 def test_roles_get_consecutive_metrics_ports_and_the_edge_none_of_them() -> None:
@@ -28,6 +32,38 @@ def test_no_metrics_ports_unless_asked_even_when_the_environment_has_one() -> No
     settings = Settings(_env_file=None, metrics_port=0)
     assert metrics_ports(role_commands(settings)) == {}
     assert all(c.env["JETSOURCE_METRICS_PORT"] == "0" for c in role_commands(settings))
+
+
+def test_a_cluster_is_an_odd_number_of_nodes_each_on_its_own_ports_and_store_and_streams_default_to_its_size(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path, nats_cluster=3, nats_port=5000, nats_monitor_port=6000,
+                        nats_cluster_port=7000)
+    assert settings.stream_replicas == 3
+    assert settings.nats_embedded  # identities still come from the data directory
+    assert settings.resolved_nats_url() == "nats://127.0.0.1:5000,nats://127.0.0.1:5001,nats://127.0.0.1:5002"
+    assert Settings(_env_file=None, nats_cluster=3, stream_replicas=1).stream_replicas == 1  # asked for
+    for size in (1, 2, 4, -3):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, nats_cluster=size)
+
+    nodes = nats_nodes(settings)
+    assert [(n.name, n.port, n.monitor_port, n.dir.name) for n in nodes] == [
+        ("nats-server 1", 5000, 6000, "nats-1"), ("nats-server 2", 5001, 6001, "nats-2"),
+        ("nats-server 3", 5002, 6002, "nats-3")]
+    config = nodes[1].config()
+    password = (tmp_path / "secrets" / "cluster_route.password").read_text()
+    assert "server_name: jetsource-2" in config and "listen: 127.0.0.1:7001" in config
+    assert "sync_interval: always" in config and "authorization:" in config  # the clients' users
+    # Routes to the other two nodes only, authenticated with the data directory's route password.
+    assert f"routes: [nats-route://route:{password}@127.0.0.1:7000, nats-route://route:{password}@127.0.0.1:7002]" in config
+    assert f'authorization {{ user: "route", password: "{password}" }}' in config
+
+
+def test_one_server_when_no_cluster_is_asked_for(tmp_path: Path) -> None:
+    [node] = nats_nodes(Settings(_env_file=None, data_dir=tmp_path, nats_port=5000))
+    assert (node.name, node.port, node.dir.name, node.cluster) == ("nats-server", 5000, "nats", None)
+    assert "cluster {" not in node.config() and "server_name: jetsource\n" in node.config()
 
 
 class _Script:
