@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 
@@ -64,6 +65,15 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     except BadRequestError as exc:
         if exc.err_code != 10058:  # stream name already in use with a different configuration
             raise
+        assert config.name is not None
+        current = (await js.stream_info(config.name)).config
+        if (current.num_replicas or 1) > (config.num_replicas or 1):
+            # Never scale a stream down by accident (a `prepare` run without the cluster
+            # settings would ask for R1): fewer copies of the source of truth is an operator's
+            # explicit decision, made with the nats CLI.
+            log.warning("stream %s keeps its %d replicas (asked for %d)", config.name, current.num_replicas,
+                        config.num_replicas or 1)
+            config = dataclasses.replace(config, num_replicas=current.num_replicas)
         await js.update_stream(config)
 
 
