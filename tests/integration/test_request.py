@@ -11,6 +11,7 @@ from nats.aio.msg import Msg
 from bus.client import call
 from bus.connection import request
 from bus.errors import DeadlineError, UnavailableError
+from infra.bootstrap import nats_connection
 from tests.conftest import System
 
 
@@ -21,12 +22,14 @@ async def test_concurrent_requests_each_get_their_own_reply(system: System) -> N
         await msg.respond(b"re:" + msg.data)  # type: ignore[attr-defined]
 
     sub = await system.nc.subscribe(subject, cb=echo)
-    try:
-        replies = await asyncio.gather(*(request(system.nc, subject, b"%d" % i, timeout=5) for i in range(200)))
-        assert [r.data for r in replies] == [b"re:%d" % i for i in range(200)]
-        assert not system.nc._resp_map  # noqa: SLF001 - nothing left behind per call
-    finally:
-        await sub.unsubscribe()
+    # A connection of its own: the system's roles make JetStream API calls on theirs meanwhile.
+    async with nats_connection(system.settings, "request-test") as nc:
+        try:
+            replies = await asyncio.gather(*(request(nc, subject, b"%d" % i, timeout=5) for i in range(200)))
+            assert [r.data for r in replies] == [b"re:%d" % i for i in range(200)]
+            assert not nc._resp_map  # noqa: SLF001 - nothing left behind per call
+        finally:
+            await sub.unsubscribe()
 
 
 async def test_a_subject_nobody_serves_is_unavailable_at_once(system: System) -> None:
@@ -41,12 +44,13 @@ async def test_a_service_that_never_answers_is_a_deadline_and_leaves_nothing_beh
         return None
 
     sub = await system.nc.subscribe(subject, cb=swallow)
-    try:
-        with pytest.raises(DeadlineError):
-            await call(system.nc, subject, b"{}", timeout=0.2)
-        assert not system.nc._resp_map  # noqa: SLF001
-    finally:
-        await sub.unsubscribe()
+    async with nats_connection(system.settings, "request-test") as nc:  # its own, as above
+        try:
+            with pytest.raises(DeadlineError):
+                await call(nc, subject, b"{}", timeout=0.2)
+            assert not nc._resp_map  # noqa: SLF001
+        finally:
+            await sub.unsubscribe()
 
 
 async def test_headers_arrive_as_sent_through_the_faster_parser(system: System) -> None:
