@@ -19,9 +19,10 @@ from aiohttp import web
 from actors.errors import NotFoundError, RuleViolationError
 from actors.runtime import AggregateSpec
 from bus.eventstore import StoredEvent
-from bus.subjects import EV_TIME, Context
+from bus.subjects import Context
 from http_edge import kit
 from infra.contexts import BoundedContext, Contract, Query, ReadModel
+from projections.runner import event_time
 
 CustomerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 Points = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
@@ -154,7 +155,7 @@ class BalancesProjection:
                 balance = await conn.fetchval("SELECT balance FROM loyalty_balances WHERE customer_id = $1",
                                               event.customer_id) or 0
             balance += event.points if isinstance(event, PointsEarned) else -event.points
-            at = datetime.fromisoformat(stored.headers.get(EV_TIME) or stored.time)
+            at = event_time(stored)
             rows[event.customer_id] = (balance, stored.seq, at)
         await conn.executemany(
             "INSERT INTO loyalty_balances VALUES ($1, $2, $3, $4) ON CONFLICT (customer_id) DO UPDATE "

@@ -28,7 +28,8 @@ from actors.inventory.messages import (
 )
 from bus.errors import NotFoundError, ValidationError
 from bus.eventstore import StoredEvent
-from bus.subjects import EV_TIME, valid_token
+from projections.runner import event_time
+from bus.subjects import valid_token
 
 
 @dataclass(slots=True)
@@ -39,14 +40,6 @@ class _Row:
     reserved: int
     version: int
     updated_at: datetime
-
-
-def _event_time(stored: StoredEvent) -> datetime:
-    raw = stored.headers.get(EV_TIME) or stored.time
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return datetime.now(UTC)
 
 
 DDL = """
@@ -94,7 +87,7 @@ class InventoryProjection:
             for r in await conn.fetch(_SELECT, list({e.sku for _, e in batch}))
         }
         for stored, event in batch:
-            at = _event_time(stored)
+            at = event_time(stored)
             row = rows.get(event.sku)
             if row is None:
                 row = rows[event.sku] = _Row(event.sku, False, 0, 0, 0, at)

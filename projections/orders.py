@@ -29,7 +29,7 @@ from actors.orders.messages import (
 )
 from bus.errors import NotFoundError
 from bus.eventstore import StoredEvent
-from bus.subjects import EV_TIME
+from projections.runner import event_time
 from projections.paging import keyset_page
 
 
@@ -50,14 +50,6 @@ class _Row:
 
     def retotal(self) -> None:
         self.total = sum(q * p for q, p in self.lines.values())
-
-
-def _event_time(stored: StoredEvent) -> datetime:
-    raw = stored.headers.get(EV_TIME) or stored.time
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return datetime.now(UTC)
 
 
 DDL = """
@@ -137,7 +129,7 @@ class OrdersProjection:
                 rows[r["order_id"]].lines[r["sku"]] = (r["quantity"], r["unit_price"])
         touched: set[str] = set()
         for stored, event in batch:
-            at = _event_time(stored)
+            at = event_time(stored)
             row = rows.get(event.order_id)
             if isinstance(event, OrderPlaced):
                 row = rows[event.order_id] = _Row(

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import zlib
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import asyncpg
@@ -25,7 +26,7 @@ from bus import metrics, parking
 from bus.errors import DeadlineError, UnavailableError
 from bus.eventstore import StoredEvent, appended
 from bus.pull import Puller, position
-from bus.subjects import Context, Parked
+from bus.subjects import EV_TIME, Context, Parked
 from projections.schema import database_down
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,16 @@ def decode_event(projection: Projection, stored: StoredEvent) -> Any:
     if named is not None and not stored.subject.endswith("." + named):
         raise ForeignMessageError(f"an event of {named} copied to {stored.subject}")
     return event
+
+
+def event_time(stored: StoredEvent) -> datetime:
+    """When the event was stored, as its `Jetsource-Time` header says (else the stream's time;
+    now, if neither parses): what read models record as `updated_at` and the like."""
+    raw = stored.headers.get(EV_TIME) or stored.time
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.now(UTC)
 
 
 class Projection(Protocol):
