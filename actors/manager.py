@@ -10,6 +10,7 @@ concurrently, each aggregate's in stream order."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import functools
@@ -51,7 +52,7 @@ INTERNAL_TRIES = 5
 ACK_WAIT_S = 5  # an event not acked (nor kept, `in_progress`) this long is delivered again
 
 
-class OutboxReader:
+class OutboxReader(abc.ABC):
     """The loop of a process manager over the outbox subjects of one or more contexts."""
 
     def __init__(
@@ -67,9 +68,9 @@ class OutboxReader:
         self._concurrency = concurrency
         self._stopping = asyncio.Event()
 
+    @abc.abstractmethod
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
         """Handle one appended outbox event of `ctx`; raise what handling raises."""
-        raise NotImplementedError
 
     async def handle(self, stream: str, data: bytes, headers: Mapping[str, str]) -> None:
         """Handle one raw outbox event of a stream it reads (delivered, or a parked one retried):
@@ -180,7 +181,7 @@ class OutboxReader:
                     await asyncio.gather(previous, return_exceptions=True)
                 queued.pop(id(msg), None)
                 if not self._stopping.is_set():  # else left unacked, for the next manager
-                    await self._handle_in_order(ctx, [msg])
+                    await self._handle_one(ctx, msg)
             except asyncio.CancelledError:
                 raise
             except Exception:  # an ack or a park that failed: the event comes again after the ack wait
@@ -217,42 +218,41 @@ class OutboxReader:
             await asyncio.gather(*tails.values(), return_exceptions=True)
             leases.cancel()
 
-    async def _handle_in_order(self, ctx: Context, msgs: list[Any]) -> None:
-        """Handle in order, acking each event once it is handled, skipped (refused) or parked.
+    async def _handle_one(self, ctx: Context, msg: Any) -> None:
+        """Handle one event and ack it once it is handled, skipped (refused) or parked.
 
         Acks are per event (explicit), never cumulative: an event that a crashed manager had
         been given but not handled comes back after the ack wait whatever happened after it.
         A transient failure is retried in place, its lease kept alive, until the event is
         handled or the manager stops (then it stays unacked, for whichever manager runs next).
         """
-        for msg in msgs:
-            backoff, internal = 0.2, 0
-            while True:
-                try:
-                    await self.handle(ctx.stream, msg.data, msg.headers or {})
-                    break
-                except REFUSED as exc:
-                    log.warning("%s: %s; skipping the event", self.reader, exc.message)
-                    break
-                except POISON as exc:
+        backoff, internal = 0.2, 0
+        while True:
+            try:
+                await self.handle(ctx.stream, msg.data, msg.headers or {})
+                break
+            except REFUSED as exc:
+                log.warning("%s: %s; skipping the event", self.reader, exc.message)
+                break
+            except POISON as exc:
+                await self._park(ctx, msg, exc)
+                break
+            except JetsourceError as exc:
+                internal += isinstance(exc, InternalError)
+                if internal >= INTERNAL_TRIES:
                     await self._park(ctx, msg, exc)
                     break
-                except JetsourceError as exc:
-                    internal += isinstance(exc, InternalError)
-                    if internal >= INTERNAL_TRIES:
-                        await self._park(ctx, msg, exc)
-                        break
-                    log.warning("%s: %s; retrying in %.1fs", self.reader, exc.message, backoff)
-                    await msg.in_progress()
-                    if await self._pause(backoff):
-                        return
-                    backoff = min(backoff * 2, 2.0)  # well inside the 5 s ack wait
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a bug on this event: park it, never restart-loop
-                    await self._park(ctx, msg, exc)
-                    break
-            await msg.ack()
+                log.warning("%s: %s; retrying in %.1fs", self.reader, exc.message, backoff)
+                await msg.in_progress()
+                if await self._pause(backoff):
+                    return
+                backoff = min(backoff * 2, 2.0)  # well inside the ack wait
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug on this event: park it, never restart-loop
+                await self._park(ctx, msg, exc)
+                break
+        await msg.ack()
 
     async def _park(self, ctx: Context, msg: Any, error: Exception) -> None:
         """Park the event; acknowledged by JetStream before the caller acks the event."""

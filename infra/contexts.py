@@ -124,14 +124,21 @@ class BoundedContext:
     def context(self, settings: Settings) -> Context:
         return Context(self.name, settings.namespace)
 
+    @functools.cached_property
+    def _command_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(every command endpoint's name, the batchable ones): what the aggregate declares,
+        the same whatever the settings (built once: the permissions ask for it per role)."""
+        from infra.settings import Settings
+
+        spec = self.aggregate(Context(self.name), Settings.model_construct())
+        return (*spec.commands, *(f"{n}_batch" for n in spec.batchable)), tuple(spec.batchable)
+
     def internal_commands(self, settings: Settings) -> tuple[str, ...]:
-        spec = self.aggregate(self.context(settings), settings)
-        names = [*spec.commands, *(f"{n}_batch" for n in spec.batchable)]
-        return tuple(n for n in names if n not in self.public_edge_commands(settings))
+        public = self.public_edge_commands(settings)
+        return tuple(n for n in self._command_names[0] if n not in public)
 
     def public_edge_commands(self, settings: Settings) -> tuple[str, ...]:
-        spec = self.aggregate(self.context(settings), settings)
-        batch = tuple(f"{n}_batch" for n in spec.batchable if n in self.public_commands)
+        batch = tuple(f"{n}_batch" for n in self._command_names[1] if n in self.public_commands)
         return (*self.public_commands, *batch)
 
 

@@ -162,3 +162,25 @@ async def test_a_replay_of_every_stream_to_the_process_managers_changes_nothing(
     await _settled_stock(system, "replayed", {"on_hand": 3, "reserved": 0, "available": 3})
     statuses = [(await get(system, f"/orders/{oid}"))[2]["status"] for oid in (shipped, cancelled, rejected)]
     assert statuses == ["shipped", "cancelled", "rejected"]
+
+
+async def test_bad_stock_requests_get_a_clear_error_and_store_nothing(system: System) -> None:
+    await _receive(system, "checked", 3)
+    stream = system.inventory.stream
+    before = (await system.nc.jetstream().stream_info(stream)).state.messages
+    cases = [
+        ("/inventory/has.dot/receive", {"quantity": 1}, 422, "validation"),  # not a subject token
+        ("/inventory/checked/receive", {"quantity": 0}, 422, "validation"),
+        ("/inventory/checked/receive", {"quantity": "many"}, 422, "validation"),
+        ("/inventory/checked/receive", [1], 422, "validation"),  # not a JSON object
+        ("/inventory/checked/adjust", {"delta": 0, "reason": "count"}, 422, "validation"),
+        ("/inventory/checked/adjust", {"delta": -1}, 422, "validation"),  # a reason is required
+        ("/inventory/checked/adjust", {"delta": -5, "reason": "count"}, 409, "rule_violation"),  # below zero
+        ("/inventory/checked/reserve", {"order_id": "o", "quantity": 1}, 404, "not_found"),  # internal: no route
+    ]
+    for path, body, status, code in cases:
+        got, _, answer = await post(system, path, body)
+        assert (got, answer["error"]["code"]) == (status, code), (path, body, answer)
+    async with system.http.post(system.base + "/inventory/checked/receive", data=b"{not json") as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == "malformed"
+    assert (await system.nc.jetstream().stream_info(stream)).state.messages == before

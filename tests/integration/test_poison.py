@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors.fulfilment import DURABLE as FULFILMENT_READER
+from actors.order_saga import READER as SAGA_READER
 from actors.orders.messages import OrderLine, OrderPlaced
 from actors.tasks.messages import RetryPolicy, TaskSubmitted
 from actors.tasks.worker import PARKED_READER as WORKERS_READER
@@ -320,3 +321,16 @@ async def test_an_orders_history_shows_its_events_around_poison_on_its_subject(s
     status, _, history = await get(system, f"/orders/{oid}/events")
     assert status == 200, history
     assert [e["type"] for e in history["events"]] == ["order.placed"]
+
+
+async def test_the_order_saga_parks_a_malformed_outbox_event_and_reserves_the_next_order(system: System) -> None:
+    # Bytes that are not an order event, and JSON naming an order but of the wrong shape.
+    first = await _publish(system, system.orders.outbox("confirmed"), b"\x00 not an event")
+    second = await _publish(system, system.orders.outbox("confirmed"), b'{"type": "order.confirmed", "order_id": 7}')
+    status, _, body = await post(system, "/orders", PLACE)
+    assert status == 201
+    status, _, body = await post(system, f"/orders/{body['order_id']}/confirm")
+    assert (status, body["status"]) == (200, "reserved"), body
+    found = _by_seq(await _parked(system, SAGA_READER, 2))
+    assert set(found) == {first, second}
+    assert all(e.error.startswith("MalformedError: undecodable order event") for e in found.values())

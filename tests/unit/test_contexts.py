@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from infra import auth
 from infra.contexts import declared
 from infra.settings import Settings
 from infra.supervisor import role_commands
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_built_in_contexts_and_process_managers() -> None:
@@ -76,3 +83,18 @@ def test_the_openapi_document_has_every_context_and_every_ref_resolves() -> None
     assert {"/orders", "/tasks", "/inventory/{sku}/receive", "/inventory"} <= set(doc["paths"])
     refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
     assert refs and refs <= set(doc["components"]["schemas"])
+
+
+def test_a_context_installed_as_an_entry_point_is_declared(tmp_path: Path) -> None:
+    # A package the way pip installs one: its dist-info names `examples.loyalty` in the
+    # `jetsource.contexts` group. A fresh interpreter (the declared set is loaded once).
+    dist = tmp_path / "loyalty_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: loyalty-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[jetsource.contexts]\nloyalty = examples.loyalty\n")
+    code = ("from infra.contexts import declared; from infra.settings import Settings; "
+            "print(declared(Settings(_env_file=None)).names())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['orders', 'tasks', 'inventory', 'loyalty']"
