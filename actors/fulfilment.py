@@ -69,7 +69,7 @@ class FulfilmentManager(OutboxReader):
         return ref.order_id or ref.ref or ""
 
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
-        if ctx == self._orders:
+        if ctx.name == self._orders.name:
             await self._on_order_event(self.decode(self._order_events, data, "order event"), headers)
         else:
             await self._on_task_event(self.decode(self._task_events, data, "task event"), headers)

@@ -61,7 +61,8 @@ class OutboxReader(abc.ABC):
     ) -> None:
         self._nc = nc
         self.reader = reader
-        self._outboxes = dict(outboxes)
+        # One consumer per partition stream of every context read.
+        self._outboxes = {part: names for ctx, names in outboxes.items() for part in ctx.parts}
         first = next(iter(self._outboxes))
         self._parked = parked or Parked(first.namespace)
         self._timeout = timeout
@@ -70,7 +71,8 @@ class OutboxReader(abc.ABC):
 
     @abc.abstractmethod
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
-        """Handle one appended outbox event of `ctx`; raise what handling raises."""
+        """Handle one appended outbox event of `ctx` (the view of the partition it was stored
+        in: compare contexts by `name`); raise what handling raises."""
 
     async def handle(self, stream: str, data: bytes, headers: Mapping[str, str]) -> None:
         """Handle one raw outbox event of a stream it reads (delivered, or a parked one retried):

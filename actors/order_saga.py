@@ -28,7 +28,7 @@ from actors.inventory.messages import CommitStock, ReleaseStock, ReserveStock
 from actors.manager import OutboxReader
 from actors.orders import domain
 from actors.orders.messages import OrderCancelled, OrderConfirmed, OrderEvent, OrderShipped, RecordRejected, RecordReserved
-from bus.eventstore import EventStore, appended
+from bus.eventstore import PartitionedStore, appended
 from bus.subjects import Context, valid_token
 from infra.contexts import ProcessManager
 from infra.settings import Settings
@@ -52,7 +52,7 @@ class OrderSaga(OutboxReader):
         self._orders = orders
         self._inventory = inventory
         self._events = msgspec.json.Decoder(OrderEvent)
-        self._store = EventStore(nc, orders.stream, timeout=timeout)
+        self._store = PartitionedStore.open(nc, orders, timeout=timeout)
 
     def key(self, ctx: Context, data: bytes) -> str | None:
         try:

@@ -30,7 +30,7 @@ from bus import subjects as h
 from bus.codec import Decoder, encode
 from bus.connection import on_reconnect
 from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
-from bus.eventstore import EventStore, NewEvent, StoredEvent, WrongExpectedSequence, appended
+from bus.eventstore import NewEvent, PartitionedStore, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
 from bus.service import Concurrency, give_back_slot, respond
 from bus.subjects import Context
@@ -134,8 +134,9 @@ class AggregateSpec(Generic[S, C, E]):
     version: str = "1.0.0"
     # Stamp or check a decoded command before it is decided (e.g. the time, known types).
     prepare: Callable[[C], C] | None = None
-    # Messages on other subjects of the same stream, stored in the same atomic batch.
-    outbox: Callable[[S, list[E]], list[tuple[str, bytes]]] | None = None
+    # Messages on other subjects of the aggregate's stream, stored in the same atomic batch:
+    # given the partition view the aggregate lives in (spell outbox / queue subjects with it).
+    outbox: Callable[[Context, S, list[E]], list[tuple[str, bytes]]] | None = None
     # Best-effort signals after the events are stored (core NATS, never the source of truth).
     after_commit: Callable[[Client, S, list[E]], Awaitable[None]] | None = None
     # Commands that also get a `<name>_batch` endpoint: {"items": [...]} -> {"results": [...]}.
@@ -182,7 +183,7 @@ class Actor(Generic[S, C, E]):
     def __init__(
         self,
         nc: Client,
-        store: EventStore,
+        store: PartitionedStore,
         spec: AggregateSpec[S, C, E],
         *,
         concurrency: int = 512,
@@ -489,7 +490,7 @@ class Actor(Generic[S, C, E]):
         if entry.trace and isinstance(command, self._spec.inherits_trace):
             trace, correlation = entry.trace, entry.correlation or entry.trace
         new = self._new_events(aggregate_id, events, meta, trace, correlation)
-        extra = self._spec.outbox(entry.state, events) if self._spec.outbox else ()
+        extra = self._spec.outbox(self._spec.ctx.part_of(aggregate_id), entry.state, events) if self._spec.outbox else ()
         meta.check_deadline()
         try:
             result = await self._store.append(subject, new, entry.version, extra, deadline=meta.deadline)

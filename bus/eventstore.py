@@ -15,9 +15,10 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -435,3 +436,114 @@ class EventStore:
                     return
         finally:
             await sub.unsubscribe()
+
+
+class PartitionedStore:
+    """The event stores of every partition of a context, one `EventStore` (and so one
+    group-commit pipeline) per partition stream: an aggregate's subject picks its partition's.
+
+    Reads of one aggregate go to its partition. A read of the whole context merges the
+    partitions by the time each event was stored (ties: partition order, then sequence) — the
+    documented replay order; order within an aggregate is its stream order, always. Following
+    (`follow=True`), events print as they arrive once the history has been merged.
+    """
+
+    def __init__(self, ctx: h.Context, make: Callable[[h.Context], EventStore]) -> None:
+        self._ctx = ctx
+        self.parts = [make(part) for part in ctx.parts]
+
+    @classmethod
+    def open(cls, nc: Client, ctx: h.Context, *, work_queue: bool = False, **options: Any) -> PartitionedStore:
+        """A store per partition with the same `EventStore` options; `work_queue`: each
+        partition's work items (`<ctx>.queue[.<p>].*`) are stored bare."""
+        return cls(ctx, lambda part: EventStore(nc, part.stream, bare=part.queue_wildcard[:-1] if work_queue else None,
+                                                **options))
+
+    @property
+    def streams(self) -> list[str]:
+        return [store.stream for store in self.parts]
+
+    def of(self, subject: str) -> EventStore:
+        """The store of the partition a subject of this context belongs to."""
+        return self.parts[self._ctx.partition_of_subject(subject)]
+
+    async def append(
+        self,
+        subject: str,
+        events: Sequence[NewEvent],
+        expected_seq: int | None,
+        extra: Sequence[tuple[str, bytes]] = (),
+        *,
+        deadline: float | None = None,
+    ) -> AppendResult:
+        return await self.of(subject).append(subject, events, expected_seq, extra, deadline=deadline)
+
+    async def load(self, subject: str, after_seq: int = 0) -> list[StoredEvent]:
+        return await self.of(subject).load(subject, after_seq)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(store.close() for store in self.parts))
+
+    async def read(
+        self,
+        subject: str,
+        *,
+        from_seq: int | None = None,
+        since: datetime | None = None,
+        follow: bool = False,
+        idle_timeout: float = 1.0,
+    ) -> AsyncIterator[StoredEvent]:
+        """`EventStore.read` over the partitions `subject` spans (one aggregate's: its own;
+        a wildcard: all). `from_seq` is a sequence of each partition's stream."""
+        if len(self.parts) == 1 or not subject.endswith(">"):
+            async for event in self.of(subject).read(subject, from_seq=from_seq, since=since, follow=follow,
+                                                     idle_timeout=idle_timeout):
+                yield event
+            return
+        parts = list(zip(self._ctx.parts, self.parts, strict=True))
+        readers = [store.read(part.events_wildcard if subject.startswith(self._ctx.events_wildcard[:-1])
+                              else subject, from_seq=from_seq, since=since, follow=False, idle_timeout=idle_timeout)
+                   for part, store in parts]
+        last = [0] * len(parts)
+        async for index, event in _merged(readers):
+            last[index] = event.seq
+            yield event
+        if not follow:
+            return
+        queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=1000)
+
+        async def tail(part: h.Context, store: EventStore, after: int) -> None:
+            wildcard = part.events_wildcard if subject.startswith(self._ctx.events_wildcard[:-1]) else subject
+            async for event in store.read(wildcard, from_seq=after + 1 if after else from_seq, since=None if after
+                                          else since, follow=True, idle_timeout=idle_timeout):
+                await queue.put(event)
+
+        tasks = [asyncio.create_task(tail(part, store, last[i])) for i, (part, store) in enumerate(parts)]
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _merged(readers: list[AsyncIterator[StoredEvent]]) -> AsyncIterator[tuple[int, StoredEvent]]:
+    """K-way merge of per-partition reads by stored time, then partition, then sequence."""
+    heads: dict[int, tuple[datetime, int, int, StoredEvent]] = {}
+
+    async def advance(index: int) -> None:
+        try:
+            event = await anext(readers[index])
+        except StopAsyncIteration:
+            heads.pop(index, None)
+            return
+        heads[index] = (datetime.fromisoformat(event.time), index, event.seq, event)
+
+    for index in range(len(readers)):
+        await advance(index)
+    while heads:
+        index = min(heads, key=lambda i: heads[i][:3])
+        event = heads[index][3]
+        await advance(index)
+        yield index, event

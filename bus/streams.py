@@ -79,18 +79,22 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 async def ensure_work_consumers(js: JetStreamContext, ctx: Context, names: tuple[str, ...], lease_s: float) -> None:
     """One durable pull consumer per work queue (e.g. per priority); ack wait is the lease."""
-    for name in names:
-        config = ConsumerConfig(
-            durable_name=ctx.work_consumer(name),
-            description=f"jetsource {ctx.name} workers, {name} queue",
-            filter_subject=ctx.queue(name),
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=lease_s,
-            max_deliver=-1,
-            max_ack_pending=100_000,
-        )
-        await js.add_consumer(ctx.stream, config)
+    for part in ctx.parts:
+        for name in names:
+            await js.add_consumer(part.stream, _work_consumer(part, name, lease_s))
+
+
+def _work_consumer(ctx: Context, name: str, lease_s: float) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=ctx.work_consumer(name),
+        description=f"jetsource {ctx.name} workers, {name} queue",
+        filter_subject=ctx.queue(name),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=lease_s,
+        max_deliver=-1,
+        max_ack_pending=100_000,
+    )
 
 
 async def wait_for_jetstream(js: JetStreamContext, timeout: float = 30.0) -> None:

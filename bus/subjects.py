@@ -54,49 +54,123 @@ def valid_token(value: str) -> bool:
     return bool(_TOKEN.match(value))
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of an aggregate id: FNV-1a (32 bit) of its UTF-8 bytes, modulo the count.
+    The same hash as NATS subject mapping's `partition(K, n)`, so a server-side mapping of the
+    id token would agree with it."""
+    if partitions <= 1:
+        return 0
+    value = 0x811C9DC5
+    for byte in key.encode():
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return value % partitions
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
     """Subjects and stream names of one bounded context ("orders", "tasks") in a namespace.
 
     The namespace is empty in production; tests give each run its own so that streams,
     subjects and consumers never collide.
+
+    A context's events may spread over `partitions` streams, an aggregate's partition fixed by
+    `partition_of` its id. With one (the default, and every data directory from before
+    partitions) the stream is `ORDERS` and the subjects `orders.events.<id>`,
+    `orders.outbox.<name>`, `orders.queue.<name>`. With K > 1, partition p is the stream
+    `ORDERS_P<p>` holding `orders.events.<p>.<id>`, `orders.outbox.<p>.<name>` and
+    `orders.queue.<p>.<name>`: `orders.events.>` still covers every event, and an event's
+    aggregate id is still its subject's last token. `parts` gives one view per partition (each
+    with its own `stream`); `part_of(id)` the view an aggregate lives in. Asking the whole
+    context of K > 1 for a single stream's name or subjects is a programming error and raises.
     """
 
     name: str
     namespace: str = ""
+    partitions: int = 1
+    part: int | None = None  # this view's partition (None: the whole context)
 
     @property
     def _root(self) -> str:
         return f"{self.namespace}.{self.name}" if self.namespace else self.name
 
     @property
+    def partitioned(self) -> bool:
+        return self.partitions > 1
+
+    @property
+    def parts(self) -> tuple[Context, ...]:
+        """One view per partition, in partition order (the context itself when it has one)."""
+        if not self.partitioned:
+            return (self,)
+        if self.part is not None:
+            return (self,)
+        return tuple(Context(self.name, self.namespace, self.partitions, p) for p in range(self.partitions))
+
+    def partition_of(self, aggregate_id: str) -> int:
+        return partition_of(aggregate_id, self.partitions)
+
+    def part_of(self, aggregate_id: str) -> Context:
+        """The view of the partition the aggregate's events live in."""
+        if not self.partitioned:
+            return self
+        return Context(self.name, self.namespace, self.partitions, partition_of(aggregate_id, self.partitions))
+
+    def partition_of_subject(self, subject: str) -> int:
+        """The partition a subject of this context belongs to (its events', outbox's or queue's)."""
+        if not self.partitioned:
+            return 0
+        return int(subject[len(self._root) + 1:].split(".", 2)[1])
+
+    def _token(self) -> str:
+        """`.<p>` of a partition's view, "" for a single-stream context."""
+        if not self.partitioned:
+            return ""
+        if self.part is None:
+            raise ValueError(f"context {self.name} has {self.partitions} partitions: use one of its parts")
+        return f".{self.part}"
+
+    @property
     def stream(self) -> str:
-        base = self.name.upper()
+        base = self.name.upper() + (f"_P{self._token()[1:]}" if self.partitioned else "")
         return f"{self.namespace.upper()}_{base}" if self.namespace else base
 
     @property
+    def streams(self) -> list[str]:
+        """Every stream of the context, in partition order."""
+        return [part.stream for part in self.parts]
+
+    @property
     def events_wildcard(self) -> str:
+        """Every event of this view: the whole context's, or one partition's."""
+        if self.partitioned and self.part is not None:
+            return f"{self._root}.events.{self.part}.*"
         return f"{self._root}.events.>"
 
     def events(self, aggregate_id: str) -> str:
-        return f"{self._root}.events.{aggregate_id}"
+        if not self.partitioned:
+            return f"{self._root}.events.{aggregate_id}"
+        return f"{self._root}.events.{partition_of(aggregate_id, self.partitions)}.{aggregate_id}"
 
     def aggregate_id(self, subject: str) -> str:
         return subject.rsplit(".", 1)[1]
 
     def queue(self, name: str) -> str:
-        return f"{self._root}.queue.{name}"
+        return f"{self._root}.queue{self._token()}.{name}"
 
     @property
     def queue_wildcard(self) -> str:
-        return f"{self._root}.queue.>"
+        if self.partitioned and self.part is None:
+            return f"{self._root}.queue.>"
+        return f"{self._root}.queue{self._token()}.>"
 
     def outbox(self, name: str) -> str:
-        return f"{self._root}.outbox.{name}"
+        return f"{self._root}.outbox{self._token()}.{name}"
 
     @property
     def outbox_wildcard(self) -> str:
-        return f"{self._root}.outbox.>"
+        if self.partitioned and self.part is None:
+            return f"{self._root}.outbox.>"
+        return f"{self._root}.outbox{self._token()}.>"
 
     def command(self, name: str) -> str:
         return f"{self._root}.cmd.{name}"
@@ -121,6 +195,13 @@ class Context:
     def work_consumer(self, queue: str) -> str:
         """The durable pull consumer the workers share for one work queue (e.g. a priority)."""
         return f"workers_{queue}"
+
+    def checkpoint(self, name: str) -> str:
+        """The name a reader's position in this view's stream is stored under: the reader's own
+        for a single-stream context, `<name>.p<p>` per partition."""
+        if not self.partitioned:
+            return name
+        return f"{name}.p{self._token()[1:]}"
 
 
 @dataclass(frozen=True, slots=True)

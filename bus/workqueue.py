@@ -16,12 +16,13 @@ from bus.subjects import Context
 class WorkItem:
     """One delivered work message and its acknowledgement verbs."""
 
-    __slots__ = ("_nc", "_msg", "queue")
+    __slots__ = ("_nc", "_msg", "queue", "stream")
 
-    def __init__(self, nc: Client, msg: Msg, queue: str) -> None:
+    def __init__(self, nc: Client, msg: Msg, queue: str, stream: str = "") -> None:
         self._nc = nc
         self._msg = msg
         self.queue = queue
+        self.stream = stream  # the (partition) stream it is stored in
 
     @property
     def data(self) -> bytes:
@@ -48,26 +49,36 @@ class WorkItem:
 
 class PriorityQueues:
     """Takes the next items from the first non-empty queue, in priority order (one durable pull
-    consumer per queue, each pulled through its own `Puller`). One caller at a time."""
+    consumer per queue and partition, each pulled through its own `Puller`). One caller at a time.
+
+    Over K partitions a queue is K consumers: every partition's items of a priority are taken
+    before any of the next priority's, so strictness holds across partitions; which partition is
+    asked first rotates, so none is starved when a queue holds more than one take's worth."""
 
     def __init__(self, nc: Client, ctx: Context, queues: tuple[str, ...], *, timeout: float = 5.0) -> None:
         self._nc = nc
-        self._pullers = [(q, Puller(nc, ctx.stream, ctx.work_consumer(q), timeout=timeout)) for q in queues]
+        self._queues = [(q, [(part.stream, Puller(nc, part.stream, part.work_consumer(q), timeout=timeout))
+                             for part in ctx.parts]) for q in queues]
+        self._turn = 0
 
     async def take(self, n: int) -> list[WorkItem]:
-        """Up to n items, highest priority first: all of the first queue's that fit, then the
-        next queue's. Callers start everything they take at once, so strictness holds."""
+        """Up to n items, highest priority first: all of the first queue's that fit (from every
+        partition), then the next queue's. Callers start everything they take at once, so
+        strictness holds."""
         items: list[WorkItem] = []
-        for queue, puller in self._pullers:
-            want = n - len(items)
-            if want <= 0:
-                break
-            try:
-                items += [WorkItem(self._nc, msg, queue) for msg in await puller.pull(want)]
-            except UnavailableError:
-                if not items:
-                    raise
-                break  # hand over what a higher queue gave: dropped, it would wait out its lease
+        self._turn += 1
+        for queue, pullers in self._queues:
+            start = self._turn % len(pullers)
+            for stream, puller in pullers[start:] + pullers[:start]:
+                want = n - len(items)
+                if want <= 0:
+                    return items
+                try:
+                    items += [WorkItem(self._nc, msg, queue, stream) for msg in await puller.pull(want)]
+                except UnavailableError:
+                    if not items:
+                        raise
+                    return items  # hand over what a higher queue gave: dropped, it would wait out its lease
         return items
 
     async def next(self) -> WorkItem | None:
@@ -75,5 +86,6 @@ class PriorityQueues:
         return items[0] if items else None
 
     async def close(self) -> None:
-        for _, puller in self._pullers:
-            await puller.close()
+        for _, pullers in self._queues:
+            for _, puller in pullers:
+                await puller.close()

@@ -188,7 +188,7 @@ CONTEXT = BoundedContext(
     aggregate=lambda ctx, settings: spec(ctx),
     public_commands=("earn", "redeem"),
     read_model=ReadModel(projection=BalancesProjection, tables=("loyalty_balances",), ddl=DDL,
-                         queries={"get": Query(GetBalance, get_balance)}),
+                         queries={"get": Query(GetBalance, get_balance, aggregate="customer_id")}),
     routes=routes,
     # What jetsource's behaviour suite sends it (tests/integration/test_contracts.py).
     contract=Contract(

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from bus import subjects as h
 from bus.errors import UnavailableError
-from bus.eventstore import EventStore
+from bus.eventstore import PartitionedStore
 from bus.ids import IdSource
 from bus.subjects import Context
 from http_edge.errors import to_response
@@ -68,7 +68,7 @@ async def readyz(request: web.Request) -> web.Response:
         raise UnavailableError(f"NATS did not answer a ping within {READY_PING_S:g}s") from None
     try:
         first = next(iter(request.app[CONTEXTS].values()))
-        await asyncio.wait_for(nc.jetstream().stream_info(first.stream), READY_PING_S)
+        await asyncio.wait_for(nc.jetstream().stream_info(first.parts[0].stream), READY_PING_S)
     except Exception:
         raise UnavailableError("JetStream or the event streams are not available") from None
     return web.json_response({"status": "ready", "nats": nc.connected_url.netloc if nc.connected_url else None})
@@ -121,7 +121,7 @@ def create_app(
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[edge])
     app[NATS] = nc
     app[CONTEXTS] = dict(contexts)
-    app[STORES] = {name: EventStore(nc, ctx.stream, timeout=config.request_timeout) for name, ctx in contexts.items()}
+    app[STORES] = {name: PartitionedStore.open(nc, ctx, timeout=config.request_timeout) for name, ctx in contexts.items()}
     app[CONFIG] = config
     app[METRICS] = metrics_
     app[OPENAPI] = openapi_document(openapi_parts)

@@ -17,7 +17,7 @@ from bus import subjects as h
 from bus.client import call
 from bus.codec import decode_json, encode
 from bus.errors import DeadlineError, ValidationError
-from bus.eventstore import EventStore, appended
+from bus.eventstore import PartitionedStore, appended
 from bus.subjects import Context
 from http_edge.errors import json_error
 
@@ -40,7 +40,7 @@ class EdgeConfig:
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)
 CONTEXTS: web.AppKey[dict[str, Context]] = web.AppKey("contexts", dict)
-STORES: web.AppKey[dict[str, EventStore]] = web.AppKey("stores", dict)
+STORES: web.AppKey[dict[str, PartitionedStore]] = web.AppKey("stores", dict)
 CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
 TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
 

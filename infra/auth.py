@@ -122,6 +122,11 @@ def _stores(ctx: Context, work_queue: bool) -> list[str]:
     return [ctx.events_wildcard, ctx.outbox_wildcard, *([ctx.queue_wildcard] if work_queue else [])]
 
 
+def _read(ctx: Context) -> list[str]:
+    """Direct Get and stream info on every stream (partition) of a context."""
+    return [api for stream in ctx.streams for api in (f"{API}.DIRECT.GET.{stream}", f"{API}.STREAM.INFO.{stream}")]
+
+
 # Stream and server administration: the admin's alone.
 ADMIN_API = [*(f"{API}.STREAM.{op}.>" for op in ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE", "SNAPSHOT",
                                                    "RESTORE", "PEER.REMOVE", "LEADER.STEPDOWN")),
@@ -142,8 +147,7 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
     if role == EDGE:
         allow, deny = [], [*all_stores, *ADMIN_API, f"{API}.CONSUMER.>"]
         for bc, ctx in contexts:
-            allow += [*(ctx.command(n) for n in bc.public_edge_commands(settings)), ctx.query("*"),
-                      f"{API}.DIRECT.GET.{ctx.stream}", f"{API}.STREAM.INFO.{ctx.stream}"]
+            allow += [*(ctx.command(n) for n in bc.public_edge_commands(settings)), ctx.query("*"), *_read(ctx)]
             deny += [*(ctx.command(n) for n in bc.internal_commands(settings)), *bc.actor_publishes(ctx)]
         return {"publish": {"allow": allow, "deny": deny}, "subscribe": {"allow": inbox, "deny": commands}}
     if role == PROJECTOR:
@@ -152,7 +156,7 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
         for bc, ctx in models:
             durable = ctx.consumer(bc.read_model.projection.name)  # type: ignore[union-attr]
             # each reader parks under its own name only (an operator's retry acts on it)
-            allow += [*consumer_api(ctx.stream, durable), f"{API}.STREAM.INFO.{ctx.stream}",
+            allow += [*(api for part in ctx.parts for api in consumer_api(part.stream, durable)), *_read(ctx),
                       parked.reader_wildcard(durable)]
             sub.append(f"{ctx.query('*')} {ctx.queue_group}.query")
         return {
@@ -169,8 +173,7 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
             own = _stores(ctx, bc.work_queue)
             return {
                 "publish": {
-                    "allow": [*own, *bc.actor_publishes(ctx), f"{API}.DIRECT.GET.{ctx.stream}",
-                              f"{API}.STREAM.INFO.{ctx.stream}"],
+                    "allow": [*own, *bc.actor_publishes(ctx), *_read(ctx)],
                     "deny": [*(s for s in all_stores if s not in own), *commands, *ADMIN_API, f"{API}.CONSUMER.>"],
                 },
                 "subscribe": {"allow": [f"{ctx.command('*')} {ctx.queue_group}", *bc.actor_subscribes(ctx), "$SRV.>",
@@ -195,8 +198,8 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
             sends = [subjects[name].command(n) for name, names in pm.sends.items() for n in names]
             allow = [*sends, parked.reader_wildcard(pm.reader)]
             for name in pm.consumes:
-                allow += consumer_api(subjects[name].stream, pm.reader)
-            allow += [f"{API}.DIRECT.GET.{subjects[name].stream}" for name in pm.reads]
+                allow += [api for part in subjects[name].parts for api in consumer_api(part.stream, pm.reader)]
+            allow += [f"{API}.DIRECT.GET.{stream}" for name in pm.reads for stream in subjects[name].streams]
             # It may send what it declares, nothing else: every other command is denied.
             others = [ctx.command(n) for bc, ctx in by_name.items()
                       for n in (*bc.public_edge_commands(settings), *bc.internal_commands(settings))

@@ -217,10 +217,11 @@ def _wrk(base: str, connections: int, seconds: float) -> Mapping[str, object]:
 async def _queues_drained(js: JetStreamContext, ctx: Context) -> bool:
     """True when every work queue has nothing waiting and nothing unacknowledged: each task
     submitted so far has run and had its outcome stored (a worker acks only after that)."""
-    for priority in PRIORITIES:
-        info = await js.consumer_info(ctx.stream, ctx.work_consumer(priority))
-        if info.num_pending or info.num_ack_pending:
-            return False
+    for part in ctx.parts:
+        for priority in PRIORITIES:
+            info = await js.consumer_info(part.stream, part.work_consumer(priority))
+            if info.num_pending or info.num_ack_pending:
+                return False
     return True
 
 
@@ -473,11 +474,12 @@ async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float
         while time.perf_counter() - start < limit_s:
             busy = 0
             for model in read_models(settings):
-                try:
-                    info = await js.consumer_info(model.ctx.stream, model.ctx.consumer(model.projection.name))
-                except Exception:  # noqa: BLE001 - no projector consumer yet: nothing to wait for
-                    continue
-                busy += (info.num_pending or 0) + (info.num_ack_pending or 0)
+                for part in model.ctx.parts:
+                    try:
+                        info = await js.consumer_info(part.stream, model.ctx.consumer(model.projection.name))
+                    except Exception:  # noqa: BLE001 - no projector consumer yet: nothing to wait for
+                        continue
+                    busy += (info.num_pending or 0) + (info.num_ack_pending or 0)
             if not busy:
                 break
             await asyncio.sleep(0.2)

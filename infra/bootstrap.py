@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -17,13 +18,14 @@ from actors.runtime import Actor
 from actors.tasks.registry import TaskRegistry, build_registry
 from actors.tasks.worker import Worker
 from bus.connection import connect
-from bus.eventstore import EventStore
+from bus.eventstore import PartitionedStore
 from bus.streams import ensure_stream, event_stream, parked_stream, spread_leaders, wait_for_jetstream
 from bus.subjects import Context, Parked
 from http_edge.app import create_app
 from http_edge.kit import EdgeConfig
 from infra import auth
 from infra.contexts import BoundedContext, ProcessManager, declared
+from infra.embedded import write_private
 from infra.settings import Settings
 from projections.runner import Checkpoints, Projector
 from projections.schema import create_pool, ensure_schema
@@ -33,11 +35,11 @@ log = logging.getLogger(__name__)
 
 
 def orders_context(settings: Settings) -> Context:
-    return Context("orders", settings.namespace)
+    return Context("orders", settings.namespace, settings.partitions)
 
 
 def tasks_context(settings: Settings) -> Context:
-    return Context("tasks", settings.namespace)
+    return Context("tasks", settings.namespace, settings.partitions)
 
 
 def context(settings: Settings, name: str) -> Context:
@@ -48,11 +50,10 @@ def parked_subjects(settings: Settings) -> Parked:
     return Parked(settings.namespace)
 
 
-def _store(settings: Settings, nc: Client, ctx: Context, work_queue: bool = False) -> EventStore:
-    return EventStore(
-        nc, ctx.stream, timeout=settings.request_timeout_s,
+def _store(settings: Settings, nc: Client, ctx: Context, work_queue: bool = False) -> PartitionedStore:
+    return PartitionedStore.open(
+        nc, ctx, work_queue=work_queue, timeout=settings.request_timeout_s,
         max_batch=settings.append_batch_max, max_inflight_batches=settings.append_batches_inflight,
-        bare=ctx.queue_wildcard[:-1] if work_queue else None,
     )
 
 
@@ -74,8 +75,10 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
     js = nc.jetstream()
     for bc in declared(settings).contexts:
         ctx = bc.context(settings)
-        await ensure_stream(js, event_stream(ctx, replicas=settings.stream_replicas,
-                                             duplicate_window_s=settings.duplicate_window_s, with_queue=bc.work_queue))
+        for part in ctx.parts:
+            await ensure_stream(js, event_stream(part, replicas=settings.stream_replicas,
+                                                 duplicate_window_s=settings.duplicate_window_s,
+                                                 with_queue=bc.work_queue))
         if bc.prepare is not None:
             await bc.prepare(js, ctx, settings)
     await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
@@ -83,18 +86,109 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
 
 def stream_names(settings: Settings) -> list[str]:
     """Every stream jetsource declares: each context's, then the parked events'."""
-    return [*(bc.context(settings).stream for bc in declared(settings).contexts), parked_subjects(settings).stream]
+    return [*(s for bc in declared(settings).contexts for s in bc.context(settings).streams),
+            parked_subjects(settings).stream]
 
 
-async def prepare(settings: Settings) -> None:
+async def prepare(settings: Settings) -> Settings:
     """Create streams, consumers and the read-model schema (idempotent), as the admin. On the
-    embedded cluster, first wait for its nodes to agree, and then spread the stream leaders."""
+    embedded cluster, first wait for its nodes to agree, and then spread the stream leaders.
+    Returns the settings with the partition count the streams have (see `existing_partitions`)."""
     async with nats_connection(settings, "jetsource-prepare") as nc:
+        if settings.nats_cluster:
+            await wait_for_jetstream(nc.jetstream(), 30.0)
+        settings = await _partitioned_as_stored(nc, settings)
         if settings.nats_cluster:
             await _clustered(nc, settings)
         else:
             await ensure_streams(nc, settings)
+    record_partitions(settings)
     await ensure_read_models(settings)
+    return settings
+
+
+class PartitionsMismatch(RuntimeError):
+    """The streams were created with another partition count than the settings ask for."""
+
+
+def _partitions_file(settings: Settings) -> Path:
+    return settings.data_dir / "partitions"
+
+
+def with_recorded_partitions(settings: Settings) -> Settings:
+    """On the embedded server, the partition count its data directory's streams were created
+    with (recorded by `prepare`): what every process started on it uses unless told otherwise —
+    before any server starts, since the roles' permissions name every partition stream. Told
+    another count explicitly, refuse (PartitionsMismatch)."""
+    if not settings.nats_embedded:
+        return settings
+    try:
+        recorded = int(_partitions_file(settings).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return settings
+    if recorded == settings.partitions:
+        return settings
+    if "partitions" in settings.model_fields_set:
+        raise PartitionsMismatch(
+            f"the streams in {settings.data_dir} were created with {recorded} partition(s) and JETSOURCE_PARTITIONS "
+            f"(or --partitions) asks for {settings.partitions}: partitions are fixed when the streams are created; "
+            f"leave the setting unset (or {recorded}), or start with an empty data directory")
+    return settings.model_copy(update={"partitions": recorded})
+
+
+def record_partitions(settings: Settings) -> None:
+    if settings.nats_embedded:
+        write_private(_partitions_file(settings), f"{settings.partitions}\n")
+
+
+async def existing_partitions(nc: Client, settings: Settings) -> dict[str, int]:
+    """How many partitions each declared context's streams already have (contexts with no stream
+    yet are left out): `ORDERS` is one; `ORDERS_P0` … `ORDERS_P<K-1>` are K."""
+    from nats.js.errors import NotFoundError
+
+    js = nc.jetstream()
+
+    async def exists(stream: str) -> bool:
+        try:
+            await js.stream_info(stream)
+            return True
+        except NotFoundError:
+            return False
+
+    found: dict[str, int] = {}
+    for bc in declared(settings).contexts:
+        if await exists(Context(bc.name, settings.namespace).stream):
+            found[bc.name] = 1
+            continue
+        count = 0
+        while await exists(Context(bc.name, settings.namespace, count + 2, count).stream):
+            count += 1
+        if count:
+            found[bc.name] = count
+    return found
+
+
+async def _partitioned_as_stored(nc: Client, settings: Settings) -> Settings:
+    """Partitions are fixed when the streams are created: a data directory (or server) whose
+    streams have K keeps K when the setting is left alone; asking explicitly for another count
+    is refused rather than splitting a context's history over two layouts."""
+    found = await existing_partitions(nc, settings)
+    counts = set(found.values())
+    if not counts:
+        return settings
+    if len(counts) > 1:
+        raise PartitionsMismatch("the contexts' streams have different partition counts: "
+                                 + ", ".join(f"{n} {k}" for n, k in sorted(found.items())))
+    (stored,) = counts
+    if stored == settings.partitions:
+        return settings
+    if "partitions" in settings.model_fields_set:
+        raise PartitionsMismatch(
+            f"the streams were created with {stored} partition(s) ({', '.join(sorted(found))}) and "
+            f"JETSOURCE_PARTITIONS asks for {settings.partitions}: partitions are fixed when the streams are "
+            f"created; leave the setting unset (or {stored}), or start with an empty data directory")
+    log.info("the streams have %d partition(s); running with that many", stored)
+    return settings.model_copy(update={"partitions": stored})
 
 
 async def _clustered(nc: Client, settings: Settings, timeout: float = 30.0) -> None:
@@ -232,9 +326,10 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Pr
         for bc, ctx in _read_models(settings):
             model = bc.read_model
             assert model is not None
-            projection = model.projection()
-            projectors.append(Projector(nc, pool, ctx, projection, checkpoints, batch=settings.projection_batch,
-                                        busy_linger_s=settings.projection_busy_linger_s))
+            for part in ctx.parts:  # one projector (consumer, checkpoint) per partition
+                projection = model.projection()
+                projectors.append(Projector(nc, pool, part, projection, checkpoints, batch=settings.projection_batch,
+                                            busy_linger_s=settings.projection_busy_linger_s))
             await queries.add(ctx, model.queries, projection.name)
         running = [asyncio.get_running_loop().create_task(keep_running(f"projection {p.durable}", p))
                    for p in projectors]

@@ -170,11 +170,16 @@ def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
     _setup_logging(settings, "prepare")
 
-    from infra.bootstrap import prepare
+    from infra.bootstrap import PartitionsMismatch, prepare
 
     async def main() -> int:
-        await prepare(settings)
-        print("jetsource: streams, consumers and read-model schema are in place")
+        try:
+            prepared = await prepare(settings)
+        except PartitionsMismatch as exc:
+            print(f"jetsource: {exc}", file=sys.stderr)
+            return 2
+        print(f"jetsource: streams ({prepared.partitions} partition(s) per context), consumers and read-model "
+              "schema are in place")
         return 0
 
     return _run(main)
@@ -191,12 +196,17 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     _setup_logging(settings, "up")
     from infra.supervisor import up
 
+    overrides: dict[str, Any] = {}
     if args.cluster:
         if settings.nats_url:
             print("jetsource: --cluster starts embedded nodes; JETSOURCE_NATS_URL names an external server",
                   file=sys.stderr)
             return 2
-        settings = Settings(nats_cluster=args.cluster)  # the environment's settings, and this
+        overrides["nats_cluster"] = args.cluster
+    if args.partitions:
+        overrides["partitions"] = args.partitions
+    if overrides:
+        settings = Settings(**overrides)  # the environment's settings, and these
     return up(settings)
 
 
@@ -225,15 +235,14 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bus import subjects as h
-    from bus.eventstore import appended
-    from bus.eventstore import EventStore
-    from bus.subjects import Context
+    from bus.eventstore import PartitionedStore, appended
+    from infra.bootstrap import context
 
     async def main() -> int:
-        ctx = Context(args.context, settings.namespace)
+        ctx = context(settings, args.context)
         nc = await _connect_once(settings, "jetsource-replay", args.timeout)
         try:
-            store = EventStore(nc, ctx.stream)
+            store = PartitionedStore.open(nc, ctx)
             subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
             count = 0
             async for e in store.read(subject, from_seq=args.from_seq, since=args.since, follow=args.follow):
@@ -242,7 +251,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                 except ValueError:  # shown as it is stored, never a traceback
                     event = None
                 out = {
-                    "seq": e.seq, "subject": e.subject, "time": e.headers.get(h.EV_TIME, e.time),
+                    "seq": e.seq, "stream": store.of(e.subject).stream, "subject": e.subject,
+                    "time": e.headers.get(h.EV_TIME, e.time),
                     "event": event, "command_id": e.headers.get(h.EV_COMMAND_ID),
                     "trace_id": e.headers.get(h.EV_TRACE_ID),
                 }
@@ -347,6 +357,9 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)")
     u.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",
                    help="an embedded cluster of N nats-server nodes (odd; 3 when no N), R(N) streams")
+    u.add_argument("--partitions", type=int, default=0, metavar="K",
+                   help="spread each context's events over K streams (when they are created; "
+                        "JETSOURCE_PARTITIONS); an existing data directory keeps its count")
     u.set_defaults(fn=cmd_up)
     a = sub.add_parser("actor", help="run one context's actor (scale out: run more)")
     a.add_argument("context", choices=contexts)
@@ -406,10 +419,17 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from infra.bootstrap import PartitionsMismatch, with_recorded_partitions
+
     settings = Settings()
     args = parser(settings).parse_args(argv)
     try:
+        if args.fn is not cmd_up:  # `up` settles it itself, with its --partitions
+            settings = with_recorded_partitions(settings)
         return int(args.fn(settings, args))
+    except PartitionsMismatch as exc:
+        print(f"jetsource: {exc}", file=sys.stderr)
+        return 2
     except UnreachableError as exc:
         print(f"jetsource: {exc}", file=sys.stderr)
         return 1

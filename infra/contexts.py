@@ -51,6 +51,10 @@ class Query:
 
     request: type
     run: Callable[[asyncpg.Pool, Any], Awaitable[Any]]
+    # The request field naming one aggregate (a get's id): with partitioned streams, its
+    # `min_seq` is a sequence of that aggregate's partition. A query that names none, asked for
+    # `min_seq` there, waits for every partition to have projected all it held when it came.
+    aggregate: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,7 +126,7 @@ class BoundedContext:
         return f"{self.name}_actor"
 
     def context(self, settings: Settings) -> Context:
-        return Context(self.name, settings.namespace)
+        return Context(self.name, settings.namespace, settings.partitions)
 
     @functools.cached_property
     def _command_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

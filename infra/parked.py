@@ -145,7 +145,9 @@ async def _apply(pool: asyncpg.Pool, model: ReadModel, event: ParkedEvent) -> No
     stored = StoredEvent(subject=event.subject, seq=event.seq, time=event.time, data=event.data, headers=event.headers)
     async with pool.acquire() as conn, conn.transaction():
         # Serialise with a running projector, which holds this row while it applies a batch.
-        await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", projection.name)
+        checkpoint = next((part.checkpoint(projection.name) for part in model.ctx.parts if part.stream == event.stream),
+                          projection.name)
+        await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", checkpoint)
         await projection.apply(conn, [(stored, decode_event(projection, stored))])
 
 

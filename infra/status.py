@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -30,16 +31,18 @@ class ReadModel:
     ctx: Context
     projection: Projection
     tables: tuple[str, ...]
+    make: Callable[[], Projection]  # a fresh projection (one per partition's projector)
 
 
 def read_models(settings: Settings) -> list[ReadModel]:
     """Every declared context's read model."""
-    return [ReadModel(bc.context(settings), bc.read_model.projection(), bc.read_model.tables)
+    return [ReadModel(bc.context(settings), bc.read_model.projection(), bc.read_model.tables, bc.read_model.projection)
             for bc in declared(settings).contexts if bc.read_model is not None]
 
 
 async def last_event_seq(nc: Client, ctx: Context) -> int:
-    """The sequence of the newest event (the stream also holds outbox and queue messages)."""
+    """The sequence of the newest event of a stream (a partition's view, or a context of one
+    stream): the stream also holds outbox and queue messages."""
     try:
         return int((await nc.jetstream().get_last_msg(ctx.stream, ctx.events_wildcard)).seq or 0)
     except NotFoundError:
@@ -120,7 +123,8 @@ async def status(settings: Settings, nc: Client) -> int:
     print("projections (lag = events not yet applied):")
     for model in read_models(settings):
         durable = model.ctx.consumer(model.projection.name)
-        print(await consumer_line(nc, model.ctx.stream, durable, model.projection.name))
+        for part in model.ctx.parts:
+            print(await consumer_line(nc, part.stream, durable, part.checkpoint(model.projection.name)))
     for bc in found.contexts:
         if bc.status is not None:
             print("\n".join(await bc.status(nc, bc.context(settings))))
@@ -128,8 +132,8 @@ async def status(settings: Settings, nc: Client) -> int:
     subjects = found.subjects(settings)
     for pm in found.managers:
         for name in pm.consumes:
-            stream = subjects[name].stream
-            print(await consumer_line(nc, stream, pm.reader, f"{pm.name} <- {stream}"))
+            for stream in subjects[name].streams:
+                print(await consumer_line(nc, stream, pm.reader, f"{pm.name} <- {stream}"))
     print("parked (events a reader could not decode or apply, and moved past):")
     parked = await parking.counts(nc, parked_subjects(settings))
     for reader, n in sorted(parked.items()):
@@ -152,32 +156,41 @@ async def rebuild(settings: Settings, only: str | None = None) -> int:
             name = model.projection.name
             if only and name != only:
                 continue
-            target = await last_event_seq(nc, model.ctx)
+            parts = model.ctx.parts
+            # One checkpoint per partition; the target is what each partition holds now.
+            targets = {part.checkpoint(name): await last_event_seq(nc, part) for part in parts}
+            target = sum(targets.values())
             # What this projection parked is forgotten: the re-fold parks again whatever still fails.
             await parking.clear(nc, parked_subjects(settings), model.ctx.consumer(name))
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name)
+                for checkpoint in sorted(targets):
+                    await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+                                       checkpoint)
                 await conn.execute("TRUNCATE " + ", ".join(model.tables))
-                await conn.execute(
-                    "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) "
-                    "ON CONFLICT (name) DO UPDATE SET last_seq = 0, updated_at = now()", name,
-                )
+                for checkpoint in sorted(targets):
+                    await conn.execute(
+                        "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) "
+                        "ON CONFLICT (name) DO UPDATE SET last_seq = 0, updated_at = now()", checkpoint,
+                    )
             print(json.dumps({"projection": name, "rebuilding_to_seq": target}), flush=True)
-            # If a projector is running it rewinds and does the work; otherwise this one does.
+            # If a projector is running it rewinds and does the work; otherwise these do.
             checkpoints = Checkpoints(pool)
-            projector = Projector(nc, pool, model.ctx, model.projection, checkpoints, batch=settings.projection_batch)
-            task = asyncio.get_running_loop().create_task(projector.run())
+            projectors = [Projector(nc, pool, part, model.make(), checkpoints, batch=settings.projection_batch)
+                          for part in parts]
+            tasks = [asyncio.get_running_loop().create_task(p.run()) for p in projectors]
             try:
                 while True:
-                    done = await checkpoints.get(name)
+                    reached = {c: min(await checkpoints.get(c), t) for c, t in targets.items()}
+                    done = sum(reached.values())
                     print(json.dumps({"projection": name, "applied_through": done, "target": target,
                                       "percent": round(100 * done / target, 1) if target else 100.0}), flush=True)
-                    if done >= target:
+                    if all(reached[c] >= t for c, t in targets.items()):
                         break
                     await asyncio.sleep(0.5)
             finally:
-                projector.stop()
-                await task
+                for projector in projectors:
+                    projector.stop()
+                await asyncio.gather(*tasks)
         return 0
     finally:
         await nc.close()

@@ -167,6 +167,13 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from infra.bootstrap import PartitionsMismatch, with_recorded_partitions
+
+    try:
+        settings = with_recorded_partitions(settings)  # before the servers' permissions are written
+    except PartitionsMismatch as exc:
+        print(f"jetsource: {exc}", file=sys.stderr, flush=True)
+        return 2
     nodes: list[EmbeddedNats] = []
     pg = None
     children: list[Child] = []
@@ -199,7 +206,13 @@ def up(settings: Settings) -> int:
         child_settings = settings.model_copy(update={"database_url": env["JETSOURCE_DATABASE_URL"]})
         from infra.bootstrap import prepare
 
-        asyncio.run(prepare(child_settings))
+        try:
+            partitions = asyncio.run(prepare(child_settings)).partitions
+        except PartitionsMismatch as exc:
+            print(f"jetsource: {exc}", file=sys.stderr, flush=True)
+            return 2
+        settings = settings.model_copy(update={"partitions": partitions})
+        env["JETSOURCE_PARTITIONS"] = str(partitions)  # what the streams have
         children = role_commands(settings)
         for child in children:
             child.base_env = env
@@ -242,6 +255,8 @@ def _print_banner(
         f"  HTTP edge      http://{settings.http_host}:{settings.http_port}  (openapi: /openapi.json)",
         f"  NATS           {settings.resolved_nats_url()}" + embedded,
     ]
+    if settings.partitions > 1:
+        lines.append(f"  partitions     {settings.partitions} streams per context")
     for node in nodes:
         lines.append(f"  NATS monitor   http://127.0.0.1:{node.monitor_port}" + (f"  ({node.server_name})" if settings.nats_cluster else ""))
     lines.append(f"  PostgreSQL     {settings.resolved_database_url()}" + ("  (embedded)" if pg else ""))

@@ -163,7 +163,8 @@ class Checkpoints:
 
 
 class Projector:
-    """Runs one projection from its stream into PostgreSQL."""
+    """Runs one projection from one stream (a context's, or one partition's: `ctx` is that
+    partition's view) into PostgreSQL; its checkpoint is `ctx.checkpoint(projection.name)`."""
 
     def __init__(
         self,
@@ -190,9 +191,10 @@ class Projector:
         self._outage: str | None = None
         self._backoff = 0.1
         self.checkpoint = 0
-        self._m_events = metrics.PROJECTED_EVENTS.labels(projection.name)
-        self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(projection.name)
-        self._m_pending = metrics.PROJECTION_PENDING.labels(projection.name)
+        self.name = ctx.checkpoint(projection.name)  # its checkpoint's (and metrics') name
+        self._m_events = metrics.PROJECTED_EVENTS.labels(self.name)
+        self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(self.name)
+        self._m_pending = metrics.PROJECTION_PENDING.labels(self.name)
 
     @property
     def durable(self) -> str:
@@ -210,9 +212,9 @@ class Projector:
         js = self._nc.jetstream()
         await self._pool.execute(
             "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
-            self._projection.name,
+            self.name,
         )
-        self.checkpoint = await self._checkpoints.get(self._projection.name)
+        self.checkpoint = await self._checkpoints.get(self.name)
         with contextlib.suppress(JsNotFoundError):
             await js.delete_consumer(self._ctx.stream, self.durable)
         await js.add_consumer(
@@ -265,7 +267,7 @@ class Projector:
                     raise
                 if self._outage is None:
                     self._outage = parking.describe(exc)
-                    log.warning("projection %s: %s; retrying until it is back", self._projection.name, self._outage)
+                    log.warning("projection %s: %s; retrying until it is back", self.name, self._outage)
                 if await self._sleep(self._backoff):
                     return
                 self._backoff = min(self._backoff * 2, 5.0)
@@ -273,7 +275,7 @@ class Projector:
     def _recovered(self) -> None:
         self._backoff = 0.1
         if self._outage is not None:
-            log.info("projection %s: resuming from checkpoint %d after: %s", self._projection.name, self.checkpoint,
+            log.info("projection %s: resuming from checkpoint %d after: %s", self.name, self.checkpoint,
                      self._outage)
             self._outage = None
 
@@ -297,11 +299,11 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except Rewound as exc:
-                log.warning("projection %s: %s; restarting from there", self._projection.name, exc)
+                log.warning("projection %s: %s; restarting from there", self.name, exc)
             except Exception as exc:
                 if transient(exc):
                     raise  # run() waits the outage out, then takes the lock again
-                log.exception("projection %s failed; retrying in %.1fs", self._projection.name, self._backoff)
+                log.exception("projection %s failed; retrying in %.1fs", self.name, self._backoff)
                 await self._sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, 5.0)
 
@@ -313,7 +315,7 @@ class Projector:
             if not msgs:
                 self._m_pending.set(0)
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
-                if await self._checkpoints.get(self._projection.name) < self.checkpoint:
+                if await self._checkpoints.get(self.name) < self.checkpoint:
                     raise Rewound("checkpoint was reset")
                 continue
             batch: list[tuple[StoredEvent, Any]] = []
@@ -336,10 +338,10 @@ class Projector:
                     applied = await self._commit(batch, poison, last_seq, one_by_one=False)
                 except _ApplyFailed as failed:
                     log.warning("projection %s: a batch of %d events failed (%s); applying them one at a time",
-                                self._projection.name, len(batch), parking.describe(failed.cause))
+                                self.name, len(batch), parking.describe(failed.cause))
                     applied = await self._commit(batch, poison, last_seq, one_by_one=True)
                 self.checkpoint = last_seq
-                await self._checkpoints.advanced(self._projection.name, last_seq)
+                await self._checkpoints.advanced(self.name, last_seq)
                 self._m_events.inc(applied)
                 self._m_checkpoint.set(last_seq)
             if msgs:
@@ -362,7 +364,7 @@ class Projector:
             # The stored checkpoint, locked, is the authority: a concurrent projector may have
             # moved it on (skip what it applied) or a rebuild reset it.
             applied = int(await conn.fetchval(
-                "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self._projection.name
+                "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self.name
             ) or 0)
             if applied < self.checkpoint:
                 raise Rewound(f"checkpoint went back from {self.checkpoint} to {applied}")
@@ -395,7 +397,7 @@ class Projector:
                 """INSERT INTO projection_checkpoints (name, last_seq, updated_at) VALUES ($1, $2, now())
                    ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(projection_checkpoints.last_seq, EXCLUDED.last_seq),
                    updated_at = now()""",
-                self._projection.name, last_seq,
+                self.name, last_seq,
             )
         return done
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -9,6 +10,7 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
@@ -41,14 +43,38 @@ class QueryService:
         """Serve `<ctx>.query.<name>` for each declared query (`request` Struct, `run(pool, q)`),
         answered from the read model `projection` (whose checkpoint read-your-writes waits on)."""
         pool = self._pool
-        endpoints = {name: (Decoder(q.request), functools.partial(q.run, pool)) for name, q in queries.items()}
-        await self._add(ctx, endpoints, projection)
+        endpoints = {name: (Decoder(q.request), functools.partial(q.run, pool), self._fresh(ctx, projection, q))
+                     for name, q in queries.items()}
+        await self._add(ctx, endpoints)
+
+    def _fresh(self, ctx: Context, projection: str, query: Any) -> Callable[[Any, int], Awaitable[bool]]:
+        """How a query waits (bounded) for the read model to have projected `min_seq`: the
+        projection's checkpoint; over partitions, the checkpoint of the partition of the
+        aggregate the query names, or else every partition's, up to what it held just now."""
+        if not ctx.partitioned:
+            return lambda _, seq: self._checkpoints.wait(projection, seq, self._wait)
+        field = getattr(query, "aggregate", None)
+
+        async def wait(q: Any, seq: int) -> bool:
+            if field is not None and (aggregate_id := getattr(q, field, None)):
+                return await self._checkpoints.wait(ctx.part_of(aggregate_id).checkpoint(projection), seq, self._wait)
+            js = self._nc.jetstream()
+            lasts = []
+            for part in ctx.parts:
+                try:
+                    lasts.append((part, (await js.get_last_msg(part.stream, part.events_wildcard, direct=True)).seq))
+                except NotFoundError:
+                    continue  # no event in this partition yet
+            done = await asyncio.gather(*(self._checkpoints.wait(part.checkpoint(projection), last or 0, self._wait)
+                                          for part, last in lasts))
+            return all(done)
+
+        return wait
 
     async def _add(
         self,
         ctx: Context,
-        endpoints: Mapping[str, tuple[Decoder[Any], Callable[[Any], Awaitable[Any]]]],
-        projection: str,
+        endpoints: Mapping[str, tuple[Decoder[Any], Callable[[Any], Awaitable[Any]], Callable[[Any, int], Awaitable[bool]]]],
     ) -> None:
         service = await add_service(
             self._nc,
@@ -57,25 +83,26 @@ class QueryService:
             description=f"jetsource {ctx.name} read models",
             queue_group=f"{ctx.queue_group}.query",
         )
-        for name, (decoder, run) in endpoints.items():
+        for name, (decoder, run, fresh) in endpoints.items():
             await service.add_endpoint(
                 EndpointConfig(
                     name=name,
                     subject=ctx.query(name),
-                    handler=self._endpoint(decoder, run, projection),
+                    handler=self._endpoint(decoder, run, fresh, ctx.name),
                     metadata={"kind": "query"},
                 )
             )
         self._services.append(service)
 
     def _endpoint(
-        self, decoder: Decoder[Any], run: Callable[[Any], Awaitable[Any]], projection: str
+        self, decoder: Decoder[Any], run: Callable[[Any], Awaitable[Any]],
+        fresh: Callable[[Any, int], Awaitable[bool]], projection: str,
     ) -> Callable[[Request], Awaitable[None]]:
         async def execute(data: bytes) -> Any:
             query = decoder.decode(data)
             min_seq = getattr(query, "min_seq", None)
             try:
-                if min_seq and not await self._checkpoints.wait(projection, min_seq, self._wait):
+                if min_seq and not await fresh(query, min_seq):
                     raise DeadlineError(f"the {projection} read model has not reached sequence {min_seq} yet")
                 result = await run(query)
             except Exception as exc:

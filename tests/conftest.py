@@ -135,6 +135,11 @@ class System:
     def inventory(self) -> Context:
         return self.ctx("inventory")
 
+    async def messages(self, ctx: Context) -> int:
+        """Messages stored in every stream (partition) of a context."""
+        js = self.nc.jetstream()
+        return sum([(await js.stream_info(stream)).state.messages for stream in ctx.streams])
+
     @property
     def projector(self) -> Projector:
         return self.projectors[0]
@@ -164,6 +169,41 @@ class System:
     async def request(self, subject: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None) -> Msg:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return await self.nc.request(subject, data, timeout=10, headers=headers)
+
+
+# Every test on a `system` (or `partitions`) runs once per count here: one stream per context,
+# and four partitions. JETSOURCE_TEST_PARTITIONS=1 runs the suite on one stream only.
+PARTITIONS = [int(k) for k in os.environ.get("JETSOURCE_TEST_PARTITIONS", "1,4").split(",")]
+
+
+@pytest.fixture(params=PARTITIONS, ids=lambda k: f"k{k}")
+def partitions(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_task_types() -> None:
+    """The test task types' gates and records start empty (a test runs once per partition count:
+    a gate its first run opened must not let the second run's task through)."""
+    from tests import task_types
+
+    for record in (task_types.STARTED, task_types.GATES, task_types.STOPPED, task_types.UNFULFILLABLE,
+                   task_types.RUNS):
+        record.clear()
+    task_types.RUNNING.update(now=0, most=0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test of one stream's mechanics (`single_stream`) runs on one partition only."""
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        many = params is not None and params.params.get("partitions", 1) != 1
+        (drop if many and item.get_closest_marker("single_stream") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def make_settings(namespace: str, nats_url: str, database_url: str, **extra: Any) -> Settings:
@@ -203,6 +243,6 @@ async def running(settings: Settings) -> AsyncIterator[System]:
 
 
 @pytest.fixture
-async def system(namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
-    async with running(make_settings(namespace, nats_url, database_url)) as sys_:
+async def system(partitions: int, namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
+    async with running(make_settings(namespace, nats_url, database_url, partitions=partitions)) as sys_:
         yield sys_

@@ -15,7 +15,7 @@ CONTEXT = BoundedContext(
     public_commands=("receive", "adjust"),
     read_model=ReadModel(
         projection=read_model.InventoryProjection, tables=read_model.TABLES, ddl=read_model.DDL,
-        queries={"get": Query(GetStock, read_model.get_stock), "list": Query(ListStock, read_model.list_stock)},
+        queries={"get": Query(GetStock, read_model.get_stock, aggregate="sku"), "list": Query(ListStock, read_model.list_stock)},
     ),
     routes=routes.routes,
     openapi=routes.openapi,

@@ -15,7 +15,7 @@ CONTEXT = BoundedContext(
     public_commands=("place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel"),
     read_model=ReadModel(
         projection=read_model.OrdersProjection, tables=read_model.TABLES, ddl=read_model.DDL,
-        queries={"get": Query(GetOrder, read_model.get_order), "list": Query(ListOrders, read_model.list_orders)},
+        queries={"get": Query(GetOrder, read_model.get_order, aggregate="order_id"), "list": Query(ListOrders, read_model.list_orders)},
     ),
     routes=routes.routes,
     openapi=routes.openapi,

@@ -19,7 +19,7 @@ from actors.orders.messages import (
 )
 from actors.runtime import Actor, AggregateSpec
 from bus.codec import encode
-from bus.eventstore import EventStore
+from bus.eventstore import PartitionedStore
 from bus.subjects import Context
 
 
@@ -45,10 +45,11 @@ _OUTBOX = {OrderConfirmed: "confirmed", OrderPaid: "paid", OrderCancelled: "canc
 def order_spec(ctx: Context, *, settle_wait_s: float = 2.0) -> AggregateSpec[domain.Order, OrderCommand, OrderEvent]:
     """The order aggregate as the actor runtime drives it; a confirm is answered once the saga
     has reserved its stock or rejected it (waiting at most `settle_wait_s`)."""
-    subjects = {t: ctx.outbox(name) for t, name in _OUTBOX.items()}
+    subjects = [{t: part.outbox(name) for t, name in _OUTBOX.items()} for part in ctx.parts]
 
-    def outbox(state: domain.Order, events: list[OrderEvent]) -> list[tuple[str, bytes]]:
-        return [(subjects[type(e)], encode(e)) for e in events if type(e) in subjects]
+    def outbox(part: Context, state: domain.Order, events: list[OrderEvent]) -> list[tuple[str, bytes]]:
+        names = subjects[part.part or 0]
+        return [(names[type(e)], encode(e)) for e in events if type(e) in names]
 
     return AggregateSpec(
         ctx=ctx,
@@ -67,6 +68,6 @@ def order_spec(ctx: Context, *, settle_wait_s: float = 2.0) -> AggregateSpec[dom
     )
 
 
-def order_actor(nc: Client, store: EventStore, ctx: Context, *, concurrency: int, max_retries: int) -> Actor:
+def order_actor(nc: Client, store: PartitionedStore, ctx: Context, *, concurrency: int, max_retries: int) -> Actor:
     """Build (not start) the order actor."""
     return Actor(nc, store, order_spec(ctx), concurrency=concurrency, max_retries=max_retries)

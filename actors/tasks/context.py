@@ -35,7 +35,8 @@ def _worker_permissions(ctx: Context, settings: Settings) -> dict[str, Any]:
     return {
         "publish": {
             "allow": [*(ctx.command(n) for n in WORKER_COMMANDS),
-                      *(api for p in PRIORITIES for api in consumer_api(ctx.stream, ctx.work_consumer(p), manage=False)),
+                      *(api for part in ctx.parts for p in PRIORITIES
+                        for api in consumer_api(part.stream, part.work_consumer(p), manage=False)),
                       parked.reader_wildcard(PARKED_READER)],
             "deny": [*stores(settings), ctx.live(">"),
                      *(ctx.command(n) for n in (*PUBLIC_COMMANDS, "submit_batch", "submit_internal"))],
@@ -47,7 +48,9 @@ def _worker_permissions(ctx: Context, settings: Settings) -> dict[str, Any]:
 async def _status(nc: Client, ctx: Context) -> list[str]:
     from infra.status import consumer_line
 
-    return ["work queues:", *[await consumer_line(nc, ctx.stream, ctx.work_consumer(p), f"tasks {p}") for p in PRIORITIES]]
+    return ["work queues:", *[await consumer_line(nc, part.stream, part.work_consumer(p),
+                                                  f"tasks {p}" + (f" p{part.part}" if ctx.partitioned else ""))
+                              for p in PRIORITIES for part in ctx.parts]]
 
 
 CONTEXT = BoundedContext(
@@ -56,7 +59,7 @@ CONTEXT = BoundedContext(
     public_commands=PUBLIC_COMMANDS,
     read_model=ReadModel(
         projection=read_model.TasksProjection, tables=read_model.TABLES, ddl=read_model.DDL,
-        queries={"get": Query(GetTask, read_model.get_task), "list": Query(ListTasks, read_model.list_tasks),
+        queries={"get": Query(GetTask, read_model.get_task, aggregate="task_id"), "list": Query(ListTasks, read_model.list_tasks),
                  "stats": Query(TaskStats, read_model.task_stats)},
     ),
     routes=routes.routes,

@@ -34,7 +34,7 @@ from actors.tasks.messages import (
 from actors.tasks.registry import TaskType
 from bus.codec import encode, validation_error
 from bus.errors import ValidationError
-from bus.eventstore import EventStore
+from bus.eventstore import PartitionedStore
 from bus.subjects import Context
 
 
@@ -99,10 +99,10 @@ def task_spec(ctx: Context, types: Mapping[str, TaskType]) -> AggregateSpec[doma
             rules.check(command, now)
         return msgspec.structs.replace(command, at=now)
 
-    def outbox(state: domain.Task, events: list[TaskEvent]) -> list[tuple[str, bytes]]:
-        work = [(ctx.queue(p), encode(d)) for p, d in domain.dispatches(state, events)]
+    def outbox(part: Context, state: domain.Task, events: list[TaskEvent]) -> list[tuple[str, bytes]]:
+        work = [(part.queue(p), encode(d)) for p, d in domain.dispatches(state, events)]
         # Tasks submitted with a `ref` (a process manager's) report how they ended.
-        ended = [(ctx.outbox("ended"), encode(e)) for e in events
+        ended = [(part.outbox("ended"), encode(e)) for e in events
                  if isinstance(e, TaskCompleted | TaskDeadLettered) and e.ref]
         return work + ended
 
@@ -140,7 +140,7 @@ def task_spec(ctx: Context, types: Mapping[str, TaskType]) -> AggregateSpec[doma
     )
 
 
-def task_actor(nc: Client, store: EventStore, ctx: Context, types: Mapping[str, TaskType], *,
+def task_actor(nc: Client, store: PartitionedStore, ctx: Context, types: Mapping[str, TaskType], *,
                concurrency: int, max_retries: int) -> Actor:
     """Build (not start) the task actor."""
     return Actor(nc, store, task_spec(ctx, types), concurrency=concurrency, max_retries=max_retries)

@@ -376,7 +376,7 @@ class Worker:
         """Park a work item this code cannot read (reader `workers`) and drop it from the queue."""
         msg = item.msg
         try:
-            await parking.park(self._nc, self._parked, reader=PARKED_READER, stream=self._ctx.stream,
+            await parking.park(self._nc, self._parked, reader=PARKED_READER, stream=item.stream,
                                seq=position(msg).stream_seq, subject=msg.subject, data=msg.data,
                                headers=msg.headers or {}, error=error, timeout=self._timeout)
         except JetsourceError as exc:

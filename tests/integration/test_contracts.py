@@ -16,7 +16,7 @@ import pytest
 from bus import subjects as h
 from bus.client import call
 from bus.errors import JetsourceError
-from bus.eventstore import EventStore, appended
+from bus.eventstore import PartitionedStore, appended
 from infra.bootstrap import nats_connection, run_actor
 from infra.contexts import BoundedContext, Contract, declared
 from infra.settings import Settings
@@ -28,8 +28,9 @@ _ids = itertools.count(1)
 
 
 @pytest.fixture
-async def world(namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
-    async with running(make_settings(namespace, nats_url, database_url, context_modules=MODULES)) as system:
+async def world(partitions: int, namespace: str, nats_url: str, database_url: str) -> AsyncIterator[System]:
+    async with running(make_settings(namespace, nats_url, database_url, context_modules=MODULES,
+                                     partitions=partitions)) as system:
         yield system
 
 
@@ -50,7 +51,7 @@ async def _send(system: System, bc: BoundedContext, name: str, body: dict[str, A
 
 async def _events(system: System, bc: BoundedContext, aggregate_id: str) -> int:
     ctx = system.ctx(bc.name)
-    return sum(appended(e.headers) for e in await EventStore(system.nc, ctx.stream).load(ctx.events(aggregate_id)))
+    return sum(appended(e.headers) for e in await PartitionedStore.open(system.nc, ctx).load(ctx.events(aggregate_id)))
 
 
 def _new_id(bc: BoundedContext) -> str:

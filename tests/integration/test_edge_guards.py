@@ -63,8 +63,8 @@ async def test_a_read_only_token_reads_but_cannot_write(system: System) -> None:
             assert (await resp.json())["error"]["code"] == "forbidden"
         async with system.http.post(base + "/tasks", json={"type": "echo"}, headers=_bearer("reader")) as resp:
             assert resp.status == 403
-        assert (await system.nc.jetstream().stream_info(system.orders.stream)).state.messages == 0
-        assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 0
+        assert await system.messages(system.orders) == 0
+        assert await system.messages(system.tasks) == 0
         async with system.http.post(base + "/orders", json=PLACE, headers=_bearer("writer")) as resp:
             assert resp.status == 201  # read-write tokens read and write
         async with system.http.get(base + "/orders", headers=_bearer("writer")) as resp:
@@ -105,7 +105,7 @@ async def test_past_the_in_flight_bound_requests_get_503_instead_of_queueing(sys
     async with run_edge(settings, system.nc):
         # Reads that wait for a far-future sequence hold their slot until the read-wait bound.
         async def slow() -> int:
-            async with system.http.get(base + "/orders", params={"min_seq": 10**9}) as resp:
+            async with system.http.get(base + "/orders/held", params={"min_seq": 10**9}) as resp:
                 return resp.status
 
         holders = [asyncio.create_task(slow()) for _ in range(2)]

@@ -3,6 +3,8 @@ commands, and when the batch is rejected only the stale writer fails."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 from datetime import UTC, datetime
 
@@ -10,6 +12,9 @@ from bus.eventstore import EventStore, NewEvent, WrongExpectedSequence
 from bus.streams import ensure_stream, event_stream
 from bus.subjects import Context
 from tests.conftest import System
+
+# One stream's mechanics: they need no second run over partitions.
+pytestmark = pytest.mark.single_stream
 
 
 def _event(n: int) -> list[NewEvent]:

@@ -3,6 +3,8 @@ fulfilment is recorded on the order."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import contextlib
 import json
@@ -19,6 +21,9 @@ from infra.bootstrap import ensure_streams, run_tasks_actor, tasks_context
 from tests.conftest import System, eventually
 from tests.integration.test_orders_http import PLACE, get, post
 from tests.task_types import UNFULFILLABLE
+
+# One stream's mechanics: consumer definitions, sequences, parked positions.
+pytestmark = pytest.mark.single_stream
 
 
 async def _paid_order(system: System) -> str:

@@ -136,11 +136,13 @@ async def test_a_replay_of_every_stream_to_the_process_managers_changes_nothing(
     await post(system, f"/orders/{cancelled}/cancel")
     await eventually(lambda: get(system, f"/orders/{shipped}"), lambda r: r[2].get("status") == "shipped", timeout=30)
     js = system.nc.jetstream()
-    streams = [system.orders.stream, system.tasks.stream, system.inventory.stream]
+    streams = [*system.orders.streams, *system.tasks.streams, *system.inventory.streams]
+    readers = [(reader, part) for reader, ctx in ((SAGA, system.orders), (FULFILMENT, system.orders),
+                                                  (FULFILMENT, system.tasks)) for part in ctx.parts]
 
     async def quiet() -> list[int]:
         # Stored messages per stream, once both managers have handled everything.
-        for reader, ctx in ((SAGA, system.orders), (FULFILMENT, system.orders), (FULFILMENT, system.tasks)):
+        for reader, ctx in readers:
             info = await js.consumer_info(ctx.stream, reader)
             if info.num_pending or info.num_ack_pending:
                 return []
@@ -150,7 +152,7 @@ async def test_a_replay_of_every_stream_to_the_process_managers_changes_nothing(
     await asyncio.sleep(1)
     before = await eventually(quiet, timeout=20)
     # Rewind every manager's consumer to the first message: they see all of history again.
-    for reader, ctx in ((SAGA, system.orders), (FULFILMENT, system.orders), (FULFILMENT, system.tasks)):
+    for reader, ctx in readers:
         info = await js.consumer_info(ctx.stream, reader)
         await js.delete_consumer(ctx.stream, reader)
         config = info.config
@@ -166,8 +168,7 @@ async def test_a_replay_of_every_stream_to_the_process_managers_changes_nothing(
 
 async def test_bad_stock_requests_get_a_clear_error_and_store_nothing(system: System) -> None:
     await _receive(system, "checked", 3)
-    stream = system.inventory.stream
-    before = (await system.nc.jetstream().stream_info(stream)).state.messages
+    before = await system.messages(system.inventory)
     cases = [
         ("/inventory/has.dot/receive", {"quantity": 1}, 422, "validation"),  # not a subject token
         ("/inventory/checked/receive", {"quantity": 0}, 422, "validation"),
@@ -183,4 +184,4 @@ async def test_bad_stock_requests_get_a_clear_error_and_store_nothing(system: Sy
         assert (got, answer["error"]["code"]) == (status, code), (path, body, answer)
     async with system.http.post(system.base + "/inventory/checked/receive", data=b"{not json") as resp:
         assert resp.status == 400 and (await resp.json())["error"]["code"] == "malformed"
-    assert (await system.nc.jetstream().stream_info(stream)).state.messages == before
+    assert await system.messages(system.inventory) == before

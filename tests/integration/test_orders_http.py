@@ -21,7 +21,7 @@ async def get(system: System, path: str, **params: Any) -> tuple[int, Any, Any]:
 
 
 async def stored_count(system: System) -> int:
-    return (await system.nc.jetstream().stream_info(system.orders.stream)).state.messages
+    return await system.messages(system.orders)
 
 
 async def test_an_order_goes_from_placed_to_shipped_and_the_read_model_follows(system: System) -> None:

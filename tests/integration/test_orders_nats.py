@@ -15,16 +15,15 @@ async def test_place_order_over_nats_stores_an_event_and_replies_with_the_versio
     assert reply.headers is None or "Nats-Service-Error-Code" not in reply.headers
     assert body["status"] == "placed" and body["total"] == 300 and body["version"] >= 1
     assert b"error" not in reply.data
-    info = await system.nc.jetstream().stream_info(system.orders.stream)
-    assert info.state.messages == 1
+    assert await system.messages(system.orders) == 1
 
 
 async def test_the_state_cache_stays_bounded_and_evicted_orders_reload_from_the_stream(system: System) -> None:
     from actors.orders.service import order_spec
-    from bus.eventstore import EventStore
+    from bus.eventstore import PartitionedStore
     from actors.runtime import Actor
 
-    actor = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders), cache_size=3)
+    actor = Actor(system.nc, PartitionedStore.open(system.nc, system.orders), order_spec(system.orders), cache_size=3)
     from actors.orders.messages import AddItem, OrderAccepted, OrderLine, PlaceOrder
 
     ids = []
@@ -43,10 +42,10 @@ async def test_a_keyed_retry_on_another_actor_process_gets_the_same_answer_and_s
     from actors.orders.messages import AddItem, OrderAccepted, OrderLine, PlaceOrder
     from actors.orders.service import order_spec
     from bus import subjects as h
-    from bus.eventstore import EventStore
+    from bus.eventstore import PartitionedStore
     from actors.runtime import Actor
 
-    other = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders))
+    other = Actor(system.nc, PartitionedStore.open(system.nc, system.orders), order_spec(system.orders))
     placed = await system.actor.execute(PlaceOrder(customer_id="c", currency="EUR",
                                                    lines=[OrderLine(sku="w", quantity=1, unit_price=1)]), None)
     assert isinstance(placed, OrderAccepted)
@@ -59,7 +58,7 @@ async def test_a_keyed_retry_on_another_actor_process_gets_the_same_answer_and_s
     assert retry == first
     after = await other.execute(AddItem(order_id=oid, sku="z", quantity=1, unit_price=1), None)
     assert isinstance(after, OrderAccepted) and after.total == 1 + 10 + 100 + 1
-    history = await EventStore(system.nc, system.orders.stream).load(system.orders.events(oid))
+    history = await PartitionedStore.open(system.nc, system.orders).load(system.orders.events(oid))
     assert len(history) == 4  # placed, x, y once, z
     await other.stop()
 
@@ -67,10 +66,10 @@ async def test_a_keyed_retry_on_another_actor_process_gets_the_same_answer_and_s
 async def test_a_refusal_is_checked_against_the_stream_when_another_process_wrote_meanwhile(system: System) -> None:
     from actors.orders.messages import ConfirmOrder, OrderAccepted, OrderLine, PayOrder, PlaceOrder
     from actors.orders.service import order_spec
-    from bus.eventstore import EventStore
+    from bus.eventstore import PartitionedStore
     from actors.runtime import Actor
 
-    other = Actor(system.nc, EventStore(system.nc, system.orders.stream), order_spec(system.orders))
+    other = Actor(system.nc, PartitionedStore.open(system.nc, system.orders), order_spec(system.orders))
     placed = await other.execute(PlaceOrder(customer_id="c", currency="EUR",
                                             lines=[OrderLine(sku="w", quantity=1, unit_price=100)]), None)
     assert isinstance(placed, OrderAccepted)

@@ -38,6 +38,9 @@ from tests.conftest import System, eventually, make_settings, until
 from tests.integration.test_fulfilment import _paid_order, _wait_order
 from tests.integration.test_orders_http import PLACE, get, post
 
+# One stream's mechanics: consumer definitions, sequences, parked positions.
+pytestmark = pytest.mark.single_stream
+
 
 def _parked_total(reader: str) -> float:
     return REGISTRY.get_sample_value("jetsource_parked_events_total", {"reader": reader}) or 0.0
@@ -261,7 +264,7 @@ async def test_the_projector_catches_up_after_postgresql_restarts(
     caplog.set_level(logging.INFO, logger="projections.runner")
     postgres = EmbeddedPostgres(tmp_path, free_port(), durable=False)
     await asyncio.to_thread(postgres.start)
-    settings = make_settings(namespace, nats_url, postgres.url)
+    settings = make_settings(namespace, nats_url, postgres.url, partitions=1)
     try:
         async with contextlib.AsyncExitStack() as stack:
             nc = await stack.enter_async_context(nats_connection(settings, "test-pg-restart"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 from typing import Any
 
@@ -32,6 +34,9 @@ from projections.schema import create_pool, ensure_schema
 from projections.tasks import TasksProjection
 from tests.conftest import System, eventually, until
 from tests.integration.test_orders_http import PLACE, get, post
+
+# One stream's mechanics: consumer definitions, sequences, parked positions.
+pytestmark = pytest.mark.single_stream
 
 
 async def _orders(system: System, seq: int) -> dict[str, tuple[Any, ...]]:

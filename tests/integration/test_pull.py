@@ -3,12 +3,17 @@ nats-server: order, batch bounds, waiting for the first message, and nothing ski
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from bus.pull import Puller
 from tests.conftest import System
+
+# One stream's mechanics: they need no second run over partitions.
+pytestmark = pytest.mark.single_stream
 
 
 async def _stream(system: System, ack_policy: AckPolicy = AckPolicy.EXPLICIT) -> tuple[str, str, str]:

@@ -14,6 +14,9 @@ from bus.errors import DeadlineError, UnavailableError
 from infra.bootstrap import nats_connection
 from tests.conftest import System
 
+# One stream's mechanics: they need no second run over partitions.
+pytestmark = pytest.mark.single_stream
+
 
 async def test_concurrent_requests_each_get_their_own_reply(system: System) -> None:
     subject = f"{system.settings.namespace}.echo"

@@ -70,11 +70,11 @@ async def test_unknown_types_and_bad_fields_are_rejected_naming_the_field(system
     assert status == 422 and body["error"]["field"] == "priority"
     status, _, body = await post(system, "/tasks", {"type": "echo", "retry": {"max_attempts": 0}})
     assert status == 422 and body["error"]["field"] == "retry.max_attempts"
-    assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 0
+    assert await system.messages(system.tasks) == 0
 
 
 async def _stored(system: System) -> int:
-    return (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages
+    return await system.messages(system.tasks)
 
 
 @pytest.mark.parametrize(("body", "field"), [
@@ -148,7 +148,7 @@ async def test_the_same_idempotency_key_is_one_task(system: System) -> None:
     c = await submit(system, {"type": "echo"}, {"Idempotency-Key": "job-7"})
     assert a["task_id"] == b["task_id"] == c["task_id"] and a["version"] == b["version"]
     # one event and one work item
-    assert (await system.nc.jetstream().stream_info(system.tasks.stream)).state.messages == 2
+    assert await system.messages(system.tasks) == 2
 
 
 async def test_a_high_task_behind_many_low_ones_starts_next(system: System) -> None:

@@ -79,7 +79,7 @@ class Secured:
 async def secured(database_url: str) -> AsyncIterator[Secured]:
     namespace = f"sec{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="jetsource-trust-") as tmp:
-        base_settings = make_settings(namespace, "nats://unused:1", database_url, data_dir=Path(tmp))
+        base_settings = make_settings(namespace, "nats://unused:1", database_url, data_dir=Path(tmp), partitions=1)
         passwords = auth.ensure_secrets(base_settings)
         server = EmbeddedNats(Path(tmp), free_port(), free_port(),
                               authorization=auth.server_config_block(base_settings, passwords))

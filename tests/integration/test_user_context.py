@@ -8,9 +8,10 @@ from tests.integration.test_orders_http import get, post
 
 
 async def test_a_context_loaded_by_setting_runs_end_to_end_over_nats_and_http(
-    namespace: str, nats_url: str, database_url: str,
+    partitions: int, namespace: str, nats_url: str, database_url: str,
 ) -> None:
-    settings = make_settings(namespace, nats_url, database_url, context_modules="examples.loyalty")
+    settings = make_settings(namespace, nats_url, database_url, context_modules="examples.loyalty",
+                             partitions=partitions)
     async with running(settings) as system:
         ctx = system.ctx("loyalty")
         status, headers, body = await post(system, "/loyalty/c-7/earn", {"points": 120, "reason": "welcome"})
@@ -25,5 +26,4 @@ async def test_a_context_loaded_by_setting_runs_end_to_end_over_nats_and_http(
         assert view["customer_id"] == "c-7"
         _, _, history = await get(system, "/loyalty/c-7/events")
         assert [e["type"] for e in history["events"]] == ["loyalty.points_earned", "loyalty.points_redeemed"]
-        stream = await system.nc.jetstream().stream_info(ctx.stream)
-        assert stream.state.messages == 2
+        assert await system.messages(ctx) == 2
