@@ -149,6 +149,8 @@ class Context:
     def events(self, aggregate_id: str) -> str:
         if not self.partitioned:
             return f"{self._root}.events.{aggregate_id}"
+        if aggregate_id in ("*", ">"):
+            raise ValueError("a wildcard has no partition: use events_wildcard (or a part's)")
         return f"{self._root}.events.{partition_of(aggregate_id, self.partitions)}.{aggregate_id}"
 
     def aggregate_id(self, subject: str) -> str:

@@ -407,7 +407,7 @@ async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: in
                 started_event[task_id].set()
 
     await asyncio.sleep(1.0)
-    sub = await nc.subscribe(ctx.events("*"), cb=on_event)
+    sub = await nc.subscribe(ctx.events_wildcard, cb=on_event)
     latencies = []
     for _ in range(samples):
         t = time.time()
@@ -424,9 +424,11 @@ async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: in
 
 
 @contextlib.asynccontextmanager
-async def _system(settings: Settings, pid: int | None) -> AsyncIterator[tuple[Settings, str, int | None]]:
+async def _system(
+    settings: Settings, pid: int | None, partitions: int = 0, cluster: int = 0,
+) -> AsyncIterator[tuple[Settings, str, int | None]]:
     """The settings of a running system, its edge base URL and its supervisor's pid (as given,
-    for a running one); starts `jetsource up` if none answers."""
+    for a running one); starts `jetsource up [--partitions K] [--cluster N]` if none answers."""
     base = f"http://{settings.http_host}:{settings.http_port}"
     try:
         async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
@@ -436,12 +438,16 @@ async def _system(settings: Settings, pid: int | None) -> AsyncIterator[tuple[Se
     except aiohttp.ClientError:
         pass
     with tempfile.TemporaryDirectory(prefix="jetsource-bench-") as tmp:
-        ports = {k: free_port() for k in ("NATS_PORT", "NATS_MONITOR_PORT", "POSTGRES_PORT", "HTTP_PORT")}
+        nodes = max(1, cluster)
+        ports = {k: _free_run(nodes) for k in ("NATS_PORT", "NATS_MONITOR_PORT", "NATS_CLUSTER_PORT")}
+        ports.update({k: free_port() for k in ("POSTGRES_PORT", "HTTP_PORT")})
         env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")}
         env.update({f"JETSOURCE_{k}": str(v) for k, v in ports.items()}, JETSOURCE_DATA_DIR=tmp,
                    JETSOURCE_LOG_LEVEL="WARNING", JETSOURCE_NAMESPACE=settings.namespace,
                    JETSOURCE_DB_SCHEMA=settings.db_schema)
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "up"], env=env, stdout=subprocess.DEVNULL)
+        extra = ["--partitions", str(partitions)] if partitions else []
+        extra += ["--cluster", str(cluster)] if cluster else []
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "up", *extra], env=env, stdout=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{ports['HTTP_PORT']}"
         try:
             async with aiohttp.ClientSession() as http:
@@ -454,12 +460,60 @@ async def _system(settings: Settings, pid: int | None) -> AsyncIterator[tuple[Se
                         pass
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
-            yield settings.model_copy(update={**{k.lower(): v for k, v in ports.items()},
-                                              "nats_url": None, "database_url": None, "data_dir": Path(tmp)}),\
-                base, proc.pid
+            update: dict[str, object] = {**{k.lower(): v for k, v in ports.items()}, "nats_url": None,
+                                         "database_url": None, "data_dir": Path(tmp)}
+            if partitions:
+                update["partitions"] = partitions
+            if cluster:
+                update.update(nats_cluster=cluster, stream_replicas=cluster)
+            yield settings.model_copy(update=update), base, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+
+
+def _free_run(n: int) -> int:
+    """The first of n consecutive free ports (a cluster's nodes listen on port + i)."""
+    import socket
+
+    while True:
+        first = free_port()
+        taken = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                taken.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in taken:
+                s.close()
+
+
+def nats_cli_bench(settings: Settings, subject: str, count: int, clients: int) -> dict[str, object]:
+    """`nats bench service request SUBJECT --payload examples/payloads/place_order.json` as
+    users run it (the NATS CLI, when on the PATH), as the admin: its rate, next to ours."""
+    exe = shutil.which("nats")
+    if exe is None:
+        return {"skipped": "the nats CLI is not on the PATH (go install github.com/nats-io/natscli/nats@v0.5.0)"}
+    payload = Path(__file__).resolve().parents[1] / "examples" / "payloads" / "place_order.json"
+    who = credentials(settings, ADMIN)
+    env = {**os.environ, "NATS_URL": settings.resolved_nats_url(), "NATS_USER": who.user or "",
+           "NATS_PASSWORD": who.password or ""}
+    with tempfile.TemporaryDirectory() as home:  # no user context of the CLI's own interferes
+        out = subprocess.run([exe, "bench", "service", "request", subject, "--payload", str(payload),
+                              "--clients", str(clients), "--msgs", str(count), "--no-progress"],
+                             env={**env, "HOME": home}, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    import re
+
+    rate = re.search(r"stats: ([\d,]+) msgs/sec", text)
+    if out.returncode != 0 or rate is None:
+        return {"failed": text.strip().splitlines()[-1:] or [f"exit {out.returncode}"]}
+    return {"per_s": int(rate.group(1).replace(",", "")), "clients": clients, "count": count,
+            "client": "nats bench service request (natscli)"}
 
 
 async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float:
@@ -491,7 +545,10 @@ async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
     only = set(args.only or ["ceilings", "nats", "saga", "http", "tasks"])
     results: dict[str, object] = {"inflight": args.inflight}
-    async with _system(settings, args.pid) as (settings, base, pid):
+    async with _system(settings, args.pid, args.partitions, args.cluster) as (settings, base, pid):
+        results["partitions"] = settings.partitions
+        if settings.nats_cluster:
+            results["cluster_nodes"] = settings.nats_cluster
         url = Nats(settings.resolved_nats_url(), credentials(settings, ADMIN))
         cpu = ProcessCpu(pid) if pid is not None and os.path.isdir("/proc") else None
         if "ceilings" in only:
@@ -506,6 +563,9 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             await settle(url, settings)
             results[f"nats_orders_cmd_place_x{4 * args.inflight}"] = await bench_nats(
                 url, subject, args.count, 4 * args.inflight)
+            await settle(url, settings)
+            results["natscli_orders_cmd_place"] = await asyncio.to_thread(
+                nats_cli_bench, settings, subject, args.count, args.inflight)
         if "saga" in only:
             await settle(url, settings)
             results["saga_place_confirm_reserved"] = await bench_saga(url, settings, max(1, args.count // 4), args.inflight)

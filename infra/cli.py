@@ -412,6 +412,10 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
     b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks"], action="append")
+    b.add_argument("--partitions", type=int, default=0, metavar="K",
+                   help="the system it starts spreads each context over K streams")
+    b.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",
+                   help="the system it starts runs on an embedded cluster of N nodes (R(N) streams)")
     b.add_argument("--pid", type=int, help="a running `jetsource up`'s pid: task phases report CPU per task "
                                            "for each of its processes (a system the bench starts reports it anyway)")
     b.set_defaults(fn=cmd_bench)

@@ -28,7 +28,7 @@ import pytest
 from actors.runtime import _ID_NAMESPACE
 from bus import subjects as h
 from bus.connection import Credentials, connect
-from bus.eventstore import EventStore
+from bus.eventstore import PartitionedStore
 from bus.subjects import Context
 from infra.embedded import free_port
 from tests.e2e.test_heal import _is_nats, _is_postmaster, _replaced, _server
@@ -276,13 +276,14 @@ _STATUS_OF = {"order.confirmed": "confirmed", "order.reserved": "reserved", "ord
               "order.paid": "paid", "order.shipped": "shipped", "order.cancelled": "cancelled"}
 
 
-async def fold_streams(url: str, password: str) -> tuple[dict[str, FoldedOrder], dict[str, FoldedTask]]:
-    """Read both streams as the admin and fold them independently of the projections' code."""
+async def fold_streams(url: str, password: str, partitions: int = 1) -> tuple[dict[str, FoldedOrder], dict[str, FoldedTask]]:
+    """Read both contexts' streams (every partition) as the admin and fold them independently of
+    the projections' code."""
     nc = await connect(url, "chaos-test", credentials=Credentials(user="admin", password=password))
     try:
         orders: dict[str, FoldedOrder] = {}
-        ctx = Context("orders")
-        async for e in EventStore(nc, ctx.stream).read(ctx.events_wildcard):
+        ctx = Context("orders", "", partitions)
+        async for e in PartitionedStore.open(nc, ctx).read(ctx.events_wildcard):
             event = msgspec.json.decode(e.data, type=_OrderEvent)
             order = orders.setdefault(ctx.aggregate_id(e.subject), FoldedOrder())
             match event.type:
@@ -298,8 +299,8 @@ async def fold_streams(url: str, password: str) -> tuple[dict[str, FoldedOrder],
             order.version = e.seq
             order.command_ids.add(e.headers.get(h.EV_COMMAND_ID, ""))
         tasks: dict[str, FoldedTask] = {}
-        ctx = Context("tasks")
-        async for e in EventStore(nc, ctx.stream).read(ctx.events_wildcard):
+        ctx = Context("tasks", "", partitions)
+        async for e in PartitionedStore.open(nc, ctx).read(ctx.events_wildcard):
             task = tasks.setdefault(ctx.aggregate_id(e.subject), FoldedTask())
             task.types.append(msgspec.json.decode(e.data, type=_Tag).type)
             task.version = e.seq
