@@ -358,6 +358,25 @@ class EventStore:
         """All events of one subject after a sequence, via batched Direct Get."""
         return [e async for e in self._direct_get(subject, after_seq + 1)]
 
+    async def last_seq(self, subject: str) -> int:
+        """The sequence of the last message on `subject` (a wildcard too), 0 when there is none:
+        one Direct Get with the subject in the body, which the roles' permissions allow (nats-py's
+        `get_last_msg(direct=True)` puts it in the API subject instead)."""
+        try:
+            msg = await request(self._nc, f"$JS.API.DIRECT.GET.{self.stream}",
+                                msgspec.json.encode({"last_by_subj": subject}), timeout=self._timeout)
+        except NoRespondersError:
+            raise UnavailableError("JetStream is not answering Direct Get") from None
+        except NatsTimeoutError:
+            raise DeadlineError("Direct Get timed out") from None
+        hdrs = msg.headers or {}
+        status = hdrs.get(h.STATUS)
+        if status == "404":
+            return 0
+        if status:
+            raise UnavailableError(f"direct get failed with status {status}")
+        return int(hdrs["Nats-Sequence"])
+
     async def _direct_get(self, subject: str, start_seq: int, batch: int = 1000) -> AsyncIterator[StoredEvent]:
         if not self._nc.is_connected:
             raise UnavailableError("not connected to NATS")
@@ -518,11 +537,24 @@ class PartitionedStore:
                                           else since, follow=True, idle_timeout=idle_timeout):
                 await queue.put(event)
 
-        tasks = [asyncio.create_task(tail(part, store, last[i])) for i, (part, store) in enumerate(parts)]
+        tasks: set[asyncio.Future[Any]] = {asyncio.create_task(tail(part, store, last[i]))
+                                            for i, (part, store) in enumerate(parts)}
+        getter: asyncio.Future[Any] | None = None
         try:
             while True:
-                yield await queue.get()
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {getter}:  # a partition's tail ended: its failure is the reader's
+                    tasks.discard(task)
+                    if (exc := task.exception()) is not None:
+                        raise exc
+                if getter in done:
+                    event, getter = getter.result(), None
+                    yield event
         finally:
+            if getter is not None:
+                getter.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -66,6 +66,7 @@ class PriorityQueues:
         partition), then the next queue's. Callers start everything they take at once, so
         strictness holds."""
         items: list[WorkItem] = []
+        failed: UnavailableError | None = None
         self._turn += 1
         for queue, pullers in self._queues:
             start = self._turn % len(pullers)
@@ -75,10 +76,12 @@ class PriorityQueues:
                     return items
                 try:
                     items += [WorkItem(self._nc, msg, queue, stream) for msg in await puller.pull(want)]
-                except UnavailableError:
-                    if not items:
-                        raise
-                    return items  # hand over what a higher queue gave: dropped, it would wait out its lease
+                except UnavailableError as exc:
+                    # One partition without a leader (an election) holds up only its own work:
+                    # the other partitions' queues are taken as usual.
+                    failed = exc
+        if failed is not None and not items:
+            raise failed
         return items
 
     async def next(self) -> WorkItem | None:

@@ -462,10 +462,8 @@ async def _system(
             await asyncio.sleep(1.0)
             update: dict[str, object] = {**{k.lower(): v for k, v in ports.items()}, "nats_url": None,
                                          "database_url": None, "data_dir": Path(tmp)}
-            if partitions:
-                update["partitions"] = partitions
-            if cluster:
-                update.update(nats_cluster=cluster, stream_replicas=cluster)
+            # What the started system is, whatever this process's own settings say.
+            update.update(partitions=partitions or 1, nats_cluster=cluster, stream_replicas=max(1, cluster))
             yield settings.model_copy(update=update), base, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -98,11 +98,11 @@ async def prepare(settings: Settings) -> Settings:
         if settings.nats_cluster:
             await wait_for_jetstream(nc.jetstream(), 30.0)
         settings = await _partitioned_as_stored(nc, settings)
+        record_partitions(settings)  # before any stream is created: a creation cut short is completed
         if settings.nats_cluster:
             await _clustered(nc, settings)
         else:
             await ensure_streams(nc, settings)
-    record_partitions(settings)
     await ensure_read_models(settings)
     return settings
 
@@ -141,9 +141,9 @@ def record_partitions(settings: Settings) -> None:
         write_private(_partitions_file(settings), f"{settings.partitions}\n")
 
 
-async def existing_partitions(nc: Client, settings: Settings) -> dict[str, int]:
-    """How many partitions each declared context's streams already have (contexts with no stream
-    yet are left out): `ORDERS` is one; `ORDERS_P0` … `ORDERS_P<K-1>` are K."""
+async def existing_partitions(nc: Client, settings: Settings) -> dict[str, tuple[int, bool]]:
+    """What each declared context's streams already are (contexts with no stream yet are left
+    out): (1, False) for the single stream `ORDERS`; (n, True) for `ORDERS_P0` … `ORDERS_P<n-1>`."""
     from nats.js.errors import NotFoundError
 
     js = nc.jetstream()
@@ -155,34 +155,57 @@ async def existing_partitions(nc: Client, settings: Settings) -> dict[str, int]:
         except NotFoundError:
             return False
 
-    found: dict[str, int] = {}
+    found: dict[str, tuple[int, bool]] = {}
     for bc in declared(settings).contexts:
         if await exists(Context(bc.name, settings.namespace).stream):
-            found[bc.name] = 1
+            found[bc.name] = (1, False)
             continue
         count = 0
         while await exists(Context(bc.name, settings.namespace, count + 2, count).stream):
             count += 1
         if count:
-            found[bc.name] = count
+            found[bc.name] = (count, True)
     return found
+
+
+def _recorded(settings: Settings) -> int | None:
+    if not settings.nats_embedded:
+        return None
+    try:
+        return int(_partitions_file(settings).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 async def _partitioned_as_stored(nc: Client, settings: Settings) -> Settings:
     """Partitions are fixed when the streams are created: a data directory (or server) whose
     streams have K keeps K when the setting is left alone; asking explicitly for another count
-    is refused rather than splitting a context's history over two layouts."""
+    is refused rather than splitting a context's history over two layouts. A creation that did
+    not finish (fewer partition streams than the count it was started with, recorded or asked
+    for) is completed."""
     found = await existing_partitions(nc, settings)
-    counts = set(found.values())
-    if not counts:
+    if not found:
         return settings
-    if len(counts) > 1:
-        raise PartitionsMismatch("the contexts' streams have different partition counts: "
-                                 + ", ".join(f"{n} {k}" for n, k in sorted(found.items())))
-    (stored,) = counts
+    single = sorted(n for n, (_, parted) in found.items() if not parted)
+    parted = {n: k for n, (k, p) in found.items() if p}
+    if single and parted:
+        raise PartitionsMismatch(f"some contexts have one stream ({', '.join(single)}) and others partitions "
+                                 f"({', '.join(f'{n} {k}' for n, k in sorted(parted.items()))})")
+    explicit = "partitions" in settings.model_fields_set
+    intended = _recorded(settings) or (settings.partitions if explicit else None)
+    if single:
+        stored = 1
+    elif intended is not None and intended > 1 and max(parted.values()) <= intended:
+        stored = intended  # all there, or an unfinished creation that prepare completes now
+    elif len(set(parted.values())) == 1:
+        stored = next(iter(parted.values()))
+    else:
+        raise PartitionsMismatch("the contexts' streams have different partition counts ("
+                                 + ", ".join(f"{n} {k}" for n, k in sorted(parted.items()))
+                                 + "): an unfinished creation? run again with JETSOURCE_PARTITIONS set to its count")
     if stored == settings.partitions:
         return settings
-    if "partitions" in settings.model_fields_set:
+    if explicit:
         raise PartitionsMismatch(
             f"the streams were created with {stored} partition(s) ({', '.join(sorted(found))}) and "
             f"JETSOURCE_PARTITIONS asks for {settings.partitions}: partitions are fixed when the streams are "
@@ -246,7 +269,8 @@ async def keep_running(name: str, loop: Loop) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _running(actor: Actor) -> AsyncIterator[Actor]:
+async def _running(actor: Actor, nc: Client, ctx: Context) -> AsyncIterator[Actor]:
+    await _streams_exist(nc, ctx)
     await actor.start()
     try:
         yield actor
@@ -259,7 +283,24 @@ def run_actor(settings: Settings, nc: Client, name: str) -> contextlib.AbstractA
     bc = declared(settings).context(name)
     ctx = bc.context(settings)
     return _running(Actor(nc, _store(settings, nc, ctx, bc.work_queue), bc.aggregate(ctx, settings),
-                          concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries))
+                          concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries), nc, ctx)
+
+
+async def _streams_exist(nc: Client, ctx: Context) -> None:
+    """An actor writes only where its partition count says: with another count than the
+    streams' (a K = 4 actor on one stream, whose `orders.events.>` would take
+    `orders.events.2.<id>` and hide it from every reader), it refuses to start."""
+    from nats.js.errors import NotFoundError
+
+    js = nc.jetstream()
+    for stream in ctx.streams:
+        try:
+            await js.stream_info(stream)
+        except NotFoundError:
+            raise PartitionsMismatch(
+                f"stream {stream} does not exist: this process has {ctx.partitions} partition(s) per context "
+                f"(JETSOURCE_PARTITIONS) and the streams another count, or they were never created "
+                f"(`jetsource prepare`)") from None
 
 
 def run_orders_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncContextManager[Actor]:
@@ -319,7 +360,11 @@ def _read_models(settings: Settings) -> list[tuple[BoundedContext, Context]]:
 async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Projector]]:
     """Every declared read model's projection and the query endpoints that read it."""
     await ensure_read_models(settings)
-    pool = await create_pool(settings.resolved_database_url(), settings.db_schema, max_size=20)
+    # Each projector holds a connection for its advisory lock while it runs and borrows one per
+    # batch: two per projector (one per read model and partition), and the queries' share.
+    projectors_count = len(_read_models(settings)) * settings.partitions
+    pool = await create_pool(settings.resolved_database_url(), settings.db_schema,
+                             max_size=max(20, 2 * projectors_count + 10))
     try:
         checkpoints = Checkpoints(pool)
         projectors, queries = [], QueryService(nc, pool, checkpoints, read_wait_timeout=settings.read_wait_timeout_s)

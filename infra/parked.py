@@ -146,7 +146,9 @@ async def _apply(pool: asyncpg.Pool, model: ReadModel, event: ParkedEvent) -> No
     async with pool.acquire() as conn, conn.transaction():
         # Serialise with a running projector, which holds this row while it applies a batch.
         checkpoint = next((part.checkpoint(projection.name) for part in model.ctx.parts if part.stream == event.stream),
-                          projection.name)
+                          None)
+        if checkpoint is None:  # no stream of this read model: nothing to lock, so nothing to apply
+            raise MalformedError(f"{event.stream} is not a stream of the {projection.name} read model")
         await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", checkpoint)
         await projection.apply(conn, [(stored, decode_event(projection, stored))])
 

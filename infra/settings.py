@@ -45,9 +45,11 @@ class Settings(BaseSettings):
     db_schema: str = Field("public", description="PostgreSQL schema of the read models")
     stream_replicas: int = Field(1, description="3 on a NATS cluster; unset with nats_cluster: its size")
     duplicate_window_s: float = 300.0
-    partitions: int = Field(1, ge=1, le=64, description="streams each context's events spread over, by a hash of the "
-                                                   "aggregate id; fixed when the streams are created (a data "
-                                                   "directory keeps the count it was created with)")
+    partitions: int = Field(1, ge=1, le=8, description="streams each context's events spread over, by a hash of the "
+                                                  "aggregate id; fixed when the streams are created (a data "
+                                                  "directory keeps the count it was created with). At most 8: "
+                                                  "each partition of each read model is a projector holding "
+                                                  "PostgreSQL connections")
     actor_concurrency: int = 512
     actor_max_retries: int = 5
     append_batches_inflight: int = Field(2, description="atomic batches an actor keeps in flight (group commit)")

@@ -149,7 +149,8 @@ async def rebuild(settings: Settings, only: str | None = None) -> int:
     """Empty read models and re-fold them from the streams, printing progress."""
     dsn = settings.resolved_database_url()
     await ensure_read_models(settings)
-    pool = await create_pool(dsn, settings.db_schema)
+    # Each partition's projector holds one connection (its lock) and borrows another per batch.
+    pool = await create_pool(dsn, settings.db_schema, max_size=max(10, 2 * settings.partitions + 4))
     nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild", credentials=credentials(settings, ADMIN))
     try:
         for model in read_models(settings):

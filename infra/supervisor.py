@@ -211,6 +211,13 @@ def up(settings: Settings) -> int:
         except PartitionsMismatch as exc:
             print(f"jetsource: {exc}", file=sys.stderr, flush=True)
             return 2
+        if partitions != settings.partitions:
+            # The server's permissions were written for the other count (the data directory had
+            # no record of the streams'): it is recorded now, and the next start is right.
+            print(f"jetsource: the streams have {partitions} partition(s), not the {settings.partitions} this "
+                  "server was configured for; the count is now recorded: start `jetsource up` again",
+                  file=sys.stderr, flush=True)
+            return 2
         settings = settings.model_copy(update={"partitions": partitions})
         env["JETSOURCE_PARTITIONS"] = str(partitions)  # what the streams have
         children = role_commands(settings)

@@ -10,13 +10,13 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from bus.codec import Decoder
 from bus.errors import DeadlineError, UnavailableError
+from bus.eventstore import EventStore
 from bus.service import Concurrency, respond
 from bus.subjects import Context
 from projections.runner import Checkpoints
@@ -58,15 +58,10 @@ class QueryService:
         async def wait(q: Any, seq: int) -> bool:
             if field is not None and (aggregate_id := getattr(q, field, None)):
                 return await self._checkpoints.wait(ctx.part_of(aggregate_id).checkpoint(projection), seq, self._wait)
-            js = self._nc.jetstream()
-            lasts = []
-            for part in ctx.parts:
-                try:
-                    lasts.append((part, (await js.get_last_msg(part.stream, part.events_wildcard, direct=True)).seq))
-                except NotFoundError:
-                    continue  # no event in this partition yet
-            done = await asyncio.gather(*(self._checkpoints.wait(part.checkpoint(projection), last or 0, self._wait)
-                                          for part, last in lasts))
+            lasts = [(part, await EventStore(self._nc, part.stream).last_seq(part.events_wildcard))
+                     for part in ctx.parts]
+            done = await asyncio.gather(*(self._checkpoints.wait(part.checkpoint(projection), last, self._wait)
+                                          for part, last in lasts if last))
             return all(done)
 
         return wait

@@ -47,6 +47,12 @@ async def test_up_with_four_partitions_runs_every_role_and_keeps_the_count(tmp_p
                     assert resp.status == 200, await resp.text()
             for oid in orders:
                 await _poll_status(http, f"{base}/orders/{oid}", "shipped", log, timeout=60)
+            # A list's read-your-writes reads every partition's last event, as the projector.
+            async with http.post(f"{base}/orders/{orders[0]}/cancel") as resp:
+                assert resp.status == 409  # shipped: refused, stores nothing
+            async with http.get(f"{base}/orders", params={"customer_id": "e2e", "min_seq": "1"}) as resp:
+                assert resp.status == 200, await resp.text()
+                assert {o["order_id"] for o in (await resp.json())["items"]} == set(orders)
             async with http.get(f"{base}/inventory/book") as resp:
                 assert (await resp.json())["on_hand"] == 2
         status = _cli(env, "status")

@@ -23,7 +23,8 @@ import pytest
 
 from bus.eventstore import PartitionedStore
 from bus.subjects import Context, partition_of
-from infra.bootstrap import PartitionsMismatch, ensure_streams, existing_partitions, prepare
+from bus.streams import ensure_stream, event_stream
+from infra.bootstrap import PartitionsMismatch, ensure_streams, existing_partitions, prepare, run_actor
 from infra.settings import Settings
 from infra.status import rebuild, status
 from tests.conftest import System, eventually, make_settings, running
@@ -137,11 +138,35 @@ async def test_streams_keep_the_partition_count_they_were_created_with(
     old = Settings(**base, partitions=1)  # type: ignore[arg-type]
     async with running(make_settings(namespace, nats_url, database_url, partitions=1)) as system:
         await ensure_streams(system.nc, old)
-        assert await existing_partitions(system.nc, old) == {"orders": 1, "tasks": 1, "inventory": 1}
+        assert await existing_partitions(system.nc, old) == {n: (1, False) for n in ("orders", "tasks", "inventory")}
+        # An actor told another count refuses to start (it would write where no reader looks).
+        with pytest.raises(PartitionsMismatch, match="ORDERS_P0 does not exist"):
+            async with run_actor(system.settings.model_copy(update={"partitions": 4}), system.nc, "orders"):
+                pass
     # Left unset, the setting follows the streams; asked for explicitly, another count is refused.
     assert (await prepare(Settings(**base))).partitions == 1  # type: ignore[arg-type]
     with pytest.raises(PartitionsMismatch, match="created with 1 partition"):
         await prepare(Settings(**base, partitions=4))  # type: ignore[arg-type]
+
+
+async def test_a_creation_cut_short_is_completed_by_the_count_it_was_started_with(
+    namespace: str, nats_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JETSOURCE_PARTITIONS", raising=False)
+    base = {"nats_url": nats_url, "database_url": database_url, "namespace": namespace, "db_schema": namespace,
+            "_env_file": None}
+    async with running(make_settings(namespace + "x", nats_url, database_url, partitions=1)) as system:
+        js = system.nc.jetstream()
+        # `prepare` with four partitions stopped after the orders streams and one of tasks'.
+        for part in [*Context("orders", namespace, 4).parts, Context("tasks", namespace, 4).parts[0]]:
+            await ensure_stream(js, event_stream(part))
+        unsure = Settings(**base)  # type: ignore[arg-type]
+        with pytest.raises(PartitionsMismatch, match="different partition counts"):
+            await prepare(unsure)  # nothing says which count was meant
+        done = await prepare(Settings(**base, partitions=4))  # type: ignore[arg-type]
+        assert done.partitions == 4
+        found = await existing_partitions(system.nc, done)
+        assert found == {n: (4, True) for n in ("orders", "tasks", "inventory")}
 
 
 def test_the_partition_hash_is_fnv1a_as_nats_subject_mapping_computes_it() -> None:
