@@ -470,6 +470,10 @@ class PartitionedStore:
     def __init__(self, ctx: h.Context, make: Callable[[h.Context], EventStore]) -> None:
         self._ctx = ctx
         self.parts = [make(part) for part in ctx.parts]
+        if len(self.parts) == 1:
+            # One stream: the actor's hot path calls its store directly, without a frame here.
+            self.append = self.parts[0].append  # type: ignore[method-assign]
+            self.load = self.parts[0].load  # type: ignore[method-assign]
 
     @classmethod
     def open(cls, nc: Client, ctx: h.Context, *, work_queue: bool = False, **options: Any) -> PartitionedStore:
