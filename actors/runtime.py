@@ -361,43 +361,53 @@ class Actor(Generic[S, C, E]):
                 aggregate_id, fresh = self._new_id(), True
             command = self._spec.with_id(command, aggregate_id)
         subject = self._spec.ctx.events(aggregate_id)
-        if self._spec.pending is None:
-            return await self._execute(aggregate_id, subject, command, meta, fresh)
-        return await self._execute_settled(aggregate_id, subject, command, meta, fresh)
+        # The hot path is one `_execute`; only an aggregate that may be pending (a saga step)
+        # waits, bounded by `settle_wait_s` in all and never past the caller's deadline.
+        pending = self._spec.pending
+        settle_by = 0.0
+        try:
+            reply = await self._execute(aggregate_id, subject, command, meta, fresh)
+        except PendingError as refused:
+            if pending is None:
+                raise
+            settle_by = self._settle_by(meta)
+            reply = await self._decided_when_settled(aggregate_id, subject, command, meta, refused, settle_by)
+        if pending is not None and (entry := self._cache.get(aggregate_id)) is not None and pending(entry.state):
+            return await self._answered_when_settled(aggregate_id, subject, reply, settle_by or self._settle_by(meta))
+        return reply
 
-    async def _execute_settled(
-        self, aggregate_id: str, subject: str, command: C, meta: CommandMeta, fresh: bool,
+    async def _decided_when_settled(
+        self, aggregate_id: str, subject: str, command: C, meta: CommandMeta, refused: PendingError,
+        settle_by: float,
     ) -> msgspec.Struct:
-        """`_execute` for an aggregate that may be pending: a command refused with PendingError
-        is decided again once it is not, and one that leaves it pending is answered once it is
-        not (each wait bounded by `settle_wait_s` and the caller's deadline)."""
+        """A command the decider refused with PendingError (the aggregate waits on another
+        context, e.g. a pay while the saga reserves): decided again once it is not pending."""
+        while True:
+            if not await self._settled(aggregate_id, subject, settle_by):
+                raise refused
+            try:
+                return await self._execute(aggregate_id, subject, command, meta, False)
+            except PendingError as again:
+                refused = again
+
+    async def _answered_when_settled(
+        self, aggregate_id: str, subject: str, reply: msgspec.Struct, settle_by: float,
+    ) -> msgspec.Struct:
+        """A stored command that left its aggregate pending (a confirm, until the saga answers)
+        is answered once it is not. A failure while waiting does not change what was stored:
+        the reply says what it is now."""
         pending = self._spec.pending
         assert pending is not None
-        settle_by = 0.0
-        while True:
-            try:
-                reply = await self._execute(aggregate_id, subject, command, meta, fresh)
-            except PendingError:
-                settle_by = settle_by or self._settle_by(meta)
-                if not await self._settled(aggregate_id, subject, settle_by):
-                    raise
-                fresh = False
-                continue
-            entry = self._cache.get(aggregate_id)
-            if entry is None or not pending(entry.state):
-                return reply
-            # Stored; the answer waits (bounded) for the saga. A failure while waiting does not
-            # change what was stored: the reply says what it is now.
-            try:
-                await self._settled(aggregate_id, subject, settle_by or self._settle_by(meta))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the command is stored; answer with what is known
-                return reply
-            entry = self._cache.get(aggregate_id)
-            if entry is not None and not pending(entry.state):
-                return self._spec.reply(aggregate_id, entry.state, entry.version)
+        try:
+            await self._settled(aggregate_id, subject, settle_by)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the command is stored; answer with what is known
             return reply
+        entry = self._cache.get(aggregate_id)
+        if entry is not None and not pending(entry.state):
+            return self._spec.reply(aggregate_id, entry.state, entry.version)
+        return reply
 
     def _settle_by(self, meta: CommandMeta) -> float:
         """When a wait for a pending aggregate gives up (monotonic): the setting's bound, and

@@ -108,20 +108,47 @@ async def prepare(settings: Settings) -> Settings:
 
 
 class PartitionsMismatch(RuntimeError):
-    """The streams were created with another partition count than the settings ask for."""
+    """The streams were created with another partition count (or the data directory's embedded
+    cluster with another size) than the settings ask for."""
 
 
 def _partitions_file(settings: Settings) -> Path:
     return settings.data_dir / "partitions"
 
 
+def record_cluster(settings: Settings) -> None:
+    """`up --cluster N` records N in the data directory: later starts and CLI commands on it
+    find every node (and keep R(N) streams) without being told again."""
+    if settings.nats_embedded and settings.nats_cluster:
+        write_private(settings.data_dir / "cluster", f"{settings.nats_cluster}\n")
+
+
+def _with_recorded_cluster(settings: Settings) -> Settings:
+    try:
+        nodes = int((settings.data_dir / "cluster").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return settings
+    if nodes == settings.nats_cluster:
+        return settings
+    if "nats_cluster" in settings.model_fields_set:
+        raise PartitionsMismatch(
+            f"{settings.data_dir} holds an embedded cluster of {nodes} nodes and JETSOURCE_NATS_CLUSTER (or "
+            f"--cluster) asks for {settings.nats_cluster}: leave it unset, or use another data directory")
+    update: dict[str, int] = {"nats_cluster": nodes}
+    if "stream_replicas" not in settings.model_fields_set:
+        update["stream_replicas"] = nodes
+    return settings.model_copy(update=update)
+
+
 def with_recorded_partitions(settings: Settings) -> Settings:
-    """On the embedded server, the partition count its data directory's streams were created
-    with (recorded by `prepare`): what every process started on it uses unless told otherwise —
+    """On the embedded server, the layout its data directory was created with: the embedded
+    cluster's size (recorded by `up --cluster N`) and the partition count of its streams
+    (recorded by `prepare`). What every process started on it uses unless told otherwise —
     before any server starts, since the roles' permissions name every partition stream. Told
     another count explicitly, refuse (PartitionsMismatch)."""
     if not settings.nats_embedded:
         return settings
+    settings = _with_recorded_cluster(settings)
     try:
         recorded = int(_partitions_file(settings).read_text().strip())
     except (FileNotFoundError, ValueError):

@@ -167,10 +167,11 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from infra.bootstrap import PartitionsMismatch, with_recorded_partitions
+    from infra.bootstrap import PartitionsMismatch, record_cluster, with_recorded_partitions
 
     try:
         settings = with_recorded_partitions(settings)  # before the servers' permissions are written
+        record_cluster(settings)
     except PartitionsMismatch as exc:
         print(f"jetsource: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -181,3 +181,24 @@ def test_postgres_waits_while_processes_of_a_dead_postmaster_still_attach_its_sh
         if address is not None:
             libc.shmdt(ctypes.c_void_p(address))
         libc.shmctl(shmid, 0, None)  # IPC_RMID
+
+
+def test_a_data_directory_keeps_its_cluster_size_and_partition_count(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.bootstrap import PartitionsMismatch, record_cluster, record_partitions, with_recorded_partitions
+
+    for name in ("JETSOURCE_NATS_CLUSTER", "JETSOURCE_PARTITIONS", "JETSOURCE_STREAM_REPLICAS", "JETSOURCE_NATS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    created = Settings(_env_file=None, data_dir=tmp_path, nats_cluster=3, partitions=4)
+    record_cluster(created)
+    record_partitions(created)
+    later = with_recorded_partitions(Settings(_env_file=None, data_dir=tmp_path))
+    assert (later.nats_cluster, later.stream_replicas, later.partitions) == (3, 3, 4)
+    assert later.resolved_nats_url().count("nats://") == 3  # every node, with no setting
+    with pytest.raises(PartitionsMismatch, match="cluster of 3 nodes"):
+        with_recorded_partitions(Settings(_env_file=None, data_dir=tmp_path, nats_cluster=5))
+    with pytest.raises(PartitionsMismatch, match="created with 4 partition"):
+        with_recorded_partitions(Settings(_env_file=None, data_dir=tmp_path, partitions=2))
+    # An external server's layout is its own: nothing recorded here applies.
+    external = with_recorded_partitions(Settings(_env_file=None, data_dir=tmp_path, nats_url="nats://elsewhere:4222"))
+    assert (external.nats_cluster, external.partitions) == (0, 1)
