@@ -32,7 +32,7 @@ from bus.connection import on_reconnect
 from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
 from bus.eventstore import NewEvent, PartitionedStore, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
-from bus.service import Concurrency, give_back_slot, respond
+from bus.service import Concurrency, respond
 from bus.subjects import Context
 from bus.wire import BatchItem, BatchReply, CommandBatch, ErrorBody
 
@@ -206,6 +206,8 @@ class Actor(Generic[S, C, E]):
         self._forget_reconnects: Callable[[], None] | None = None
         # Commands waiting for a pending aggregate to settle, woken by the next change to it.
         self._changed: dict[str, asyncio.Event] = {}
+        # A context of one stream is its own (only) partition: no lookup per command.
+        self._one_part = None if spec.ctx.partitioned else spec.ctx
 
     async def start(self) -> Service:
         ctx = self._spec.ctx
@@ -421,7 +423,7 @@ class Actor(Generic[S, C, E]):
         """Wait until the aggregate is no longer pending, or `until` (monotonic) passes: woken
         by a command on it in this process, else reading its stream every 50 ms (the answer may
         come through another actor process)."""
-        give_back_slot()  # waiting is not work: it must not hold back the answer it waits for
+        self._concurrency.give_back()  # waiting is not work: it must not hold back the answer it waits for
         while (remaining := until - time.monotonic()) > 0:
             changed = self._changed.setdefault(aggregate_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
@@ -497,10 +499,11 @@ class Actor(Generic[S, C, E]):
         if not events:
             return self._spec.reply(aggregate_id, entry.state, entry.version)
         trace = correlation = None
-        if entry.trace and isinstance(command, self._spec.inherits_trace):
+        if self._spec.inherits_trace and entry.trace and isinstance(command, self._spec.inherits_trace):
             trace, correlation = entry.trace, entry.correlation or entry.trace
         new = self._new_events(aggregate_id, events, meta, trace, correlation)
-        extra = self._spec.outbox(self._spec.ctx.part_of(aggregate_id), entry.state, events) if self._spec.outbox else ()
+        extra = (self._spec.outbox(self._one_part or self._spec.ctx.part_of(aggregate_id), entry.state, events)
+                 if self._spec.outbox else ())
         meta.check_deadline()
         try:
             result = await self._store.append(subject, new, entry.version, extra, deadline=meta.deadline)

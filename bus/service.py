@@ -4,7 +4,6 @@ and bounded concurrency for request handlers."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -48,59 +47,43 @@ async def respond(request: Request, handler: Callable[[], Any]) -> None:
         await request.respond(body, headers=headers)
 
 
-class _Slot:
-    """One request's place under a Concurrency limit, given back once: when the request is
-    done, or earlier when it only waits (`give_back_slot`)."""
-
-    __slots__ = ("_owner", "_held")
-
-    def __init__(self, owner: Concurrency) -> None:
-        self._owner = owner
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._owner._slots.release()  # noqa: SLF001 - the two are one mechanism
-
-    def done(self, task: asyncio.Task[None]) -> None:
-        self._owner._tasks.discard(task)  # noqa: SLF001
-        self.release()
-
-
-_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("jetsource_request_slot", default=None)
-
-
-def give_back_slot() -> None:
-    """Free the current request's concurrency slot before it waits on something other than
-    work (an order waiting for its saga's answer), so that waiting requests never starve the
-    ones they wait for (the saga's answer comes through the same limit)."""
-    slot = _SLOT.get()
-    if slot is not None:
-        slot.release()
-
-
 class Concurrency:
     """Runs request handlers as tasks, at most `limit` at once.
 
     nats-py awaits a subscription's callbacks one at a time; handing each request to a task
-    gives concurrency, and waiting for a free slot in the callback gives backpressure.
+    gives concurrency, and waiting for a free slot in the callback gives backpressure. A
+    request that only waits (an order waiting for its saga's answer) gives its slot back
+    early (`give_back`), so waiting requests never starve the ones they wait for.
     """
 
     def __init__(self, limit: int) -> None:
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._given: set[asyncio.Task[Any]] = set()  # running, their slot already given back
 
     def wrap(self, handler: Callable[[Request], Coroutine[Any, Any, None]]) -> Callable[[Request], Awaitable[None]]:
         async def spawn(request: Request) -> None:
             await self._slots.acquire()
-            slot = _Slot(self)
-            _SLOT.set(slot)  # the task below starts with a copy of this context
             task = asyncio.get_running_loop().create_task(handler(request))
             self._tasks.add(task)
-            task.add_done_callback(slot.done)
+            task.add_done_callback(self._done)
 
         return spawn
+
+    def give_back(self) -> None:
+        """Free the calling request's slot before it waits on something other than work (the
+        answer it waits for comes through the same limit). Once; outside a request, nothing."""
+        task = asyncio.current_task()
+        if task in self._tasks and task not in self._given:
+            self._given.add(task)
+            self._slots.release()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._given and task in self._given:
+            self._given.discard(task)
+        else:
+            self._slots.release()
 
     async def drain(self) -> None:
         if self._tasks:
