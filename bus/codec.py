@@ -60,16 +60,51 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-class Decoder(Generic[T]):
-    """A reusable strict JSON decoder that raises coded errors naming the field."""
+def _bounded(type_: Any) -> bool:
+    """Whether every value of this type nests to a depth its schema fixes: no `Any`, no
+    recursion, no Struct that skips unknown fields (a skipped value may nest at will). Bodies of
+    such a type need no depth check — msgspec refuses a nested value where the schema has none."""
+    ti = msgspec.inspect
 
-    __slots__ = ("_decoder",)
+    def walk(node: Any, path: frozenset[Any]) -> bool:
+        if isinstance(node, ti.AnyType | ti.CustomType):
+            return False
+        if isinstance(node, ti.StructType | ti.DataclassType | ti.TypedDictType | ti.NamedTupleType):
+            if node.cls in path:
+                return False  # recursive
+            if isinstance(node, ti.StructType) and not node.forbid_unknown_fields:
+                return False
+            return all(walk(f.type, path | {node.cls}) for f in node.fields)
+        if isinstance(node, ti.UnionType):
+            return all(walk(t, path) for t in node.types)
+        if isinstance(node, ti.ListType | ti.SetType | ti.FrozenSetType | ti.VarTupleType):
+            return walk(node.item_type, path)
+        if isinstance(node, ti.TupleType):
+            return all(walk(t, path) for t in node.item_types)
+        if isinstance(node, ti.DictType):
+            return walk(node.key_type, path) and walk(node.value_type, path)
+        return True  # scalars, Raw (kept as bytes), enums, literals, metadata-wrapped scalars
+
+    try:
+        return walk(ti.type_info(type_), frozenset())
+    except Exception:  # noqa: BLE001 - a type inspect cannot read: check every body
+        return False
+
+
+class Decoder(Generic[T]):
+    """A reusable strict JSON decoder that raises coded errors naming the field. Bodies are
+    checked for nesting depth first unless the type bounds it (`_bounded`): the check scans
+    every byte of a large body (a worker's batch of a pull's claims)."""
+
+    __slots__ = ("_decoder", "_check")
 
     def __init__(self, type_: type[T]) -> None:
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(type_)
+        self._check = not _bounded(type_)
 
     def decode(self, data: bytes) -> T:
-        check_depth(data)
+        if self._check:
+            check_depth(data)
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:

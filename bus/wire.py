@@ -29,7 +29,7 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
 T = TypeVar("T")
 
 
-class CommandBatch(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+class CommandBatch(msgspec.Struct, Generic[T], frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`{"items": [...]}`: the body of a `<command>_batch` request, commands executed as if sent
     alone."""
 

@@ -59,9 +59,12 @@ def test_bodies_nested_deeper_than_the_limit_are_malformed(depth: int) -> None:
     # 5000 levels made msgspec raise RecursionError (a 500); 500 decoded and broke readers.
     body = b'{"customer_id":"c","currency":"EUR","lines":[],"x":' + b"[" * depth + b"]" * depth + b"}"
     with pytest.raises(MalformedError, match="deeper than 32"):
-        Decoder(PlaceOrder).decode(body)
+        Decoder(dict[str, Any]).decode(body)
     with pytest.raises(MalformedError, match="deeper than 32"):
         decode_json(body)
+    # A schema with no room for nesting refuses the first unexpected bracket, naming the field.
+    with pytest.raises(ValidationError):
+        Decoder(PlaceOrder).decode(body)
 
 
 def test_nesting_up_to_the_limit_and_brackets_inside_strings_are_fine() -> None:
@@ -76,3 +79,18 @@ def test_an_unterminated_string_runs_to_the_end_of_the_body() -> None:
     check_depth(b'["' + b'\\"' * 5000 + b"[" * 40)
     with pytest.raises(MalformedError):
         Decoder(list).decode(b'["' + b'\\"' * 5000 + b"[" * 40)
+
+
+def test_a_type_that_bounds_its_nesting_skips_the_depth_scan_and_still_refuses_deep_bodies() -> None:
+    from actors.tasks.messages import ClaimTask, CompleteTask
+    from bus.codec import _bounded
+    from bus.wire import CommandBatch
+
+    assert _bounded(CommandBatch[ClaimTask]) and _bounded(PlaceOrder)
+    # `Any` (a task's result), plain containers and recursion can nest at will: scanned.
+    assert not _bounded(CommandBatch[CompleteTask]) and not _bounded(dict) and not _bounded(Any)
+    deep = b'{"items": [{"task_id": ' + b"[" * 5000 + b"]" * 5000 + b', "attempt": 1}]}'
+    with pytest.raises(ValidationError):  # refused at the first bracket, never descended
+        Decoder(CommandBatch[ClaimTask]).decode(deep)
+    with pytest.raises(MalformedError):
+        Decoder(CommandBatch[CompleteTask]).decode(deep.replace(b'"task_id"', b'"result"'))
