@@ -31,7 +31,7 @@ from bus.connection import Credentials, connect, request
 from bus.subjects import Context
 from infra.auth import ADMIN, credentials
 from infra.bootstrap import orders_context, tasks_context
-from infra.embedded import free_port
+from infra.embedded import free_port, free_run
 from infra.settings import Settings
 from projections.schema import create_pool
 
@@ -439,7 +439,7 @@ async def _system(
         pass
     with tempfile.TemporaryDirectory(prefix="jetsource-bench-") as tmp:
         nodes = max(1, cluster)
-        ports = {k: _free_run(nodes) for k in ("NATS_PORT", "NATS_MONITOR_PORT", "NATS_CLUSTER_PORT")}
+        ports = {k: free_run(nodes) for k in ("NATS_PORT", "NATS_MONITOR_PORT", "NATS_CLUSTER_PORT")}
         ports.update({k: free_port() for k in ("POSTGRES_PORT", "HTTP_PORT")})
         env = {k: v for k, v in os.environ.items() if not k.startswith("JETSOURCE_")}
         env.update({f"JETSOURCE_{k}": str(v) for k, v in ports.items()}, JETSOURCE_DATA_DIR=tmp,
@@ -468,26 +468,6 @@ async def _system(
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-
-
-def _free_run(n: int) -> int:
-    """The first of n consecutive free ports (a cluster's nodes listen on port + i)."""
-    import socket
-
-    while True:
-        first = free_port()
-        taken = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                taken.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in taken:
-                s.close()
 
 
 def nats_cli_bench(settings: Settings, subject: str, count: int, clients: int) -> dict[str, object]:

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import socket
-from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -112,10 +111,6 @@ class PartitionsMismatch(RuntimeError):
     cluster with another size) than the settings ask for."""
 
 
-def _partitions_file(settings: Settings) -> Path:
-    return settings.data_dir / "partitions"
-
-
 def record_cluster(settings: Settings) -> None:
     """`up --cluster N` records N in the data directory: later starts and CLI commands on it
     find every node (and keep R(N) streams) without being told again."""
@@ -123,12 +118,20 @@ def record_cluster(settings: Settings) -> None:
         write_private(settings.data_dir / "cluster", f"{settings.nats_cluster}\n")
 
 
-def _with_recorded_cluster(settings: Settings) -> Settings:
+def _recorded_count(settings: Settings, name: str) -> int | None:
+    """A count the data directory records (`partitions`, `cluster`); None where it records none
+    (and for an external server, whose layout is its own)."""
+    if not settings.nats_embedded:
+        return None
     try:
-        nodes = int((settings.data_dir / "cluster").read_text().strip())
+        return int((settings.data_dir / name).read_text().strip())
     except (FileNotFoundError, ValueError):
-        return settings
-    if nodes == settings.nats_cluster:
+        return None
+
+
+def _with_recorded_cluster(settings: Settings) -> Settings:
+    nodes = _recorded_count(settings, "cluster")
+    if nodes is None or nodes == settings.nats_cluster:
         return settings
     if "nats_cluster" in settings.model_fields_set:
         raise PartitionsMismatch(
@@ -149,11 +152,8 @@ def with_recorded_partitions(settings: Settings) -> Settings:
     if not settings.nats_embedded:
         return settings
     settings = _with_recorded_cluster(settings)
-    try:
-        recorded = int(_partitions_file(settings).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return settings
-    if recorded == settings.partitions:
+    recorded = _recorded_count(settings, "partitions")
+    if recorded is None or recorded == settings.partitions:
         return settings
     if "partitions" in settings.model_fields_set:
         raise PartitionsMismatch(
@@ -165,7 +165,7 @@ def with_recorded_partitions(settings: Settings) -> Settings:
 
 def record_partitions(settings: Settings) -> None:
     if settings.nats_embedded:
-        write_private(_partitions_file(settings), f"{settings.partitions}\n")
+        write_private(settings.data_dir / "partitions", f"{settings.partitions}\n")
 
 
 async def existing_partitions(nc: Client, settings: Settings) -> dict[str, tuple[int, bool]]:
@@ -195,15 +195,6 @@ async def existing_partitions(nc: Client, settings: Settings) -> dict[str, tuple
     return found
 
 
-def _recorded(settings: Settings) -> int | None:
-    if not settings.nats_embedded:
-        return None
-    try:
-        return int(_partitions_file(settings).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 async def _partitioned_as_stored(nc: Client, settings: Settings) -> Settings:
     """Partitions are fixed when the streams are created: a data directory (or server) whose
     streams have K keeps K when the setting is left alone; asking explicitly for another count
@@ -219,7 +210,7 @@ async def _partitioned_as_stored(nc: Client, settings: Settings) -> Settings:
         raise PartitionsMismatch(f"some contexts have one stream ({', '.join(single)}) and others partitions "
                                  f"({', '.join(f'{n} {k}' for n, k in sorted(parted.items()))})")
     explicit = "partitions" in settings.model_fields_set
-    intended = _recorded(settings) or (settings.partitions if explicit else None)
+    intended = _recorded_count(settings, "partitions") or (settings.partitions if explicit else None)
     if single:
         stored = 1
     elif intended is not None and intended > 1 and max(parted.values()) <= intended:

@@ -336,6 +336,13 @@ def _nodes(text: str) -> int:
     return value
 
 
+def _partition_count(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"a partition count from 1 to 8, not {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -357,7 +364,7 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="run everything (embedded nats-server and PostgreSQL by default)")
     u.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",
                    help="an embedded cluster of N nats-server nodes (odd; 3 when no N), R(N) streams")
-    u.add_argument("--partitions", type=int, default=0, metavar="K",
+    u.add_argument("--partitions", type=_partition_count, default=0, metavar="K",
                    help="spread each context's events over K streams (when they are created; "
                         "JETSOURCE_PARTITIONS); an existing data directory keeps its count")
     u.set_defaults(fn=cmd_up)
@@ -412,7 +419,7 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
     b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks"], action="append")
-    b.add_argument("--partitions", type=int, default=0, metavar="K",
+    b.add_argument("--partitions", type=_partition_count, default=0, metavar="K",
                    help="the system it starts spreads each context over K streams")
     b.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",
                    help="the system it starts runs on an embedded cluster of N nodes (R(N) streams)")

@@ -57,6 +57,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_run(n: int) -> int:
+    """The first of n consecutive free ports (an embedded cluster's nodes listen on port + i)."""
+    while True:
+        first = free_port()
+        taken = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                taken.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in taken:
+                s.close()
+
+
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

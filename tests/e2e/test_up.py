@@ -17,27 +17,12 @@ import aiohttp
 import psutil
 import pytest
 
-from infra.embedded import free_port
+from infra.embedded import free_port, free_run
 
 PLACE = {"customer_id": "e2e", "currency": "USD", "lines": [{"sku": "book", "quantity": 1, "unit_price": 1999}]}
 
 
-def _free_run(n: int) -> int:
-    """The first of n consecutive free ports."""
-    while True:
-        first = free_port()
-        sockets = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
+_free_run = free_run  # the embedded servers' own helper
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -37,6 +37,16 @@ def test_an_unreachable_nats_is_one_line_naming_the_url_and_a_failure_exit(tmp_p
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("command", [["up"], ["bench"]])
+@pytest.mark.parametrize("count", ["0", "9", "four"])
+def test_a_bad_partition_count_is_a_usage_error_before_anything_starts(
+    tmp_path: Path, command: list[str], count: str,
+) -> None:
+    done = _cli(tmp_path, *command, "--partitions", count)
+    assert done.returncode == 2 and "a partition count from 1 to 8" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / ".jetsource").exists()
+
+
 @pytest.mark.parametrize(("args", "complaint"), [
     (["--since", "yesterday"], "argument --since: not an ISO datetime"),
     (["--from-seq", "0"], "argument --from-seq: a stream sequence is an integer >= 1"),

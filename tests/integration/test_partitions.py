@@ -129,12 +129,17 @@ async def test_a_rebuild_refolds_every_partition_into_one_read_model(sharded: Sy
     await eventually(listed, lambda got: got == expected, timeout=20, failure="the rebuilt read model differs")
 
 
+def _plain(namespace: str, nats_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Settings arguments with the partition count left unset (as a user leaves it)."""
+    monkeypatch.delenv("JETSOURCE_PARTITIONS", raising=False)
+    return {"nats_url": nats_url, "database_url": database_url, "namespace": namespace, "db_schema": namespace,
+            "_env_file": None}
+
+
 async def test_streams_keep_the_partition_count_they_were_created_with(
     namespace: str, nats_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("JETSOURCE_PARTITIONS", raising=False)
-    base = {"nats_url": nats_url, "database_url": database_url, "namespace": namespace, "db_schema": namespace,
-            "_env_file": None}
+    base = _plain(namespace, nats_url, database_url, monkeypatch)
     old = Settings(**base, partitions=1)  # type: ignore[arg-type]
     async with running(make_settings(namespace, nats_url, database_url, partitions=1)) as system:
         await ensure_streams(system.nc, old)
@@ -152,9 +157,7 @@ async def test_streams_keep_the_partition_count_they_were_created_with(
 async def test_a_creation_cut_short_is_completed_by_the_count_it_was_started_with(
     namespace: str, nats_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("JETSOURCE_PARTITIONS", raising=False)
-    base = {"nats_url": nats_url, "database_url": database_url, "namespace": namespace, "db_schema": namespace,
-            "_env_file": None}
+    base = _plain(namespace, nats_url, database_url, monkeypatch)
     async with running(make_settings(namespace + "x", nats_url, database_url, partitions=1)) as system:
         js = system.nc.jetstream()
         # `prepare` with four partitions stopped after the orders streams and one of tasks'.
