@@ -16,9 +16,9 @@ import msgspec
 from nats.aio.client import Client
 
 from actors.manager import OutboxReader
-from actors.orders.messages import OrderCancelled, OrderEvent, OrderPaid, RecordFulfilmentFailure, ShipOrder
+from actors.orders.messages import ORDER_EVENTS, OrderCancelled, OrderEvent, OrderPaid, RecordFulfilmentFailure, ShipOrder
 from actors.runtime import keyed_id
-from actors.tasks.messages import CancelTask, SubmitInternalTask, TaskCompleted, TaskDeadLettered, TaskEvent
+from actors.tasks.messages import TASK_EVENTS, CancelTask, SubmitInternalTask, TaskCompleted, TaskDeadLettered, TaskEvent
 from actors.tasks.registry import FULFIL_ORDER
 from bus.subjects import Context, Parked
 from infra.contexts import ProcessManager
@@ -57,8 +57,8 @@ class FulfilmentManager(OutboxReader):
         self._orders = orders
         self._tasks = tasks
         self._step_s = step_s
-        self._order_events = msgspec.json.Decoder(OrderEvent)
-        self._task_events = msgspec.json.Decoder(TaskEvent)
+        self._order_events = ORDER_EVENTS
+        self._task_events = TASK_EVENTS
 
     def key(self, ctx: Context, data: bytes) -> str | None:
         """The order an event is about (a task's `ref` names it): one order's events in order."""
@@ -96,7 +96,10 @@ class FulfilmentManager(OutboxReader):
         order_id = event.ref.split(":", 1)[1]  # type: ignore[union-attr]
         if isinstance(event, TaskCompleted):
             result = event.result if isinstance(event.result, dict) else {}
-            ship = ShipOrder(order_id=order_id, carrier=_text(result.get("carrier")), tracking=_text(result.get("tracking")))
+            numbers = result.get("tracking_numbers")
+            numbers = [t for n in numbers[:50] if (t := _text(n))] if isinstance(numbers, list) else []
+            ship = ShipOrder(order_id=order_id, carrier=_text(result.get("carrier")), tracking=_text(result.get("tracking")),
+                             tracking_numbers=numbers)
             await self.send(self._orders.command("ship"), ship, key=f"ship:{order_id}", cause=headers)
         else:
             failure = RecordFulfilmentFailure(order_id=order_id, reason=(event.error or "")[:2000])

@@ -24,6 +24,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
+from actors.upcasting import EventCodec
 from bus import parking
 from bus import subjects as h
 from bus.client import call
@@ -85,7 +86,7 @@ class OutboxReader(abc.ABC):
         raise ValueError(f"{self.reader} reads {', '.join(c.stream for c in self._outboxes)}, not {stream}")
 
     @staticmethod
-    def decode(decoder: msgspec.json.Decoder[Any], data: bytes, what: str) -> Any:
+    def decode(decoder: msgspec.json.Decoder[Any] | EventCodec[Any], data: bytes, what: str) -> Any:
         try:
             return decoder.decode(data)
         except msgspec.DecodeError as exc:  # includes an unknown type or the wrong shape

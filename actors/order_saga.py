@@ -27,7 +27,7 @@ from actors.errors import InsufficientStockError, NotFoundError, RuleViolationEr
 from actors.inventory.messages import CommitStock, ReleaseStock, ReserveStock
 from actors.manager import OutboxReader
 from actors.orders import domain
-from actors.orders.messages import OrderCancelled, OrderConfirmed, OrderEvent, OrderShipped, RecordRejected, RecordReserved
+from actors.orders.messages import ORDER_EVENTS, OrderCancelled, OrderConfirmed, OrderShipped, RecordRejected, RecordReserved
 from bus.eventstore import PartitionedStore, appended
 from bus.subjects import Context, valid_token
 from infra.contexts import ProcessManager
@@ -51,7 +51,7 @@ class OrderSaga(OutboxReader):
         super().__init__(nc, READER, {orders: ("confirmed", "cancelled", "shipped")}, timeout=timeout)
         self._orders = orders
         self._inventory = inventory
-        self._events = msgspec.json.Decoder(OrderEvent)
+        self._events = ORDER_EVENTS
         self._store = PartitionedStore.open(nc, orders, timeout=timeout)
 
     def key(self, ctx: Context, data: bytes) -> str | None:

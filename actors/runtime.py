@@ -34,6 +34,7 @@ from bus.eventstore import NewEvent, PartitionedStore, StoredEvent, WrongExpecte
 from bus.ids import IdSource
 from bus.service import Concurrency, respond
 from bus.subjects import Context
+from actors.upcasting import EventCodec
 from bus.wire import BatchItem, BatchReply, CommandBatch, ErrorBody
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class AggregateSpec(Generic[S, C, E]):
     initial: S
     evolve: Callable[[S, E], S]
     decide: Callable[[S, C], list[E]]
+    # The events' tagged union, or (with upcasters for older versions) its `actors.upcasting.EventCodec`.
     event_type: Any
     commands: Mapping[str, type]
     aggregate_id: Callable[[C], str | None]
@@ -164,6 +166,20 @@ class AggregateSpec(Generic[S, C, E]):
     inherits_trace: tuple[type, ...] = ()
 
 
+def event_of(codec: EventCodec[E], event_id: Callable[[E], str] | None, stored: StoredEvent) -> E | None:
+    """The event a stored message holds, in its current shape; None for a message that is not
+    one of this aggregate's appended events (a reply NATS was made to store there, another
+    aggregate's event copied to its subject), which changes nothing."""
+    if not appended(stored.headers):
+        log.warning("ignoring a message on %s at seq %d that no actor appended", stored.subject, stored.seq)
+        return None
+    event: E = codec.decode(stored.data)
+    if event_id is not None and not stored.subject.endswith("." + event_id(event)):
+        log.warning("ignoring another aggregate's event copied to %s at seq %d", stored.subject, stored.seq)
+        return None
+    return event
+
+
 class _Entry(msgspec.Struct, gc=False):
     """A cached aggregate. Untracked by the cyclic GC: the cache is large and cycle-free."""
 
@@ -199,7 +215,7 @@ class Actor(Generic[S, C, E]):
         # Per-aggregate locks exist only while an aggregate has commands in flight.
         self._locks: dict[str, asyncio.Lock] = {}
         self._cache_size = cache_size
-        self._event_decoder = msgspec.json.Decoder(spec.event_type)
+        self._event_decoder: EventCodec[E] = EventCodec.of(spec.event_type)
         self._ids = IdSource()
         self._service: Service | None = None
         self._invalidations: Subscription | None = None
@@ -613,16 +629,7 @@ class Actor(Generic[S, C, E]):
         entry.loaded = True
 
     def _event_of(self, stored: StoredEvent) -> E | None:
-        """The event a stored message holds; None for a message that is not one of this
-        aggregate's appended events (a reply NATS was made to store there), which changes nothing."""
-        if not appended(stored.headers):
-            log.warning("ignoring a message on %s at seq %d that no actor appended", stored.subject, stored.seq)
-            return None
-        event: E = self._event_decoder.decode(stored.data)
-        if self._spec.event_id is not None and not stored.subject.endswith("." + self._spec.event_id(event)):
-            log.warning("ignoring another aggregate's event copied to %s at seq %d", stored.subject, stored.seq)
-            return None
-        return event
+        return event_of(self._event_decoder, self._spec.event_id, stored)
 
     async def load(self, aggregate_id: str) -> tuple[S, int]:
         """The current state and version of an aggregate, straight from the stream."""

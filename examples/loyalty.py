@@ -178,7 +178,7 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_post("/loyalty/{customer_id}/earn", kit.change("loyalty", "earn", "customer_id"))
     router.add_post("/loyalty/{customer_id}/redeem", kit.change("loyalty", "redeem", "customer_id"))
     router.add_get("/loyalty/{customer_id}", kit.get_one("loyalty", "customer_id"))
-    router.add_get("/loyalty/{customer_id}/events", kit.history("loyalty", "customer_id", "customer"))
+    kit.history_routes(router, "loyalty", "/loyalty/{customer_id}", "customer_id", "customer")
 
 
 # ---- the declaration: everything above, registered once --------------------------------------

@@ -11,6 +11,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from actors.runtime import AggregateSpec
 from bus import subjects as h
 from bus.errors import UnavailableError
 from bus.eventstore import PartitionedStore
@@ -18,7 +19,7 @@ from bus.ids import IdSource
 from bus.subjects import Context
 from http_edge.errors import to_response
 from http_edge.guards import Guards
-from http_edge.kit import CONFIG, CONTEXTS, NATS, STORES, TRACE_ID, EdgeConfig
+from http_edge.kit import AGGREGATES, CONFIG, CONTEXTS, NATS, STORES, TRACE_ID, EdgeConfig
 from http_edge.openapi import OpenApi, openapi_document
 
 
@@ -86,9 +87,11 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(
     nc: Client, contexts: Mapping[str, Context], config: EdgeConfig,
     routes: Sequence[Callable[[web.UrlDispatcher], None]], openapi_parts: Sequence[OpenApi] = (),
+    aggregates: Mapping[str, AggregateSpec[Any, Any, Any]] | None = None,
 ) -> web.Application:
     """Build the edge application around an injected NATS connection: each declared context's
-    routes (`BoundedContext.routes`), plus health, readiness, metrics and OpenAPI."""
+    routes (`BoundedContext.routes`), plus health, readiness, metrics and OpenAPI; `aggregates`
+    (each context's) serve time travel and history in the events' current shape."""
     guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens, config.api_read_tokens,
                     config.metrics_open)
     metrics_ = Metrics(lambda: guards.inflight)
@@ -122,6 +125,7 @@ def create_app(
     app[NATS] = nc
     app[CONTEXTS] = dict(contexts)
     app[STORES] = {name: PartitionedStore.open(nc, ctx, timeout=config.request_timeout) for name, ctx in contexts.items()}
+    app[AGGREGATES] = dict(aggregates or {})
     app[CONFIG] = config
     app[METRICS] = metrics_
     app[OPENAPI] = openapi_document(openapi_parts)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from actors.inventory.messages import AdjustStock, InventoryAccepted, ReceiveStock, StockPage, StockView
 from http_edge import kit
-from http_edge.openapi import MIN_SEQ, errors, json_body, path_param, write
+from http_edge.openapi import MIN_SEQ, errors, history_paths, json_body, path_param, write
 
 INVENTORY = "inventory"
 
@@ -18,7 +18,7 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_get("/inventory/{sku}", kit.get_one(INVENTORY, "sku"))
     router.add_post("/inventory/{sku}/receive", kit.change(INVENTORY, "receive", "sku"))
     router.add_post("/inventory/{sku}/adjust", kit.change(INVENTORY, "adjust", "sku"))
-    router.add_get("/inventory/{sku}/events", kit.history(INVENTORY, "sku", "sku"))
+    kit.history_routes(router, INVENTORY, "/inventory/{sku}", "sku", "sku")
 
 
 def openapi() -> tuple[dict[str, Any], list[type]]:
@@ -49,9 +49,6 @@ def openapi() -> tuple[dict[str, Any], list[type]]:
         "/inventory/{sku}/adjust": {"post": write(
             "Adjust the stock on hand by a nonzero delta, with a reason; never below what is reserved",
             reply, AdjustStock, ident=sku)},
-        "/inventory/{sku}/events": {
-            "get": {"summary": "The SKU's event history, from JetStream", "parameters": [sku],
-                    "responses": {"200": {"description": "events in order"}, **errors(404, 422)}}
-        },
+        **history_paths("/inventory/{sku}", "SKU", sku),
     }
     return paths, [ReceiveStock, AdjustStock, InventoryAccepted, StockView, StockPage]

@@ -4,15 +4,20 @@ nothing here knows a context."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client
 
+from actors.history import parse_time, state_at
+from actors.runtime import AggregateSpec
+from actors.upcasting import EventCodec
 from bus import subjects as h
 from bus.client import call
 from bus.codec import decode_json, encode
@@ -41,6 +46,8 @@ class EdgeConfig:
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)
 CONTEXTS: web.AppKey[dict[str, Context]] = web.AppKey("contexts", dict)
 STORES: web.AppKey[dict[str, PartitionedStore]] = web.AppKey("stores", dict)
+# Each context's aggregate (its fold and event codec): time travel and upcast history.
+AGGREGATES: web.AppKey[dict[str, AggregateSpec[Any, Any, Any]]] = web.AppKey("aggregates", dict)
 CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
 TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
 
@@ -218,10 +225,11 @@ class _Tag(msgspec.Struct):
     type: str = ""
 
 
-def event_out(stored: Any, id_key: str, aggregate_id: str) -> EventOut | None:
-    """One stored event as history shows it; None for a message that is not one of this
-    aggregate's appended events (a reply NATS was made to store on its subject, or a body that
-    is not JSON, which a projection parks): history shows what the aggregate folds."""
+def event_out(stored: Any, id_key: str, aggregate_id: str, codec: EventCodec[Any] | None = None) -> EventOut | None:
+    """One stored event as history shows it (in its current shape when given its context's
+    codec, else as stored); None for a message that is not one of this aggregate's appended
+    events (a reply NATS was made to store on its subject, or a body that is not JSON, which a
+    projection parks): history shows what the aggregate folds."""
     if not appended(stored.headers):
         return None
     try:
@@ -230,9 +238,13 @@ def event_out(stored: Any, id_key: str, aggregate_id: str) -> EventOut | None:
         return None
     if getattr(tag, id_key) != aggregate_id:
         return None
+    data = stored.data
+    if codec is not None:
+        with contextlib.suppress(msgspec.DecodeError):  # what no reader can decode is shown as stored
+            data = codec.current_bytes(data)
     return EventOut(
         seq=stored.seq, time=stored.headers.get(h.EV_TIME, stored.time), type=tag.type,
-        event=msgspec.Raw(stored.data), command_id=stored.headers.get(h.EV_COMMAND_ID),
+        event=msgspec.Raw(data), command_id=stored.headers.get(h.EV_COMMAND_ID),
         trace_id=stored.headers.get(h.EV_TRACE_ID), correlation_id=stored.headers.get(h.EV_CORRELATION_ID),
     )
 
@@ -244,19 +256,100 @@ def _tag_type(id_key: str) -> type:
     return msgspec.defstruct(f"Tag_{id_key}", [(id_key, str | None, None)], bases=(_Tag,))
 
 
+def _int_query(request: web.Request, name: str, low: int, high: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be an integer", field=name) from None
+    if value < low or (high is not None and value > high):
+        raise ValidationError(f"{name} must be {low}..{high}" if high else f"{name} must be >= {low}", field=name)
+    return value
+
+
+def _aggregate_id(request: web.Request, id_key: str) -> str:
+    aggregate_id = request.match_info[id_key]
+    if not h.valid_token(aggregate_id):
+        raise ValidationError(f"{id_key} must be 1..64 letters, digits, '-' or '_'", field=id_key)
+    return aggregate_id
+
+
+MAX_HISTORY_PAGE = 10_000
+
+
 def history(context: str, id_key: str, noun: str) -> Handler:
-    """The aggregate's events, straight from its stream."""
+    """The aggregate's events, straight from its stream: `from_seq` (a stream sequence),
+    `since` (an ISO time), `limit` (then `next_from_seq` names the next page); each event in
+    its current shape (upcast), or as stored with `form=stored`."""
 
     async def handler(request: web.Request) -> web.Response:
-        aggregate_id = request.match_info[id_key]
-        if not h.valid_token(aggregate_id):
-            raise ValidationError(f"{id_key} must be 1..64 letters, digits, '-' or '_'", field=id_key)
+        aggregate_id = _aggregate_id(request, id_key)
+        from_seq = _int_query(request, "from_seq", 1)
+        limit = _int_query(request, "limit", 1, MAX_HISTORY_PAGE)
+        since = parse_time(request.query["since"], "since") if "since" in request.query else None
+        form = request.query.get("form", "current")
+        if form not in ("current", "stored"):
+            raise ValidationError("form must be current or stored", field="form")
         ctx = request.app[CONTEXTS][context]
-        stored = await request.app[STORES][context].load(ctx.events(aggregate_id))
-        events = [out for e in stored if (out := event_out(e, id_key, aggregate_id)) is not None]
-        if not events:
+        stored = await request.app[STORES][context].load(ctx.events(aggregate_id), after_seq=(from_seq or 1) - 1)
+        spec = request.app[AGGREGATES].get(context)
+        codec = EventCodec.of(spec.event_type) if spec is not None and form == "current" else None
+        events = [out for e in stored if (out := event_out(e, id_key, aggregate_id, codec)) is not None]
+        if not events and from_seq is None and since is None:
             return json_error(404, "not_found", f"{noun} {aggregate_id} has no events")
-        return web.Response(body=encode({id_key: aggregate_id, "events": events}), content_type="application/json")
+        kept, next_seq = page_of(events, since, limit)
+        return web.Response(body=encode({id_key: aggregate_id, "events": kept, "next_from_seq": next_seq}),
+                            content_type="application/json")
 
     handler.__name__ = f"{context}_events"
     return handler
+
+
+def page_of(events: list[EventOut], since: datetime | None, limit: int | None) -> tuple[list[EventOut], int | None]:
+    """The events stored at or after `since`, at most `limit`, and the next page's `from_seq`."""
+    out: list[EventOut] = []
+    for event in events:
+        if since is not None and parse_time(event.time, "time") < since:
+            continue
+        if limit is not None and len(out) == limit:
+            return out, event.seq
+        out.append(event)
+    return out, None
+
+
+class StateOut(msgspec.Struct, frozen=True, kw_only=True):
+    """An aggregate's state as folded from its stream, and the version and time it reflects."""
+
+    version: int
+    time: str
+    events: int
+    state: msgspec.Raw
+
+
+def state(context: str, id_key: str, noun: str) -> Handler:
+    """The aggregate's state folded from its stream (not the read model), now or as it was at
+    `at_version` (a stream sequence) or `at_time` (an ISO time)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        aggregate_id = _aggregate_id(request, id_key)
+        at_version = _int_query(request, "at_version", 1)
+        at_time = parse_time(request.query["at_time"], "at_time") if "at_time" in request.query else None
+        spec = request.app[AGGREGATES][context]
+        found = await state_at(request.app[STORES][context], spec, aggregate_id, noun, at_version=at_version,
+                               at_time=at_time)
+        body = StateOut(version=found.version, time=found.time, events=found.events,
+                        state=msgspec.Raw(encode(found.state)))
+        return web.Response(body=b'{"%s":%s,%s' % (id_key.encode(), encode(aggregate_id), encode(body)[1:]),
+                            content_type="application/json", headers={"ETag": f'"{found.version}"'})
+
+    handler.__name__ = f"{context}_state"
+    return handler
+
+
+def history_routes(router: web.UrlDispatcher, context: str, prefix: str, id_key: str, noun: str) -> None:
+    """`GET {prefix}/events` (history) and `GET {prefix}/state` (time travel), e.g. prefix
+    `/orders/{order_id}`: the routes every context's aggregate has."""
+    router.add_get(f"{prefix}/events", history(context, id_key, noun))
+    router.add_get(f"{prefix}/state", state(context, id_key, noun))

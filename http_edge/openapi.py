@@ -39,6 +39,37 @@ MIN_SEQ = {"name": "min_seq", "in": "query", "schema": {"type": "integer"},
            "description": "wait (bounded) until the read model has applied this stream sequence"}
 
 
+def history_paths(prefix: str, noun: str, ident: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI of `kit.history_routes`: `{prefix}/events` and `{prefix}/state`."""
+    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "schema": schema, "description": description}
+
+    time = {"type": "string", "format": "date-time"}
+    return {
+        f"{prefix}/events": {"get": {
+            "summary": f"The {noun}'s event history, from JetStream (each event upcast to its current version, "
+                       "or as stored with form=stored)",
+            "parameters": [ident,
+                           query("from_seq", {"type": "integer", "minimum": 1}, "from this stream sequence on"),
+                           query("since", time, "events stored at or after this time"),
+                           query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000},
+                                 "at most this many; `next_from_seq` asks for the next page"),
+                           query("form", {"type": "string", "enum": ["current", "stored"]},
+                                 "current (default): upcast to the current schema; stored: as stored")],
+            "responses": {"200": {"description": "events in stream order"}, **errors(404, 422)},
+        }},
+        f"{prefix}/state": {"get": {
+            "summary": f"The {noun}'s state folded from its events (not the read model), now or at a version "
+                       "or time, with the version and time it reflects",
+            "parameters": [ident,
+                           query("at_version", {"type": "integer", "minimum": 1},
+                                 "as of this version (a stream sequence; beyond the last: 422)"),
+                           query("at_time", time, "as of this time (before the first event: 404)")],
+            "responses": {"200": {"description": "{id, version, time, events, state}"}, **errors(404, 422)},
+        }},
+    }
+
+
 def write(summary: str, reply: type, body: type | None, ok: int = 200, *, ident: dict[str, Any] | None = None,
           more: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """A command route: `ident` is the aggregate's path parameter (none when it creates one)."""

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from actors.orders.messages import AddItem, CancelOrder, OrderAccepted, OrderPage, OrderView, PayOrder, PlaceOrder, ShipOrder
 from http_edge import kit
-from http_edge.openapi import MIN_SEQ, errors, json_body, path_param, write
+from http_edge.openapi import MIN_SEQ, errors, history_paths, json_body, path_param, write
 
 ORDERS = "orders"
 TRANSITIONS = ("confirm", "pay", "ship", "cancel")
@@ -22,7 +22,7 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_delete("/orders/{order_id}/items/{sku}", kit.change(ORDERS, "remove_item", "order_id", ("sku",)))
     for name in TRANSITIONS:
         router.add_post(f"/orders/{{order_id}}/{name}", kit.change(ORDERS, name, "order_id"))
-    router.add_get("/orders/{order_id}/events", kit.history(ORDERS, "order_id", "order"))
+    kit.history_routes(router, ORDERS, "/orders/{order_id}", "order_id", "order")
 
 
 def openapi() -> tuple[dict[str, Any], list[type]]:
@@ -61,9 +61,6 @@ def openapi() -> tuple[dict[str, Any], list[type]]:
         "/orders/{order_id}/pay": {"post": write("Pay the total of a reserved order", reply, PayOrder, ident=oid)},
         "/orders/{order_id}/ship": {"post": write("Ship a paid order", reply, ShipOrder, ident=oid)},
         "/orders/{order_id}/cancel": {"post": write("Cancel an order that has not shipped", reply, CancelOrder, ident=oid)},
-        "/orders/{order_id}/events": {
-            "get": {"summary": "The order's event history, from JetStream", "parameters": [oid],
-                    "responses": {"200": {"description": "events in order"}, **errors(404, 422)}}
-        },
+        **history_paths("/orders/{order_id}", "order", oid),
     }
     return paths, [PlaceOrder, AddItem, PayOrder, ShipOrder, CancelOrder, OrderAccepted, OrderView, OrderPage]

@@ -9,7 +9,7 @@ from aiohttp import web
 from actors.tasks.messages import CancelTask, SubmitTask, TaskAccepted, TaskPage, TaskStatsView, TaskView
 from actors.tasks.registry import FailPayload, FlakyPayload, HttpRequestPayload, SleepPayload
 from http_edge import kit
-from http_edge.openapi import MIN_SEQ, WRITE_HEADERS, errors, json_body, path_param
+from http_edge.openapi import MIN_SEQ, WRITE_HEADERS, errors, history_paths, json_body, path_param
 
 TASKS = "tasks"
 # The public built-in task types' payloads (checked at submit); internal types are not listed.
@@ -23,7 +23,7 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_get("/tasks/{task_id}", kit.get_one(TASKS, "task_id"))
     router.add_post("/tasks/{task_id}/cancel", kit.change(TASKS, "cancel", "task_id"))
     router.add_post("/tasks/{task_id}/retry", kit.change(TASKS, "retry", "task_id"))
-    router.add_get("/tasks/{task_id}/events", kit.history(TASKS, "task_id", "task"))
+    kit.history_routes(router, TASKS, "/tasks/{task_id}", "task_id", "task")
 
 
 def openapi() -> tuple[dict[str, Any], list[type]]:
@@ -71,9 +71,6 @@ def openapi() -> tuple[dict[str, Any], list[type]]:
             "parameters": [tid, *WRITE_HEADERS[:1]],
             "responses": {"200": {"description": "requeued", "content": json_body(TaskAccepted)}, **errors(404, 409, 422)},
         }},
-        "/tasks/{task_id}/events": {"get": {
-            "summary": "The task's event history, from JetStream", "parameters": [tid],
-            "responses": {"200": {"description": "events in order"}, **errors(404, 422)},
-        }},
+        **history_paths("/tasks/{task_id}", "task", tid),
     }
     return paths, [SubmitTask, CancelTask, TaskAccepted, TaskView, TaskPage, TaskStatsView, *PAYLOADS.values()]

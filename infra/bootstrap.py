@@ -423,9 +423,11 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
         metrics_open=settings.metrics_open,
     )
     found = declared(settings)
-    return create_app(nc, found.subjects(settings), config,
+    subjects = found.subjects(settings)
+    return create_app(nc, subjects, config,
                       [bc.routes for bc in found.contexts if bc.routes is not None],
-                      [bc.openapi for bc in found.contexts if bc.openapi is not None])
+                      [bc.openapi for bc in found.contexts if bc.openapi is not None],
+                      {bc.name: bc.aggregate(subjects[bc.name], settings) for bc in found.contexts})
 
 
 @contextlib.asynccontextmanager

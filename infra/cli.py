@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from infra.settings import Settings
@@ -234,20 +234,28 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.upcasting import EventCodec
     from bus import subjects as h
     from bus.eventstore import PartitionedStore, appended
     from infra.bootstrap import context
+    from infra.contexts import declared
 
     async def main() -> int:
         ctx = context(settings, args.context)
         nc = await _connect_once(settings, "jetsource-replay", args.timeout)
         try:
             store = PartitionedStore.open(nc, ctx)
+            codec = None if args.stored else EventCodec.of(declared(settings).context(args.context)
+                                                           .aggregate(ctx, settings).event_type)
             subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
             count = 0
             async for e in store.read(subject, from_seq=args.from_seq, since=args.since, follow=args.follow):
+                data = e.data
+                if codec is not None and appended(e.headers):
+                    with contextlib.suppress(ValueError):  # what no reader can decode is shown as stored
+                        data = codec.current_bytes(data)
                 try:
-                    event = json.loads(e.data)
+                    event = json.loads(data)
                 except ValueError:  # shown as it is stored, never a traceback
                     event = None
                 out = {
@@ -268,6 +276,33 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         finally:
             await nc.close()
+
+    return _run(main)
+
+
+def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.errors import JetsourceError
+    from actors.history import state_at
+    from bus.codec import encode
+    from bus.eventstore import PartitionedStore
+    from infra.bootstrap import context
+    from infra.contexts import declared
+
+    async def main() -> int:
+        ctx = context(settings, args.context)
+        spec = declared(settings).context(args.context).aggregate(ctx, settings)
+        nc = await _connect_once(settings, "jetsource-state", args.timeout)
+        try:
+            found = await state_at(PartitionedStore.open(nc, ctx), spec, args.aggregate_id, args.context,
+                                   at_version=args.at_version, at_time=args.at_time)
+        except JetsourceError as exc:
+            print(f"jetsource: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await nc.close()
+        print(json.dumps({"id": args.aggregate_id, "version": found.version, "time": found.time,
+                          "events": found.events, "state": json.loads(encode(found.state))}))
+        return 0
 
     return _run(main)
 
@@ -313,8 +348,10 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _iso_datetime(text: str) -> datetime:
+    """An ISO 8601 time; without a zone, UTC."""
     try:
-        return datetime.fromisoformat(text)
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO datetime: {text!r} (e.g. 2026-01-01T00:00:00+00:00)") from None
 
@@ -395,8 +432,17 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     r.add_argument("--from-seq", type=_sequence)
     r.add_argument("--since", type=_iso_datetime, help="ISO time, e.g. 2026-01-01T00:00:00+00:00")
     r.add_argument("--follow", "-f", action="store_true")
+    r.add_argument("--stored", action="store_true",
+                   help="each event as stored (default: upcast to its type's current version)")
     r.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
     r.set_defaults(fn=cmd_replay)
+    sa = sub.add_parser("state", help="an aggregate's state folded from its stream, now or at a version or time")
+    sa.add_argument("context", choices=contexts)
+    sa.add_argument("aggregate_id")
+    sa.add_argument("--at-version", type=_sequence, metavar="N", help="as of this version (a stream sequence)")
+    sa.add_argument("--at-time", type=_iso_datetime, metavar="ISO", help="as of this time, e.g. 2026-01-01T12:00:00Z")
+    sa.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
+    sa.set_defaults(fn=cmd_state)
     st = sub.add_parser("status", help="services, streams and projection lag")
     st.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
     st.set_defaults(fn=cmd_status)

@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from actors.inventory.messages import (
+    INVENTORY_EVENTS,
     GetStock,
     InventoryEvent,
     ListStock,
@@ -70,7 +71,7 @@ class InventoryProjection:
     name = "inventory"
 
     def __init__(self) -> None:
-        self._decoder = msgspec.json.Decoder(InventoryEvent)
+        self._decoder = INVENTORY_EVENTS
 
     @staticmethod
     def aggregate_id(event: InventoryEvent) -> str:

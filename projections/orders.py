@@ -17,6 +17,7 @@ from actors.orders.messages import (
     ListOrders,
     OrderCancelled,
     OrderConfirmed,
+    ORDER_EVENTS,
     OrderEvent,
     OrderLine,
     OrderPage,
@@ -46,6 +47,8 @@ class _Row:
     failure: str | None = None
     short_skus: list[str] | None = None
     refund_due: int | None = None
+    carrier: str | None = None
+    tracking_numbers: list[str] | None = None
     lines: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def retotal(self) -> None:
@@ -67,6 +70,8 @@ CREATE TABLE IF NOT EXISTS orders (
 ALTER TABLE orders ADD COLUMN IF NOT EXISTS tracking text;
 ALTER TABLE orders ADD COLUMN IF NOT EXISTS short_skus text[];
 ALTER TABLE orders ADD COLUMN IF NOT EXISTS refund_due bigint;
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS carrier text;
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS tracking_numbers text[];
 CREATE INDEX IF NOT EXISTS orders_by_time ON orders (placed_at DESC, order_id DESC);
 CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, placed_at DESC, order_id DESC);
 CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, placed_at DESC, order_id DESC);
@@ -84,14 +89,16 @@ _SELECT_ORDERS = "SELECT * FROM orders WHERE order_id = ANY($1::text[])"
 _SELECT_LINES = "SELECT * FROM order_lines WHERE order_id = ANY($1::text[])"
 _UPSERT_ORDERS = """
 INSERT INTO orders (order_id, customer_id, status, currency, total, version, placed_at, updated_at, failure,
-                    short_skus, refund_due)
-SELECT o, c, st, cu, t, v, p, u, f, CASE WHEN sk = '' THEN NULL ELSE string_to_array(sk, ' ') END, r
+                    short_skus, refund_due, carrier, tracking_numbers)
+SELECT o, c, st, cu, t, v, p, u, f, CASE WHEN sk = '' THEN NULL ELSE string_to_array(sk, ' ') END, r, ca,
+       CASE WHEN tn IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(tn::jsonb)) END
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
-            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[])
-  AS x(o, c, st, cu, t, v, p, u, f, sk, r)
+            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[])
+  AS x(o, c, st, cu, t, v, p, u, f, sk, r, ca, tn)
 ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, total = EXCLUDED.total,
   version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, failure = EXCLUDED.failure,
-  short_skus = EXCLUDED.short_skus, refund_due = EXCLUDED.refund_due
+  short_skus = EXCLUDED.short_skus, refund_due = EXCLUDED.refund_due, carrier = EXCLUDED.carrier,
+  tracking_numbers = EXCLUDED.tracking_numbers
 """
 _INSERT_LINES = """
 INSERT INTO order_lines (order_id, sku, quantity, unit_price)
@@ -105,7 +112,7 @@ class OrdersProjection:
     name = "orders"
 
     def __init__(self) -> None:
-        self._decoder = msgspec.json.Decoder(OrderEvent)
+        self._decoder = ORDER_EVENTS
 
     @staticmethod
     def aggregate_id(event: OrderEvent) -> str:
@@ -123,7 +130,8 @@ class OrdersProjection:
             for r in await conn.fetch(_SELECT_ORDERS, existing):
                 rows[r["order_id"]] = _Row(
                     r["order_id"], r["customer_id"], r["status"], r["currency"], r["total"], r["version"],
-                    r["placed_at"], r["updated_at"], r["failure"], r["short_skus"], r["refund_due"],
+                    r["placed_at"], r["updated_at"], r["failure"], r["short_skus"], r["refund_due"], r["carrier"],
+                    r["tracking_numbers"],
                 )
             for r in await conn.fetch(_SELECT_LINES, existing):
                 rows[r["order_id"]].lines[r["sku"]] = (r["quantity"], r["unit_price"])
@@ -149,7 +157,8 @@ class OrdersProjection:
             return
         await conn.execute(_UPSERT_ORDERS, *map(list, zip(*(
             (r.order_id, r.customer_id, r.status, r.currency, r.total, r.version, r.placed_at, r.updated_at, r.failure,
-             " ".join(r.short_skus or ()), r.refund_due)
+             " ".join(r.short_skus or ()), r.refund_due, r.carrier,
+             None if r.tracking_numbers is None else msgspec.json.encode(r.tracking_numbers).decode())
             for r in changed
         ), strict=True)))
         stale = [i for i in touched if i not in placed_here]
@@ -180,7 +189,7 @@ class OrdersProjection:
             case OrderPaid():
                 row.status = "paid"
             case OrderShipped():
-                row.status = "shipped"
+                row.status, row.carrier, row.tracking_numbers = "shipped", event.carrier, list(event.tracking_numbers)
             case OrderCancelled():
                 row.status, row.refund_due = "cancelled", event.refund_due or None
             case FulfilmentFailed():
@@ -210,7 +219,7 @@ def _view(r: asyncpg.Record, lines: list[OrderLine]) -> OrderView:
         order_id=r["order_id"], customer_id=r["customer_id"], status=r["status"], currency=r["currency"],
         total=r["total"], lines=lines, version=r["version"], placed_at=_iso(r["placed_at"]),
         updated_at=_iso(r["updated_at"]), failure=r["failure"], short_skus=list(r["short_skus"] or ()),
-        refund_due=r["refund_due"] or 0,
+        refund_due=r["refund_due"] or 0, carrier=r["carrier"], tracking_numbers=list(r["tracking_numbers"] or ()),
     )
 
 

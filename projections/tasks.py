@@ -16,6 +16,7 @@ from actors.tasks.messages import (
     TaskCancelled,
     TaskCompleted,
     TaskDeadLettered,
+    TASK_EVENTS,
     TaskEvent,
     TaskFailed,
     TaskPage,
@@ -110,7 +111,7 @@ class TasksProjection:
     name = "tasks"
 
     def __init__(self) -> None:
-        self._decoder = msgspec.json.Decoder(TaskEvent)
+        self._decoder = TASK_EVENTS
 
     @staticmethod
     def aggregate_id(event: TaskEvent) -> str:

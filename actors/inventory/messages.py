@@ -6,6 +6,8 @@ from typing import Annotated
 
 import msgspec
 
+from actors.upcasting import EventCodec
+
 # A SKU is the aggregate id and so a subject token: unlike an order line's SKU, no dots.
 Sku = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="stock keeping unit")]
 OrderId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="order id")]
@@ -118,6 +120,8 @@ class StockCommitted(Event, frozen=True, kw_only=True, tag="inventory.stock_comm
 
 
 InventoryEvent = StockReceived | StockAdjusted | StockReserved | StockReleased | StockCommitted
+# Every reader of inventory events decodes through this (see actors.upcasting: how an event evolves).
+INVENTORY_EVENTS: EventCodec[InventoryEvent] = EventCodec(InventoryEvent)
 
 
 # ---- replies and queries --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.inventory import domain
-from actors.inventory.messages import COMMANDS, InventoryAccepted, InventoryCommand, InventoryEvent
+from actors.inventory.messages import COMMANDS, INVENTORY_EVENTS, InventoryAccepted, InventoryCommand, InventoryEvent
 from actors.runtime import AggregateSpec
 from bus.subjects import Context
 
@@ -22,7 +22,7 @@ def inventory_spec(ctx: Context) -> AggregateSpec[domain.Stock, InventoryCommand
         initial=domain.INITIAL,
         evolve=domain.evolve,
         decide=domain.decide,
-        event_type=InventoryEvent,
+        event_type=INVENTORY_EVENTS,
         commands=COMMANDS,
         aggregate_id=lambda c: c.sku,
         with_id=lambda c, sku: c,  # every command names its SKU: no id is ever generated

@@ -172,7 +172,10 @@ def decide(state: Order, command: OrderCommand) -> list[OrderEvent]:
         case ShipOrder():
             _require_settled(state, command.order_id)
             _require(state, command.order_id, "paid", "ship")
-            return [OrderShipped(order_id=command.order_id, carrier=command.carrier, tracking=command.tracking,
+            numbers = list(command.tracking_numbers)
+            if command.tracking and command.tracking not in numbers:
+                numbers.insert(0, command.tracking)
+            return [OrderShipped(order_id=command.order_id, carrier=command.carrier, tracking_numbers=numbers,
                                  skus=list(state.lines))]
         case CancelOrder():
             _require_exists(state, command.order_id)

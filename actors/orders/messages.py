@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from actors.upcasting import EventCodec
 
 OrderId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="order id")]
 CustomerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
@@ -74,10 +76,12 @@ class PayOrder(Message, frozen=True, kw_only=True, tag="order.pay"):
 
 
 class ShipOrder(Message, frozen=True, kw_only=True, tag="order.ship"):
-    """orders.cmd.ship: hand a paid order to the carrier."""
+    """orders.cmd.ship: hand a paid order to the carrier, in one parcel or several (a tracking
+    number each; `tracking`: one, as before `tracking_numbers`)."""
 
     order_id: OrderId
     carrier: ShortText | None = None
+    tracking_numbers: Annotated[list[ShortText], msgspec.Meta(max_length=50)] = []
     tracking: ShortText | None = None
 
 
@@ -185,10 +189,15 @@ class OrderPaid(Event, frozen=True, kw_only=True, tag="order.paid"):
 
 
 class OrderShipped(Event, frozen=True, kw_only=True, tag="order.shipped"):
-    """The order left the warehouse; the stock reserved for `skus` leaves on hand."""
+    """The order left the warehouse in one or more parcels, a tracking number each; the stock
+    reserved for `skus` leaves on hand.
 
+    Version 2. Version 1 had one `tracking` number, and an order that went out in two parcels
+    had nowhere to put the second: its events are upcast (`_shipped_v1`)."""
+
+    v: int = 2
     carrier: str | None = None
-    tracking: str | None = None
+    tracking_numbers: list[str] = []
     skus: list[str] = []
 
 
@@ -211,6 +220,17 @@ OrderEvent = (
     OrderPlaced | ItemAdded | ItemRemoved | OrderConfirmed | OrderReserved | OrderRejected | OrderPaid | OrderShipped
     | OrderCancelled | FulfilmentFailed
 )
+
+
+def _shipped_v1(event: dict[str, Any]) -> dict[str, Any]:
+    """order.shipped 1 -> 2: the one `tracking` number becomes the list of them."""
+    tracking = event.pop("tracking", None)
+    event["tracking_numbers"] = [tracking] if tracking else []
+    return event
+
+
+# Every reader of order events decodes through this: stored events in their current shape.
+ORDER_EVENTS: EventCodec[OrderEvent] = EventCodec(OrderEvent, {("order.shipped", 1): _shipped_v1})
 
 
 # ---- replies and queries ------------------------------------------------------------------------
@@ -262,6 +282,8 @@ class OrderView(msgspec.Struct, frozen=True, kw_only=True):
     failure: str | None = None
     short_skus: list[str] = []
     refund_due: int = 0
+    carrier: str | None = None
+    tracking_numbers: list[str] = []
 
 
 class OrderPage(msgspec.Struct, frozen=True, kw_only=True):

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from actors.upcasting import EventCodec
+
 TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 TaskType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 Priority = Literal["high", "normal", "low"]
@@ -245,6 +247,8 @@ class TaskRequeued(Event, frozen=True, kw_only=True, tag="task.requeued"):
 TaskEvent = (
     TaskSubmitted | TaskStarted | TaskProgressed | TaskCompleted | TaskFailed | TaskDeadLettered | TaskCancelled | TaskRequeued
 )
+# Every reader of task events decodes through this (see actors.upcasting: how an event evolves).
+TASK_EVENTS: EventCodec[TaskEvent] = EventCodec(TaskEvent)
 
 
 class Dispatch(msgspec.Struct, frozen=True, kw_only=True, tag="task.dispatch", tag_field="type"):

@@ -28,6 +28,7 @@ from actors.tasks.messages import (
     TaskCommand,
     TaskCompleted,
     TaskDeadLettered,
+    TASK_EVENTS,
     TaskEvent,
     TaskProgressed,
 )
@@ -125,7 +126,7 @@ def task_spec(ctx: Context, types: Mapping[str, TaskType]) -> AggregateSpec[doma
                             version=version, seq=version)
 
     return AggregateSpec(
-        ctx=ctx, initial=domain.INITIAL, evolve=domain.evolve, decide=domain.decide, event_type=TaskEvent,
+        ctx=ctx, initial=domain.INITIAL, evolve=domain.evolve, decide=domain.decide, event_type=TASK_EVENTS,
         commands=COMMANDS, aggregate_id=lambda c: c.task_id,
         with_id=lambda c, task_id: msgspec.structs.replace(c, task_id=task_id),
         reply=reply, prepare=prepare, outbox=outbox, after_commit=after_commit,

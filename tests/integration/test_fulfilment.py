@@ -52,7 +52,7 @@ async def test_a_paid_order_is_fulfilled_once_and_shipped_even_when_events_are_r
     assert view["status"] == "shipped"
     _, _, history = await get(system, f"/orders/{oid}/events")
     shipped = history["events"][-1]
-    assert shipped["type"] == "order.shipped" and shipped["event"]["tracking"].startswith("JS")
+    assert shipped["type"] == "order.shipped" and shipped["event"]["tracking_numbers"][0].startswith("JS")
     # Replay both streams to the process manager from the beginning: nothing new happens.
     js = system.nc.jetstream()
     for ctx in (system.orders, system.tasks):

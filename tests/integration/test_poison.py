@@ -78,7 +78,7 @@ async def test_the_orders_projection_parks_poison_and_keeps_up(system: System) -
         await _publish(system, system.orders.events("poison-c"), b'{"type":"order.exploded","order_id":"poison-c"}'):
             "ValidationError",
         await _publish(system, system.orders.events("poison-d"),
-                       b'{"type":"order.confirmed","v":2,"order_id":"poison-d","total":0}'): "UnknownVersionError",
+                       b'{"type":"order.confirmed","v":2,"order_id":"poison-d","total":0}'): "EventVersionError",
         await _publish(system, system.orders.events("poison-e"), again): "UniqueViolationError",
     }
     # After the poison, the projection still follows what the actor stores.
@@ -129,7 +129,7 @@ async def test_the_tasks_projection_parks_poison_and_keeps_up(system: System) ->
         ("poison-b", b'{"type":"task.submitted","task_id":"poison-b"}', "ValidationError"),
         ("poison-c", b'{"type":"task.teleported","task_id":"poison-c"}', "ValidationError"),
         ("poison-d", b'{"type":"task.started","v":2,"task_id":"poison-d","at":1.0,"attempt":1,"worker":"w"}',
-         "UnknownVersionError"),
+         "EventVersionError"),
         ("poison-e", _submitted("poison-e", -1e300), "OverflowError"),
     ]
     poison = {await _publish(system, system.tasks.events(name), data): (name, error) for name, data, error in cases}
