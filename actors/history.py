@@ -11,6 +11,7 @@ from typing import Any
 
 from actors.errors import NotFoundError, ValidationError
 from actors.runtime import AggregateSpec, event_of
+from actors.snapshots import Snapshot, Snapshots
 from actors.upcasting import EventCodec
 from bus import subjects as h
 from bus.eventstore import PartitionedStore, StoredEvent
@@ -23,7 +24,7 @@ class StateAt:
     state: Any
     version: int  # the stream sequence of the last event folded: what the aggregate's ETag was then
     time: str
-    events: int  # how many events were folded
+    snapshot: int | None = None  # the version of the snapshot the fold started from, if one
 
 
 def stored_time(stored: StoredEvent) -> datetime:
@@ -43,12 +44,15 @@ def parse_time(text: str, field: str) -> datetime:
 
 
 def fold(spec: AggregateSpec[Any, Any, Any], events: Sequence[StoredEvent], noun: str, aggregate_id: str, *,
-         at_version: int | None = None, at_time: datetime | None = None) -> StateAt:
-    """Fold stored events (in stream order) up to a version or a time. NotFoundError when the
-    aggregate had no event by then; ValidationError for a version beyond its last."""
+         at_version: int | None = None, at_time: datetime | None = None, start: Snapshot | None = None) -> StateAt:
+    """Fold stored events (in stream order, after `start`'s version when given) up to a version
+    or a time. NotFoundError when the aggregate had no event by then; ValidationError for a
+    version beyond its last."""
     codec: EventCodec[Any] = EventCodec.of(spec.event_type)
-    state, version, when, count = spec.initial, 0, "", 0
-    last = 0
+    state, version, when = spec.initial, 0, ""
+    if start is not None:
+        state, version, when = start.state, start.body.version, start.body.time
+    last = version
     folding = True
     for stored in events:
         event = event_of(codec, spec.event_id, stored)
@@ -63,21 +67,29 @@ def fold(spec: AggregateSpec[Any, Any, Any], events: Sequence[StoredEvent], noun
         if at_time is not None and at > at_time:
             folding = False
             continue
-        state, version, when, count = spec.evolve(state, event), stored.seq, at.isoformat(), count + 1
+        state, version, when = spec.evolve(state, event), stored.seq, at.isoformat()
     if last == 0:
         raise NotFoundError(f"{noun} {aggregate_id} has no events")
     if at_version is not None and at_version > last:
         raise ValidationError(f"at_version {at_version} is beyond the last version of {noun} {aggregate_id} ({last})",
                               field="at_version")
-    if count == 0:
+    if version == 0:
         asked = f"version {at_version}" if at_version is not None and at_time is None else \
             f"{at_time.isoformat() if at_time else ''}"
         raise NotFoundError(f"{noun} {aggregate_id} did not exist at {asked}: its first event came later")
-    return StateAt(state, version, when, count)
+    return StateAt(state, version, when, start.body.version if start is not None else None)
 
 
 async def state_at(store: PartitionedStore, spec: AggregateSpec[Any, Any, Any], aggregate_id: str, noun: str, *,
-                   at_version: int | None = None, at_time: datetime | None = None) -> StateAt:
-    """The aggregate's state at a version or a time (both: whichever comes first), from its stream."""
-    events = await store.load(spec.ctx.events(aggregate_id))
-    return fold(spec, events, noun, aggregate_id, at_version=at_version, at_time=at_time)
+                   at_version: int | None = None, at_time: datetime | None = None,
+                   snapshots: Snapshots | None = None) -> StateAt:
+    """The aggregate's state at a version or a time (both: whichever comes first), from its
+    stream: from its snapshot and the events after it when the snapshot is not past the point
+    asked for, else from its first event."""
+    start = await snapshots.load(aggregate_id) if snapshots is not None else None
+    if start is not None and ((at_version is not None and start.body.version > at_version)
+                              or (at_time is not None and (not start.body.time
+                                                           or parse_time(start.body.time, "time") > at_time))):
+        start = None
+    events = await store.load(spec.ctx.events(aggregate_id), after_seq=start.body.version if start else 0)
+    return fold(spec, events, noun, aggregate_id, at_version=at_version, at_time=at_time, start=start)

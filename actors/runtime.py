@@ -26,6 +26,7 @@ from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
 
 from actors.errors import JetsourceError, NotFoundError, PendingError, RuleViolationError, ValidationError
+from actors.snapshots import Snapshots
 from bus import subjects as h
 from bus.codec import Decoder, encode
 from bus.connection import on_reconnect
@@ -52,6 +53,7 @@ def keyed_id(key: str) -> str:
     return uuid.uuid5(_ID_NAMESPACE, key).hex
 
 
+MAX_SNAPSHOTS_IN_FLIGHT = 256
 ANY_VERSION = -1  # `Expected-Version: *` (HTTP `If-Match: *`): any current version, i.e. it exists
 
 
@@ -164,6 +166,11 @@ class AggregateSpec(Generic[S, C, E]):
     # their own: a worker's attempt bookkeeping, batched across many tasks (and so many traces),
     # stays in the trace of whatever queued the attempt (a submit, a retry), at no cost on the wire.
     inherits_trace: tuple[type, ...] = ()
+    # Snapshots (`actors.snapshots`): one is stored every this many events of an aggregate (0:
+    # never), and loads start from it. `state_version` names the state's schema: raise it when
+    # the state Struct or `evolve` changes meaning, and older snapshots are ignored.
+    snapshot_every: int = 100
+    state_version: int = 1
 
 
 def event_of(codec: EventCodec[E], event_id: Callable[[E], str] | None, stored: StoredEvent) -> E | None:
@@ -191,6 +198,7 @@ class _Entry(msgspec.Struct, gc=False):
     # The trace and correlation of its last stored event: what `inherits_trace` commands continue.
     trace: str = ""
     correlation: str = ""
+    since_snapshot: int = 0  # events folded since its last snapshot (or since it was loaded)
 
 
 class Actor(Generic[S, C, E]):
@@ -224,6 +232,9 @@ class Actor(Generic[S, C, E]):
         self._changed: dict[str, asyncio.Event] = {}
         # A context of one stream is its own (only) partition: no lookup per command.
         self._one_part = None if spec.ctx.partitioned else spec.ctx
+        self.snapshots = (Snapshots(nc, spec.ctx, type(spec.initial), spec.state_version)
+                          if spec.snapshot_every > 0 else None)
+        self._snapshotting: set[asyncio.Task[bool]] = set()
 
     async def start(self) -> Service:
         ctx = self._spec.ctx
@@ -291,6 +302,8 @@ class Actor(Generic[S, C, E]):
         if self._service is not None:
             await self._service.stop()
         await self._concurrency.drain()
+        if self._snapshotting:
+            await asyncio.gather(*self._snapshotting, return_exceptions=True)
         await self._store.close()
 
     def _endpoint(self, decoder: Decoder[Any]) -> Callable[[Request], Awaitable[None]]:
@@ -533,6 +546,10 @@ class Actor(Generic[S, C, E]):
         entry.version = result.last_seq
         entry.commands[meta.command_id] = (result.last_seq, meta.fingerprint or "")
         entry.trace, entry.correlation = trace or meta.trace_id, correlation or meta.correlation_id
+        if self.snapshots is not None:
+            entry.since_snapshot += len(events)
+            if entry.since_snapshot >= self._spec.snapshot_every:
+                self._snapshot(aggregate_id, entry, new[-1].headers[h.EV_TIME])
         if self._changed and (changed := self._changed.pop(aggregate_id, None)) is not None:
             changed.set()
         if self._spec.after_commit is not None:
@@ -613,9 +630,20 @@ class Actor(Generic[S, C, E]):
             if key in self._locks:
                 self._cache[key] = entry
 
-    async def _catch_up(self, entry: _Entry, subject: str) -> None:
-        """Fold the events stored after the cached version into the cached state."""
+    async def _catch_up(self, entry: _Entry, subject: str, *, use_snapshot: bool = True) -> None:
+        """Fold the events stored after the cached version into the cached state; an aggregate
+        not loaded before starts from its snapshot, when it has a usable one."""
+        aggregate_id = subject.rsplit(".", 1)[1]
+        if entry.version == 0 and use_snapshot and self.snapshots is not None:
+            snapshot = await self.snapshots.load(aggregate_id)
+            if snapshot is not None:
+                body = snapshot.body
+                entry.state, entry.version, entry.since_snapshot = snapshot.state, body.version, 0
+                entry.commands.update(body.commands)
+                entry.trace, entry.correlation = body.trace, body.correlation
         state = entry.state
+        folded = 0
+        stored = None
         for stored in await self._store.load(subject, after_seq=entry.version):
             event = self._event_of(stored)
             if event is not None:
@@ -624,17 +652,60 @@ class Actor(Generic[S, C, E]):
                 entry.commands[command_id] = (stored.seq, stored.headers.get(h.EV_REQUEST_HASH, ""))
                 entry.trace = stored.headers.get(h.EV_TRACE_ID, "")
                 entry.correlation = stored.headers.get(h.EV_CORRELATION_ID, "")
+                folded += 1
             entry.version = stored.seq  # the subject's last sequence, which the next append expects
         entry.state = state
         entry.loaded = True
+        if folded and self.snapshots is not None and use_snapshot:
+            entry.since_snapshot += folded
+            if entry.since_snapshot >= self._spec.snapshot_every and stored is not None:
+                self._snapshot(aggregate_id, entry, stored.headers.get(h.EV_TIME, stored.time))
+
+    def _snapshot(self, aggregate_id: str, entry: _Entry, time: str) -> None:
+        """Store the entry's state as the aggregate's snapshot, in the background: a snapshot is
+        a cache, and a command never waits for one (nor fails with it)."""
+        snapshots = self.snapshots
+        assert snapshots is not None
+        entry.since_snapshot = 0
+        if len(self._snapshotting) >= MAX_SNAPSHOTS_IN_FLIGHT:
+            return  # the server is slow to take them: this aggregate's next ones will do
+        try:
+            data = snapshots.body(aggregate_id, entry.state, entry.version, time, entry.commands, entry.trace,
+                                  entry.correlation)
+        except (TypeError, msgspec.EncodeError) as exc:
+            log.error("%s: the state cannot be encoded, so no snapshots are taken: %s", self._spec.ctx.name, exc)
+            self.snapshots = None
+            return
+        task = asyncio.get_running_loop().create_task(snapshots.save(aggregate_id, data, entry.version))
+        self._snapshotting.add(task)
+        task.add_done_callback(self._snapshotting.discard)
+
+    async def snapshot_now(self, aggregate_id: str) -> int:
+        """Fold the aggregate from its stream (from its snapshot, if any) and store its snapshot
+        now; returns the version it folds up to (0: no events). For `jetsource snapshots take`."""
+        if self.snapshots is None:
+            raise ValueError(f"{self._spec.ctx.name} takes no snapshots (snapshot_every is 0)")
+        entry = _Entry(state=self._spec.initial, version=0, commands={})
+        subject = self._spec.ctx.events(aggregate_id)
+        await self._catch_up(entry, subject)
+        if entry.version == 0:
+            return 0
+        stored = await self._store.load(subject, after_seq=entry.version - 1)
+        time = stored[-1].headers.get(h.EV_TIME, stored[-1].time) if stored else ""
+        data = self.snapshots.body(aggregate_id, entry.state, entry.version, time, entry.commands, entry.trace,
+                                   entry.correlation)
+        if not await self.snapshots.save(aggregate_id, data, entry.version):
+            raise RuntimeError(f"the snapshot of {self._spec.ctx.name} {aggregate_id} was not stored (see the log)")
+        return entry.version
 
     def _event_of(self, stored: StoredEvent) -> E | None:
         return event_of(self._event_decoder, self._spec.event_id, stored)
 
-    async def load(self, aggregate_id: str) -> tuple[S, int]:
-        """The current state and version of an aggregate, straight from the stream."""
+    async def load(self, aggregate_id: str, *, use_snapshot: bool = True) -> tuple[S, int]:
+        """The current state and version of an aggregate, straight from the stream (from its
+        snapshot and the events after it, unless told not to use one)."""
         entry = _Entry(state=self._spec.initial, version=0, commands={})
-        await self._catch_up(entry, self._spec.ctx.events(aggregate_id))
+        await self._catch_up(entry, self._spec.ctx.events(aggregate_id), use_snapshot=use_snapshot)
         return entry.state, entry.version
 
 

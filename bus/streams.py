@@ -41,6 +41,23 @@ def event_stream(
     )
 
 
+def snapshot_stream(ctx: Context, *, replicas: int = 1) -> StreamConfig:
+    """A context's snapshots: one current snapshot per aggregate (one message per subject).
+    Not a source of truth — a cache of folds its event streams can always redo — so deletes and
+    purges are allowed (`jetsource snapshots drop`)."""
+    return StreamConfig(
+        name=ctx.snapshot_stream,
+        description=f"jetsource {ctx.name} snapshots (a cache of folded state; the events are the truth)",
+        subjects=[ctx.snapshots_wildcard],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        deny_delete=False,
+        deny_purge=False,
+        allow_direct=True,
+    )
+
+
 def parked_stream(parked: Parked, *, replicas: int = 1) -> StreamConfig:
     """The dead-letter stream of events readers parked. Not a source of truth: deletes and
     purges are allowed (a resolved event is deleted), and one message per subject makes

@@ -36,6 +36,8 @@ EV_REPLY = "Jetsource-Reply"
 # A digest of the keyed request that stored these events: the same key with another request is refused.
 EV_REQUEST_HASH = "Jetsource-Request-Hash"
 EV_HEADER_PREFIX = "Jetsource-"
+# On a snapshot: the version (stream sequence) it folds up to. Readers ignore a message without it.
+SNAPSHOT_VERSION = "Jetsource-Snapshot-Version"
 
 # jetsource headers on parked events (the dead-letter stream), beside the event's own headers
 PARKED_READER = "Jetsource-Parked-Reader"
@@ -173,6 +175,19 @@ class Context:
         if self.partitioned and self.part is None:
             return f"{self._root}.outbox.>"
         return f"{self._root}.outbox{self._token()}.>"
+
+    # Snapshots: one stream per context (not per partition), one message per aggregate.
+    @property
+    def snapshot_stream(self) -> str:
+        base = f"{self.name.upper()}_SNAPSHOTS"
+        return f"{self.namespace.upper()}_{base}" if self.namespace else base
+
+    def snapshot(self, aggregate_id: str) -> str:
+        return f"{self._root}.snapshots.{aggregate_id}"
+
+    @property
+    def snapshots_wildcard(self) -> str:
+        return f"{self._root}.snapshots.>"
 
     def command(self, name: str) -> str:
         return f"{self._root}.cmd.{name}"

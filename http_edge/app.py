@@ -19,7 +19,7 @@ from bus.ids import IdSource
 from bus.subjects import Context
 from http_edge.errors import to_response
 from http_edge.guards import Guards
-from http_edge.kit import AGGREGATES, CONFIG, CONTEXTS, NATS, STORES, TRACE_ID, EdgeConfig
+from http_edge.kit import AGGREGATES, CONFIG, CONTEXTS, NATS, SNAPSHOTS, STORES, TRACE_ID, EdgeConfig
 from http_edge.openapi import OpenApi, openapi_document
 
 
@@ -126,6 +126,7 @@ def create_app(
     app[CONTEXTS] = dict(contexts)
     app[STORES] = {name: PartitionedStore.open(nc, ctx, timeout=config.request_timeout) for name, ctx in contexts.items()}
     app[AGGREGATES] = dict(aggregates or {})
+    app[SNAPSHOTS] = {}
     app[CONFIG] = config
     app[METRICS] = metrics_
     app[OPENAPI] = openapi_document(openapi_parts)

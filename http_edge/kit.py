@@ -17,6 +17,7 @@ from nats.aio.client import Client
 
 from actors.history import parse_time, state_at
 from actors.runtime import AggregateSpec
+from actors.snapshots import Snapshots
 from actors.upcasting import EventCodec
 from bus import subjects as h
 from bus.client import call
@@ -48,6 +49,7 @@ CONTEXTS: web.AppKey[dict[str, Context]] = web.AppKey("contexts", dict)
 STORES: web.AppKey[dict[str, PartitionedStore]] = web.AppKey("stores", dict)
 # Each context's aggregate (its fold and event codec): time travel and upcast history.
 AGGREGATES: web.AppKey[dict[str, AggregateSpec[Any, Any, Any]]] = web.AppKey("aggregates", dict)
+SNAPSHOTS: web.AppKey[dict[str, Snapshots | None]] = web.AppKey("snapshots", dict)  # per context, made on first use
 CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
 TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
 
@@ -320,11 +322,12 @@ def page_of(events: list[EventOut], since: datetime | None, limit: int | None) -
 
 
 class StateOut(msgspec.Struct, frozen=True, kw_only=True):
-    """An aggregate's state as folded from its stream, and the version and time it reflects."""
+    """An aggregate's state as folded from its stream, the version and time it reflects, and the
+    snapshot the fold started from (null: from the first event)."""
 
     version: int
     time: str
-    events: int
+    snapshot: int | None
     state: msgspec.Raw
 
 
@@ -338,14 +341,24 @@ def state(context: str, id_key: str, noun: str) -> Handler:
         at_time = parse_time(request.query["at_time"], "at_time") if "at_time" in request.query else None
         spec = request.app[AGGREGATES][context]
         found = await state_at(request.app[STORES][context], spec, aggregate_id, noun, at_version=at_version,
-                               at_time=at_time)
-        body = StateOut(version=found.version, time=found.time, events=found.events,
+                               at_time=at_time, snapshots=_snapshots(request.app, context))
+        body = StateOut(version=found.version, time=found.time, snapshot=found.snapshot,
                         state=msgspec.Raw(encode(found.state)))
         return web.Response(body=b'{"%s":%s,%s' % (id_key.encode(), encode(aggregate_id), encode(body)[1:]),
                             content_type="application/json", headers={"ETag": f'"{found.version}"'})
 
     handler.__name__ = f"{context}_state"
     return handler
+
+
+def _snapshots(app: web.Application, context: str) -> Snapshots | None:
+    """The context's snapshot reader (none when its aggregate takes no snapshots)."""
+    readers = app[SNAPSHOTS]
+    if context not in readers:
+        spec = app[AGGREGATES][context]
+        readers[context] = (Snapshots(app[NATS], app[CONTEXTS][context], type(spec.initial), spec.state_version,
+                                      timeout=app[CONFIG].request_timeout) if spec.snapshot_every > 0 else None)
+    return readers[context]
 
 
 def history_routes(router: web.UrlDispatcher, context: str, prefix: str, id_key: str, noun: str) -> None:

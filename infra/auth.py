@@ -119,12 +119,15 @@ def stores(settings: Settings) -> list[str]:
 
 
 def _stores(ctx: Context, work_queue: bool) -> list[str]:
-    return [ctx.events_wildcard, ctx.outbox_wildcard, *([ctx.queue_wildcard] if work_queue else [])]
+    """What a context's actor alone may write: its events, outbox, work items and snapshots."""
+    return [ctx.events_wildcard, ctx.outbox_wildcard, *([ctx.queue_wildcard] if work_queue else []),
+            ctx.snapshots_wildcard]
 
 
 def _read(ctx: Context) -> list[str]:
-    """Direct Get and stream info on every stream (partition) of a context."""
-    return [api for stream in ctx.streams for api in (f"{API}.DIRECT.GET.{stream}", f"{API}.STREAM.INFO.{stream}")]
+    """Direct Get and stream info on every stream (partition) of a context, and its snapshots."""
+    return [api for stream in (*ctx.streams, ctx.snapshot_stream)
+            for api in (f"{API}.DIRECT.GET.{stream}", f"{API}.STREAM.INFO.{stream}")]
 
 
 # Stream and server administration: the admin's alone.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,8 +28,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
+from actors.orders.messages import ItemAdded, OrderLine, OrderPlaced
+from actors.runtime import Actor
 from actors.tasks.messages import PRIORITIES
+from actors.upcasting import EventCodec
+from bus import subjects as h
+from bus.codec import encode
 from bus.connection import Credentials, connect, request
+from bus.eventstore import MAX_ATOMIC_BATCH, NewEvent, PartitionedStore
 from bus.subjects import Context
 from infra.auth import ADMIN, credentials
 from infra.bootstrap import orders_context, tasks_context
@@ -470,6 +478,92 @@ async def _system(
             proc.wait(60)
 
 
+async def _history(store: PartitionedStore, ctx: Context, order_id: str, events: int) -> None:
+    """An order with `events` events (placed, then items added), written straight to its stream
+    in atomic batches of up to 1,000, each event with the headers an actor gives it."""
+    lines = [OrderLine(sku="sku-0", quantity=1, unit_price=100)]
+    body = [encode(OrderPlaced(order_id=order_id, customer_id="bench", currency="EUR", lines=lines))]
+    body += [encode(ItemAdded(order_id=order_id, sku=f"sku-{i % 50}", quantity=1, unit_price=100))
+             for i in range(1, events)]
+    now = datetime.now(UTC).isoformat()
+    for start in range(0, events, MAX_ATOMIC_BATCH):
+        batch = [NewEvent(data, {h.EV_COMMAND_ID: f"bench-{order_id}-{start + i}", h.EV_TRACE_ID: "bench",
+                                 h.EV_TIME: now})
+                 for i, data in enumerate(body[start:start + MAX_ATOMIC_BATCH])]
+        await store.append(ctx.events(order_id), batch, None)
+
+
+async def _median_ms(op: Callable[[], Awaitable[object]], rounds: int) -> float:
+    took = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        await op()
+        took.append((time.perf_counter() - start) * 1000)
+    took.sort()
+    return round(took[len(took) // 2], 2)
+
+
+async def bench_read(url: Nats, settings: Settings, rounds: int = 21) -> Mapping[str, object]:
+    """The read side: loading a 1,000- and a 10,000-event aggregate with and without a snapshot
+    (median of `rounds` loads, each from the stream: a fresh fold, no cache), and reading the
+    whole orders stream back decoded, next to the same read without decoding and `nats bench
+    js ordered` (the raw ordered replay ceiling, in Go) on the same stream."""
+    from infra.contexts import declared
+
+    nc = await url.connect("bench-read")
+    try:
+        ctx = orders_context(settings)
+        spec = declared(settings).context("orders").spec(settings)
+        store = PartitionedStore.open(nc, ctx)
+        actor = Actor(nc, store, dataclasses.replace(spec, snapshot_every=max(spec.snapshot_every, 100)))
+        out: dict[str, object] = {}
+        run = uuid.uuid4().hex[:8]
+        for events in (1_000, 10_000):
+            oid = f"bench-read-{run}-{events}"
+            await _history(store, ctx, oid, events)
+            state, version = await actor.load(oid, use_snapshot=False)
+            assert len(state.lines) == 50, "the bench history did not fold as written"
+            out[f"load_{events}_events_no_snapshot_ms"] = await _median_ms(
+                lambda: actor.load(oid, use_snapshot=False), rounds if events == 1_000 else max(5, rounds // 4))
+            await actor.snapshot_now(oid)
+            out[f"load_{events}_events_snapshot_ms"] = await _median_ms(lambda: actor.load(oid), rounds)
+        codec = EventCodec.of(spec.event_type)
+        for decoded in (False, True):
+            start, count = time.perf_counter(), 0
+            async for stored in store.read(ctx.events_wildcard):
+                if decoded:
+                    codec.decode(stored.data)
+                count += 1
+            rate = round(count / (time.perf_counter() - start))
+            out["stream_read_decoded_per_s" if decoded else "stream_read_raw_per_s"] = rate
+        out["stream_events"] = count
+        out["natscli_ordered_replay_per_s"] = await asyncio.to_thread(
+            nats_cli_ordered, settings, ctx.parts[0].stream, (await nc.jetstream().stream_info(ctx.parts[0].stream))
+            .state.messages)
+        return out
+    finally:
+        await nc.close()
+
+
+def nats_cli_ordered(settings: Settings, stream: str, count: int) -> object:
+    """`nats bench js ordered` on a stream: the raw ordered replay ceiling (messages/s)."""
+    exe = shutil.which("nats")
+    if exe is None:
+        return {"skipped": "the nats CLI is not on the PATH (go install github.com/nats-io/natscli/nats@v0.5.0)"}
+    who = credentials(settings, ADMIN)
+    env = {**os.environ, "NATS_URL": settings.resolved_nats_url(), "NATS_USER": who.user or "",
+           "NATS_PASSWORD": who.password or ""}
+    with tempfile.TemporaryDirectory() as home:
+        done = subprocess.run([exe, "bench", "js", "ordered", "--stream", stream, "--msgs", str(count),
+                               "--no-progress"], env={**env, "HOME": home}, capture_output=True, text=True, timeout=600)
+    import re
+
+    rate = re.search(r"stats: ([\d,]+) msgs/sec", done.stdout + done.stderr)
+    if done.returncode != 0 or rate is None:
+        return {"failed": (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+    return int(rate.group(1).replace(",", ""))
+
+
 def nats_cli_bench(settings: Settings, subject: str, count: int, clients: int) -> dict[str, object]:
     """`nats bench service request SUBJECT --payload examples/payloads/place_order.json` as
     users run it (the NATS CLI, when on the PATH), as the admin: its rate, next to ours."""
@@ -521,7 +615,7 @@ async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float
 
 
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
-    only = set(args.only or ["ceilings", "nats", "saga", "http", "tasks"])
+    only = set(args.only or ["ceilings", "nats", "saga", "http", "tasks", "read"])
     results: dict[str, object] = {"inflight": args.inflight}
     async with _system(settings, args.pid, args.partitions, args.cluster) as (settings, base, pid):
         results["partitions"] = settings.partitions
@@ -560,6 +654,9 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             await settle(url, settings)
             results["tasks_noop_batched_submit"] = await bench_tasks(
                 url, settings, args.count, max(1, args.inflight // 8), batch=100, cpu=cpu)
+        if "read" in only:
+            await settle(url, settings)
+            results["read_side"] = await bench_read(url, settings)
     for key, value in results.items():
         print(f"{key:<28} {json.dumps(value)}")
     return 0

@@ -18,7 +18,7 @@ from actors.tasks.registry import TaskRegistry, build_registry
 from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import PartitionedStore
-from bus.streams import ensure_stream, event_stream, parked_stream, spread_leaders, wait_for_jetstream
+from bus.streams import ensure_stream, event_stream, parked_stream, snapshot_stream, spread_leaders, wait_for_jetstream
 from bus.subjects import Context, Parked
 from http_edge.app import create_app
 from http_edge.kit import EdgeConfig
@@ -78,15 +78,18 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
             await ensure_stream(js, event_stream(part, replicas=settings.stream_replicas,
                                                  duplicate_window_s=settings.duplicate_window_s,
                                                  with_queue=bc.work_queue))
+        await ensure_stream(js, snapshot_stream(ctx, replicas=settings.stream_replicas))
         if bc.prepare is not None:
             await bc.prepare(js, ctx, settings)
     await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
 
 
 def stream_names(settings: Settings) -> list[str]:
-    """Every stream jetsource declares: each context's, then the parked events'."""
-    return [*(s for bc in declared(settings).contexts for s in bc.context(settings).streams),
-            parked_subjects(settings).stream]
+    """Every stream jetsource declares: each context's event streams, the parked events', then
+    each context's snapshots (in this order the leaders are spread: the event streams first)."""
+    contexts = [bc.context(settings) for bc in declared(settings).contexts]
+    return [*(s for ctx in contexts for s in ctx.streams), parked_subjects(settings).stream,
+            *(ctx.snapshot_stream for ctx in contexts)]
 
 
 async def prepare(settings: Settings) -> Settings:
@@ -300,7 +303,7 @@ def run_actor(settings: Settings, nc: Client, name: str) -> contextlib.AbstractA
     """One declared context's actor, started, and stopped (drained) on exit."""
     bc = declared(settings).context(name)
     ctx = bc.context(settings)
-    return _running(Actor(nc, _store(settings, nc, ctx, bc.work_queue), bc.aggregate(ctx, settings),
+    return _running(Actor(nc, _store(settings, nc, ctx, bc.work_queue), bc.spec(settings),
                           concurrency=settings.actor_concurrency, max_retries=settings.actor_max_retries), nc, ctx)
 
 
@@ -427,7 +430,7 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
     return create_app(nc, subjects, config,
                       [bc.routes for bc in found.contexts if bc.routes is not None],
                       [bc.openapi for bc in found.contexts if bc.openapi is not None],
-                      {bc.name: bc.aggregate(subjects[bc.name], settings) for bc in found.contexts})
+                      {bc.name: bc.spec(settings) for bc in found.contexts})
 
 
 @contextlib.asynccontextmanager

@@ -246,7 +246,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         try:
             store = PartitionedStore.open(nc, ctx)
             codec = None if args.stored else EventCodec.of(declared(settings).context(args.context)
-                                                           .aggregate(ctx, settings).event_type)
+                                                           .spec(settings).event_type)
             subject = ctx.events(args.aggregate_id) if args.aggregate_id else ctx.events_wildcard
             count = 0
             async for e in store.read(subject, from_seq=args.from_seq, since=args.since, follow=args.follow):
@@ -283,6 +283,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
     from actors.errors import JetsourceError
     from actors.history import state_at
+    from actors.snapshots import Snapshots
     from bus.codec import encode
     from bus.eventstore import PartitionedStore
     from infra.bootstrap import context
@@ -290,19 +291,72 @@ def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
 
     async def main() -> int:
         ctx = context(settings, args.context)
-        spec = declared(settings).context(args.context).aggregate(ctx, settings)
+        spec = declared(settings).context(args.context).spec(settings)
         nc = await _connect_once(settings, "jetsource-state", args.timeout)
         try:
+            snapshots = (Snapshots(nc, ctx, type(spec.initial), spec.state_version)
+                         if spec.snapshot_every > 0 else None)
             found = await state_at(PartitionedStore.open(nc, ctx), spec, args.aggregate_id, args.context,
-                                   at_version=args.at_version, at_time=args.at_time)
+                                   at_version=args.at_version, at_time=args.at_time, snapshots=snapshots)
         except JetsourceError as exc:
             print(f"jetsource: {exc.message}", file=sys.stderr)
             return 1
         finally:
             await nc.close()
         print(json.dumps({"id": args.aggregate_id, "version": found.version, "time": found.time,
-                          "events": found.events, "state": json.loads(encode(found.state))}))
+                          "snapshot": found.snapshot, "state": json.loads(encode(found.state))}))
         return 0
+
+    return _run(main)
+
+
+def cmd_snapshots(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.runtime import Actor
+    from bus.eventstore import PartitionedStore, direct_last
+    from infra.bootstrap import context
+    from infra.contexts import declared
+
+    async def main() -> int:
+        ctx = context(settings, args.context)
+        spec = declared(settings).context(args.context).spec(settings)
+        nc = await _connect_once(settings, "jetsource-snapshots", args.timeout)
+        try:
+            actor = Actor(nc, PartitionedStore.open(nc, ctx), spec)
+            snapshots = actor.snapshots
+            if args.snapshot_action == "take":
+                for aggregate_id in args.ids:
+                    version = await actor.snapshot_now(aggregate_id)
+                    if version == 0:
+                        print(f"jetsource: {args.context} {aggregate_id} has no events", file=sys.stderr)
+                        return 1
+                    print(json.dumps({"id": aggregate_id, "version": version}))
+                return 0
+            if args.snapshot_action == "drop":
+                await nc.jetstream().purge_stream(ctx.snapshot_stream)
+                print(f"dropped every snapshot of {args.context}: the next loads fold the events (and take new ones)")
+                return 0
+            if not args.ids:
+                info = await nc.jetstream().stream_info(ctx.snapshot_stream)
+                print(json.dumps({"context": args.context, "stream": ctx.snapshot_stream,
+                                  "snapshots": info.state.messages, "bytes": info.state.bytes,
+                                  "every": spec.snapshot_every, "state_version": spec.state_version}))
+                return 0
+            code = 0
+            for aggregate_id in args.ids:
+                msg = await direct_last(nc, ctx.snapshot_stream, ctx.snapshot(aggregate_id), timeout=args.timeout)
+                if msg is None:
+                    print(f"jetsource: {args.context} {aggregate_id} has no snapshot", file=sys.stderr)
+                    code = 1
+                    continue
+                usable = snapshots.decode(aggregate_id, msg.data, msg.headers or {}) if snapshots else None
+                body = json.loads(msg.data)
+                print(json.dumps({"id": aggregate_id, "version": body.get("version"),
+                                  "state_version": body.get("state_version"), "time": body.get("time"),
+                                  "usable": usable is not None, "commands": len(body.get("commands") or {}),
+                                  "bytes": len(msg.data), "state": body.get("state")}))
+            return code
+        finally:
+            await nc.close()
 
     return _run(main)
 
@@ -443,6 +497,17 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sa.add_argument("--at-time", type=_iso_datetime, metavar="ISO", help="as of this time, e.g. 2026-01-01T12:00:00Z")
     sa.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
     sa.set_defaults(fn=cmd_state)
+    sn = sub.add_parser("snapshots", help="aggregate snapshots: show them, take them, drop them")
+    sns = sn.add_subparsers(dest="snapshot_action", required=True)
+    for name, what in (("show", "a context's snapshots (count, bytes, policy), or these aggregates' (JSON lines)"),
+                       ("take", "fold these aggregates from their streams and store their snapshots now"),
+                       ("drop", "delete every snapshot of a context (loads then fold the events)")):
+        sna = sns.add_parser(name, help=what)
+        sna.add_argument("context", choices=contexts)
+        if name != "drop":
+            sna.add_argument("ids", nargs="*" if name == "show" else "+", metavar="ID")
+        sna.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
+        sna.set_defaults(fn=cmd_snapshots, ids=[])
     st = sub.add_parser("status", help="services, streams and projection lag")
     st.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
     st.set_defaults(fn=cmd_status)
@@ -464,7 +529,7 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
-    b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks"], action="append")
+    b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks", "read"], action="append")
     b.add_argument("--partitions", type=_partition_count, default=0, metavar="K",
                    help="the system it starts spreads each context over K streams")
     b.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",

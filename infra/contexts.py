@@ -15,6 +15,7 @@ exposes `CONTEXT` (a `BoundedContext`) and/or `PROCESS_MANAGERS` (a sequence of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -127,6 +128,14 @@ class BoundedContext:
 
     def context(self, settings: Settings) -> Context:
         return Context(self.name, settings.namespace, settings.partitions)
+
+    def spec(self, settings: Settings) -> AggregateSpec[Any, Any, Any]:
+        """The context's aggregate as these settings run it (`snapshot_every` overrides the
+        declared snapshot policy)."""
+        spec = self.aggregate(self.context(settings), settings)
+        if settings.snapshot_every is not None:
+            spec = dataclasses.replace(spec, snapshot_every=settings.snapshot_every)
+        return spec
 
     @functools.cached_property
     def _command_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

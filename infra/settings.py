@@ -50,6 +50,9 @@ class Settings(BaseSettings):
                                                   "directory keeps the count it was created with). At most 8: "
                                                   "each partition of each read model is a projector holding "
                                                   "PostgreSQL connections")
+    snapshot_every: int | None = Field(None, ge=0, description="every context's snapshot policy, overriding "
+                                                               "the declared one: a snapshot every N events of an "
+                                                               "aggregate (0 = none); unset = as declared (100)")
     actor_concurrency: int = 512
     actor_max_retries: int = 5
     append_batches_inflight: int = Field(2, description="atomic batches an actor keeps in flight (group commit)")

@@ -79,7 +79,8 @@ class Secured:
 async def secured(database_url: str) -> AsyncIterator[Secured]:
     namespace = f"sec{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="jetsource-trust-") as tmp:
-        base_settings = make_settings(namespace, "nats://unused:1", database_url, data_dir=Path(tmp), partitions=1)
+        base_settings = make_settings(namespace, "nats://unused:1", database_url, data_dir=Path(tmp), partitions=1,
+                                      snapshot_every=3)  # the actors take snapshots as themselves
         passwords = auth.ensure_secrets(base_settings)
         server = EmbeddedNats(Path(tmp), free_port(), free_port(),
                               authorization=auth.server_config_block(base_settings, passwords))
@@ -136,6 +137,26 @@ async def test_every_role_runs_as_itself_end_to_end(secured: Secured) -> None:
     assert status == 202
     await eventually(lambda: _get(secured, f"/tasks/{task['task_id']}"),
                      lambda r: r[0] == 200 and r[1]["status"] == "completed", timeout=30)
+    # The orders actor stored the shipped order's snapshot as itself; the edge reads it.
+    status, state = await _get(secured, f"/orders/{oid}/state")
+    assert status == 200 and state["state"]["status"] == "shipped", state
+    assert state["snapshot"] is not None and state["snapshot"] <= state["version"], state
+
+
+async def test_forged_snapshots_from_any_other_role_are_refused_and_store_nothing(secured: Secured) -> None:
+    ctx = declared(secured.settings).context("orders").context(secured.settings)
+    js = secured.admin.jetstream()
+    before = (await js.stream_info(ctx.snapshot_stream)).state.messages
+    for role in (r for r in NOT_ADMIN if r != auth.ORDERS_ACTOR):
+        nc, errors = await secured.as_role(role)
+        try:  # a snapshot would be loaded instead of the events: the state of an order, made up
+            await nc.publish(ctx.snapshot("forged-snap"), b'{"id":"forged-snap","version":1,"state_version":1,'
+                             b'"state":{"status":"paid"}}', headers={"Jetsource-Snapshot-Version": "1"})
+            await _refused(nc, errors, "Publish")
+        finally:
+            await nc.close()
+    await asyncio.sleep(0.3)
+    assert (await js.stream_info(ctx.snapshot_stream)).state.messages == before
 
 
 async def test_standard_discovery_sees_every_service_through_the_permissions(secured: Secured) -> None:
