@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from actors.orders.messages import ItemAdded, OrderLine, OrderPlaced
+from actors.orders.messages import ItemAdded, OrderConfirmed, OrderLine, OrderPlaced, OrderReserved
 from actors.runtime import Actor
 from actors.tasks.messages import PRIORITIES
 from actors.upcasting import EventCodec
@@ -545,6 +545,80 @@ async def bench_read(url: Nats, settings: Settings, rounds: int = 21) -> Mapping
         await nc.close()
 
 
+async def _order_histories(store: PartitionedStore, ctx: Context, events: int, run: str) -> int:
+    """Orders of five events each (placed, two items added, confirmed, reserved), written
+    straight to the streams in atomic batches of 1,000 (200 orders each, concurrently per
+    partition); returns how many events were written."""
+    lines = [OrderLine(sku="sku-0", quantity=2, unit_price=1250)]
+    now = datetime.now(UTC).isoformat()
+    pending: dict[int, list[tuple[str, bytes]]] = {}
+    written = 0
+
+    async def flush(part: int) -> None:
+        nonlocal written
+        batch = pending.pop(part, [])
+        if not batch:
+            return
+        first_subject = batch[0][0]
+        events = [NewEvent(data, {h.EV_COMMAND_ID: f"bench-{run}-{written + i}", h.EV_TRACE_ID: "bench", h.EV_TIME: now})
+                  for i, (_, data) in enumerate(batch)]
+        # One atomic batch of many subjects: the first is the batch's subject, the rest extra.
+        await store.append(first_subject, events[:1], None, [(s, e.data) for (s, _), e in zip(batch[1:], events[1:])])
+        written += len(batch)
+
+    for n in range(events // 5):
+        oid = f"rb-{run}-{n}"
+        subject = ctx.events(oid)
+        body = [OrderPlaced(order_id=oid, customer_id=f"c-{n % 1000}", currency="EUR", lines=lines),
+                ItemAdded(order_id=oid, sku="sku-1", quantity=1, unit_price=300),
+                ItemAdded(order_id=oid, sku="sku-2", quantity=3, unit_price=50),
+                OrderConfirmed(order_id=oid, total=2950, lines=lines), OrderReserved(order_id=oid)]
+        part = ctx.partition_of(oid)
+        pending.setdefault(part, []).extend((subject, encode(e)) for e in body)
+        if len(pending[part]) >= MAX_ATOMIC_BATCH:
+            await flush(part)
+    for part in list(pending):
+        await flush(part)
+    return written
+
+
+async def bench_rebuild(url: Nats, settings: Settings, events: int) -> Mapping[str, object]:
+    """A blue/green rebuild of the orders read model from `events` order events (written first,
+    on top of whatever the stream holds), parity check included; next to raw ordered replay of
+    the same stream (`nats bench js ordered`) measured in the same run."""
+    from infra.bootstrap import parked_subjects
+    from infra.contexts import declared
+    from projections.rebuild import Model, Rebuild
+
+    nc = await url.connect("bench-rebuild")
+    try:
+        ctx = orders_context(settings)
+        store = PartitionedStore.open(nc, ctx)
+        start = time.perf_counter()
+        written = await _order_histories(store, ctx, events, uuid.uuid4().hex[:8])
+        write_s = time.perf_counter() - start
+        await settle(url, settings, limit_s=1800)  # the live projector has folded them: a rebuild, not a catch-up
+        bc = declared(settings).context("orders")
+        assert bc.read_model is not None
+        model = Model("orders", ctx, bc.read_model.tables, bc.read_model.ddl, bc.read_model.projection)
+        total = sum([(await nc.jetstream().stream_info(s)).state.messages for s in ctx.streams])
+        lines: list[dict[str, object]] = []
+        job = Rebuild(nc, settings.resolved_database_url(), settings.db_schema, model, parked=parked_subjects(settings),
+                      report=lines.append)
+        start = time.perf_counter()
+        done = await job.run()
+        seconds = time.perf_counter() - start
+        folded = sum(int(v) for v in done.get("at", {}).values()) if isinstance(done.get("at"), dict) else 0
+        return {"events_written": written, "write_s": round(write_s, 1), "stream_messages": total,
+                "rebuild_s": round(seconds, 1), "rebuild_events_per_s": round(total / seconds),
+                "copy_s": done.get("copy_seconds"), "parity": done.get("parity"), "swapped": done.get("swapped"),
+                "natscli_ordered_replay_per_s": await asyncio.to_thread(nats_cli_ordered, settings, ctx.parts[0].stream,
+                                                                        min(total, 1_000_000)),
+                "held_at_sum": folded}
+    finally:
+        await nc.close()
+
+
 def nats_cli_ordered(settings: Settings, stream: str, count: int) -> object:
     """`nats bench js ordered` on a stream: the raw ordered replay ceiling (messages/s)."""
     exe = shutil.which("nats")
@@ -657,6 +731,9 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
         if "read" in only:
             await settle(url, settings)
             results["read_side"] = await bench_read(url, settings)
+        if "rebuild" in (args.only or []):  # long: asked for by name only
+            await settle(url, settings)
+            results["rebuild_orders"] = await bench_rebuild(url, settings, args.rebuild_events)
     for key, value in results.items():
         print(f"{key:<28} {json.dumps(value)}")
     return 0

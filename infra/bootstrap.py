@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import logging
 import os
@@ -26,6 +27,7 @@ from infra import auth
 from infra.contexts import BoundedContext, ProcessManager, declared
 from infra.embedded import write_private
 from infra.settings import Settings
+from projections.rebuild import Model, Rebuild, outdated
 from projections.runner import Checkpoints, Projector
 from projections.schema import create_pool, ensure_schema
 from projections.service import QueryService
@@ -399,15 +401,41 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Pr
             await queries.add(ctx, model.queries, projection.name)
         running = [asyncio.get_running_loop().create_task(keep_running(f"projection {p.durable}", p))
                    for p in projectors]
+        # A read model built by an older version of its projection is rebuilt aside (blue/green)
+        # while this projector keeps the live one serving.
+        models = [Model(bc.read_model.projection().name, ctx, bc.read_model.tables, bc.read_model.ddl,
+                        bc.read_model.projection) for bc, ctx in _read_models(settings) if bc.read_model is not None]
+        rebuilds = [asyncio.get_running_loop().create_task(_rebuild_outdated(settings, nc, model))
+                    for model in await outdated(pool, models)]
         try:
             yield projectors
         finally:
+            for task in rebuilds:
+                task.cancel()
+            await asyncio.gather(*rebuilds, return_exceptions=True)
             for projector in projectors:
                 projector.stop()
             await queries.stop()
             await asyncio.wait_for(asyncio.gather(*running), 10)
     finally:
         await pool.close()
+
+
+async def _rebuild_outdated(settings: Settings, nc: Client, model: Model) -> None:
+    log.warning("read model %s was built by an older version of its projection: rebuilding it aside (version %d)",
+                model.name, model.version)
+    try:
+        done = await Rebuild(nc, settings.resolved_database_url(), settings.db_schema, model,
+                             parked=parked_subjects(settings),
+                             report=lambda line: log.info("rebuild %s", json.dumps(line))).run()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("rebuild of read model %s failed; the live one keeps serving (the next start retries)",
+                      model.name)
+        return
+    log.warning("read model %s: %s", model.name, "rebuilt and swapped" if done.get("swapped")
+                else f"not rebuilt: {done.get('reason')}")
 
 
 def _tokens(setting: str) -> tuple[str, ...]:

@@ -378,7 +378,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from infra.status import rebuild
 
     _setup_logging(settings, "rebuild")
-    return _run(lambda: rebuild(settings, args.only))
+    return _run(lambda: rebuild(settings, args.name or args.only, keep=args.keep, require_parity=args.require_parity))
 
 
 def cmd_parked(settings: Settings, args: argparse.Namespace) -> int:
@@ -513,8 +513,13 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_status)
     pr = sub.add_parser("projections", help="projection maintenance")
     prs = pr.add_subparsers(dest="action", required=True)
-    rb = prs.add_parser("rebuild", help="rebuild read models from the streams")
-    rb.add_argument("--only", choices=read_models)
+    rb = prs.add_parser("rebuild", help="rebuild read models from the streams, blue/green: a copy is built "
+                                        "aside while the live one serves, compared, then swapped in")
+    rb.add_argument("name", nargs="?", choices=read_models, help="only this read model (default: every one)")
+    rb.add_argument("--only", choices=read_models, help=argparse.SUPPRESS)  # the name's older spelling
+    rb.add_argument("--keep", action="store_true", help="keep the old tables (schema <schema>__<name>_old)")
+    rb.add_argument("--require-parity", action="store_true",
+                    help="swap only if the copy equals the live read model (exit 1 and keep it otherwise)")
     rb.set_defaults(fn=cmd_rebuild)
     pk = prs.add_parser("parked", help="events a reader could not decode or apply: list (JSON lines), retry, skip")
     pk.add_argument("--reader", help="only this reader's, e.g. orders_projection, fulfilment_manager")
@@ -529,7 +534,10 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="load the actors (NATS) and the edge (HTTP); report rates and latency")
     b.add_argument("--count", type=int, default=20000)
     b.add_argument("--inflight", type=int, default=64)
-    b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks", "read"], action="append")
+    b.add_argument("--only", choices=["ceilings", "nats", "saga", "http", "tasks", "read", "rebuild"], action="append",
+                   help="these phases only (default: all but rebuild, which runs when named)")
+    b.add_argument("--rebuild-events", type=int, default=1_000_000, metavar="N",
+                   help="order events the rebuild phase writes before it rebuilds the orders read model")
     b.add_argument("--partitions", type=_partition_count, default=0, metavar="K",
                    help="the system it starts spreads each context over K streams")
     b.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",

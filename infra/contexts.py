@@ -63,7 +63,7 @@ class ReadModel:
     """A context's PostgreSQL read model."""
 
     projection: Callable[[], Projection]
-    tables: tuple[str, ...]  # emptied by `jetsource projections rebuild`
+    tables: tuple[str, ...]  # what `jetsource projections rebuild` builds aside, compares and swaps
     ddl: str  # idempotent (CREATE ... IF NOT EXISTS), run in the read-model schema
     queries: Mapping[str, Query] = field(default_factory=dict)
 

@@ -145,54 +145,29 @@ async def status(settings: Settings, nc: Client) -> int:
     return code
 
 
-async def rebuild(settings: Settings, only: str | None = None) -> int:
-    """Empty read models and re-fold them from the streams, printing progress."""
-    dsn = settings.resolved_database_url()
+async def rebuild(settings: Settings, only: str | None = None, *, keep: bool = False,
+                  require_parity: bool = False) -> int:
+    """Blue/green rebuilds (`projections.rebuild`) of every read model (or `only` one), printing
+    progress as JSON lines; 1 when one was not swapped (`require_parity` and a difference)."""
+    from projections.rebuild import Model, Rebuild
+
     await ensure_read_models(settings)
-    # Each partition's projector holds one connection (its lock) and borrows another per batch.
-    pool = await create_pool(dsn, settings.db_schema, max_size=max(10, 2 * settings.partitions + 4))
     nc = await connect(settings.resolved_nats_url(), "jetsource-rebuild", credentials=credentials(settings, ADMIN))
+    code = 0
     try:
-        for model in read_models(settings):
-            name = model.projection.name
+        for bc in declared(settings).contexts:
+            if bc.read_model is None:
+                continue
+            name = bc.read_model.projection().name
             if only and name != only:
                 continue
-            parts = model.ctx.parts
-            # One checkpoint per partition; the target is what each partition holds now.
-            targets = {part.checkpoint(name): await last_event_seq(nc, part) for part in parts}
-            target = sum(targets.values())
-            # What this projection parked is forgotten: the re-fold parks again whatever still fails.
-            await parking.clear(nc, parked_subjects(settings), model.ctx.consumer(name))
-            async with pool.acquire() as conn, conn.transaction():
-                for checkpoint in sorted(targets):
-                    await conn.execute("SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-                                       checkpoint)
-                await conn.execute("TRUNCATE " + ", ".join(model.tables))
-                for checkpoint in sorted(targets):
-                    await conn.execute(
-                        "INSERT INTO projection_checkpoints (name, last_seq) VALUES ($1, 0) "
-                        "ON CONFLICT (name) DO UPDATE SET last_seq = 0, updated_at = now()", checkpoint,
-                    )
-            print(json.dumps({"projection": name, "rebuilding_to_seq": target}), flush=True)
-            # If a projector is running it rewinds and does the work; otherwise these do.
-            checkpoints = Checkpoints(pool)
-            projectors = [Projector(nc, pool, part, model.make(), checkpoints, batch=settings.projection_batch)
-                          for part in parts]
-            tasks = [asyncio.get_running_loop().create_task(p.run()) for p in projectors]
-            try:
-                while True:
-                    reached = {c: min(await checkpoints.get(c), t) for c, t in targets.items()}
-                    done = sum(reached.values())
-                    print(json.dumps({"projection": name, "applied_through": done, "target": target,
-                                      "percent": round(100 * done / target, 1) if target else 100.0}), flush=True)
-                    if all(reached[c] >= t for c, t in targets.items()):
-                        break
-                    await asyncio.sleep(0.5)
-            finally:
-                for projector in projectors:
-                    projector.stop()
-                await asyncio.gather(*tasks)
-        return 0
+            model = Model(name, bc.context(settings), bc.read_model.tables, bc.read_model.ddl, bc.read_model.projection)
+            job = Rebuild(nc, settings.resolved_database_url(), settings.db_schema, model,
+                          parked=parked_subjects(settings), report=lambda line: print(json.dumps(line), flush=True))
+            done = await job.run(keep=keep, require_parity=require_parity)
+            if not done["swapped"]:
+                print(json.dumps({"projection": name, "phase": "kept", "reason": done.get("reason")}), flush=True)
+                code = 1
+        return code
     finally:
         await nc.close()
-        await pool.close()

@@ -177,7 +177,11 @@ class Projector:
         batch: int = 500,
         busy_linger_s: float = 0.1,
         parked: Parked | None = None,
+        durable_suffix: str = "",
     ) -> None:
+        """`durable_suffix`: a second projector of the same projection and stream (a blue/green
+        rebuild's copy, writing to its own schema) has its own consumer and lock; it parks
+        under the projection's reader name all the same."""
         self._nc = nc
         self._pool = pool
         self._ctx = ctx
@@ -191,14 +195,22 @@ class Projector:
         self._outage: str | None = None
         self._backoff = 0.1
         self.checkpoint = 0
-        self.name = ctx.checkpoint(projection.name)  # its checkpoint's (and metrics') name
-        self._m_events = metrics.PROJECTED_EVENTS.labels(self.name)
-        self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(self.name)
-        self._m_pending = metrics.PROJECTION_PENDING.labels(self.name)
+        self.name = ctx.checkpoint(projection.name)  # its checkpoint's name
+        self._suffix = durable_suffix
+        self.parked_seqs: set[tuple[str, int]] = set()  # (stream, seq) of what it parked
+        label = self.name + durable_suffix
+        self._m_events = metrics.PROJECTED_EVENTS.labels(label)
+        self._m_checkpoint = metrics.PROJECTION_CHECKPOINT.labels(label)
+        self._m_pending = metrics.PROJECTION_PENDING.labels(label)
+
+    @property
+    def reader(self) -> str:
+        """The name it parks under: the projection's."""
+        return self._ctx.consumer(self._projection.name)
 
     @property
     def durable(self) -> str:
-        return self._ctx.consumer(self._projection.name)
+        return self._ctx.consumer(self._projection.name) + self._suffix
 
     async def _bind(self) -> Puller:
         """(Re)create the durable consumer at the stored checkpoint and pull from it.
@@ -242,7 +254,7 @@ class Projector:
         PostgreSQL (or NATS) is waited out, logged once: the lock is taken again and the
         projection resumes from its stored checkpoint.
         """
-        key = zlib.crc32(f"jetsource:{self._ctx.stream}:{self._projection.name}".encode())
+        key = zlib.crc32(f"jetsource:{self._ctx.stream}:{self._projection.name}{self._suffix}".encode())
         while not self._stopping.is_set():
             try:
                 async with self._pool.acquire() as lock_conn:
@@ -333,28 +345,48 @@ class Projector:
                     poison.append((stored, exc))
                 last_seq = max(last_seq, seq)
             self._m_pending.set(at.pending)  # what the consumer holds after this batch's last event
-            if last_seq > self.checkpoint:
+            while last_seq > self.checkpoint:
                 try:
-                    applied = await self._commit(batch, poison, last_seq, one_by_one=False)
+                    applied, held_at = await self._commit(batch, poison, last_seq, one_by_one=False)
                 except _ApplyFailed as failed:
                     log.warning("projection %s: a batch of %d events failed (%s); applying them one at a time",
                                 self.name, len(batch), parking.describe(failed.cause))
-                    applied = await self._commit(batch, poison, last_seq, one_by_one=True)
-                self.checkpoint = last_seq
-                await self._checkpoints.advanced(self.name, last_seq)
+                    applied, held_at = await self._commit(batch, poison, last_seq, one_by_one=True)
+                reached = last_seq if held_at is None else min(last_seq, max(held_at, self.checkpoint))
+                self.checkpoint = reached
+                await self._checkpoints.advanced(self.name, reached)
                 self._m_events.inc(applied)
-                self._m_checkpoint.set(last_seq)
+                self._m_checkpoint.set(reached)
+                if reached < last_seq:  # held (a blue/green rebuild): the rest waits until it is released
+                    batch = [(e, ev) for e, ev in batch if e.seq > reached]
+                    poison = [(e, why) for e, why in poison if e.seq > reached]
+                    if not await self._until_released(reached):
+                        return
             if msgs:
                 await msgs[-1].ack()
             if len(msgs) < self._batch:
                 await asyncio.sleep(self._busy_linger_s if len(msgs) >= BUSY_BATCH else LINGER_S)
 
+    async def _until_released(self, at: int) -> bool:
+        """Wait while this read model is held at `at` (a blue/green rebuild compares and swaps
+        it meanwhile); False when stopping. Afterwards, its connections are renewed: the tables
+        it writes may be new ones."""
+        while True:
+            hold = await self._pool.fetchval("SELECT hold_at FROM projection_checkpoints WHERE name = $1", self.name)
+            if hold is None or hold > at:
+                break
+            if await self._sleep(0.05):
+                return False
+        await self._pool.expire_connections()
+        return True
+
     async def _commit(
         self, batch: list[tuple[StoredEvent, Any]], poison: list[tuple[StoredEvent, BaseException]], last_seq: int,
         *, one_by_one: bool,
-    ) -> int:
+    ) -> tuple[int, int | None]:
         """Apply the batch, park the poison and store the checkpoint in one transaction; returns
-        how many events were applied.
+        how many events were applied, and the sequence the read model is held at, if it is (a
+        blue/green rebuild): then only the events up to it were.
 
         Whole, a deterministic failure of apply raises _ApplyFailed (rolling everything back).
         One by one, each event is applied in a savepoint and those that fail are parked too.
@@ -363,13 +395,17 @@ class Projector:
         async with self._pool.acquire() as conn, conn.transaction():
             # The stored checkpoint, locked, is the authority: a concurrent projector may have
             # moved it on (skip what it applied) or a rebuild reset it.
-            applied = int(await conn.fetchval(
-                "SELECT last_seq FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self.name
-            ) or 0)
+            row = await conn.fetchrow(
+                "SELECT last_seq, hold_at FROM projection_checkpoints WHERE name = $1 FOR UPDATE", self.name)
+            applied, held_at = (int(row["last_seq"]), row["hold_at"]) if row is not None else (0, None)
             if applied < self.checkpoint:
                 raise Rewound(f"checkpoint went back from {self.checkpoint} to {applied}")
-            batch = [(e, ev) for e, ev in batch if e.seq > applied]
-            failed = [(e, why) for e, why in poison if e.seq > applied]
+            if held_at is not None:
+                if held_at <= applied:
+                    return 0, held_at
+                last_seq = min(last_seq, held_at)
+            batch = [(e, ev) for e, ev in batch if applied < e.seq <= last_seq]
+            failed = [(e, why) for e, why in poison if applied < e.seq <= last_seq]
             done = len(batch)
             if batch and not one_by_one:
                 try:
@@ -390,16 +426,17 @@ class Projector:
                         done -= 1
             for stored, why in sorted(failed, key=lambda f: f[0].seq):
                 await parking.park(
-                    self._nc, self._parked, reader=self.durable, stream=self._ctx.stream, seq=stored.seq,
+                    self._nc, self._parked, reader=self.reader, stream=self._ctx.stream, seq=stored.seq,
                     subject=stored.subject, data=stored.data, headers=stored.headers, error=why,
                 )
+                self.parked_seqs.add((self._ctx.stream, stored.seq))
             await conn.execute(
                 """INSERT INTO projection_checkpoints (name, last_seq, updated_at) VALUES ($1, $2, now())
                    ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(projection_checkpoints.last_seq, EXCLUDED.last_seq),
                    updated_at = now()""",
                 self.name, last_seq,
             )
-        return done
+        return done, held_at
 
     @property
     def stopping(self) -> bool:

@@ -12,6 +12,8 @@ CREATE TABLE IF NOT EXISTS projection_checkpoints (
     last_seq    bigint NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
+-- A blue/green rebuild holds a read model at a sequence: its projector applies up to it, then waits.
+ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS hold_at bigint;
 """
 
 
