@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -491,6 +492,10 @@ class Actor(Generic[S, C, E]):
             if reply is not None:
                 return reply
             fresh = False
+            if attempt:
+                # Lost twice or more to writers in other processes: a random pause before
+                # reloading breaks the lockstep in which one side could lose every round.
+                await asyncio.sleep(random.uniform(0, 0.002 * 2 ** attempt))
         raise ConflictError(f"aggregate {aggregate_id} kept changing; gave up after {self._max_retries} retries")
 
     async def _attempt(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ class _Client(Client):
         if handler is None:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
-        handler(subject, headers, data)
+        handler(subject, reply, headers, data)
 
 
 class _FastParser(Parser):
@@ -117,9 +117,10 @@ class _FastParser(Parser):
             await super().parse()
 
 
-# A raw subscription's handler: (subject, the header block as sent — `NATS/1.0[ status]\r\n...`
-# or b"" — and the payload), called synchronously from the connection's reader.
-RawHandler = Callable[[bytes, bytes, bytes], None]
+# A raw subscription's handler: (subject, reply subject, the header block as sent —
+# `NATS/1.0[ status]\r\n...` or b"" — and the payload), called synchronously from the
+# connection's reader.
+RawHandler = Callable[[bytes, bytes, bytes, bytes], None]
 
 
 def parse_headers(raw: bytes) -> dict[str, str]:
@@ -133,6 +134,53 @@ def parse_headers(raw: bytes) -> dict[str, str]:
             if name.isascii() and len(name.split()) == 1:
                 out[name] = value.strip()
     return out
+
+
+_MISSING = object()
+
+
+class RawHeaders(Mapping[str, str]):
+    """A header block read on demand: `get` finds one `Name:` line in the text (the last, as a
+    dict built from the lines would keep), without splitting the others. A Direct Get answer
+    carries a dozen headers and readers ask for four or five: splitting them all was a third
+    of a rebuild's time. Iterating (or copying) parses the block as `parse_headers` does."""
+
+    __slots__ = ("_text", "_parsed")
+
+    def __init__(self, block: bytes) -> None:
+        self._text = "\r\n" + block.decode("utf-8", "replace")
+        self._parsed: dict[str, str] | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if self._parsed is not None:
+            return self._parsed.get(name, default)
+        text = self._text
+        at = text.rfind("\r\n" + name + ":")
+        if at < 0:
+            return default
+        start = at + len(name) + 3
+        end = text.find("\r\n", start)
+        return text[start:end if end >= 0 else len(text)].strip()
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name, _MISSING) is not _MISSING
+
+    def _all(self) -> dict[str, str]:
+        if self._parsed is None:
+            self._parsed = parse_headers(self._text[2:].encode())
+        return self._parsed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 async def subscribe_raw(nc: Client, subject: str, handler: RawHandler) -> Subscription | None:

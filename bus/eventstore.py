@@ -16,7 +16,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +32,7 @@ from nats.nuid import NUID
 
 from bus import metrics
 from bus import subjects as h
-from bus.connection import parse_headers, request, subscribe_raw, unsubscribe_raw
+from bus.connection import RawHeaders, parse_headers, request, subscribe_raw, unsubscribe_raw
 from bus.errors import DeadlineError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class StoredEvent:
     seq: int
     time: str
     data: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str]
 
 
 @dataclass(slots=True, frozen=True)
@@ -382,7 +382,7 @@ class EventStore:
         return out
 
     async def _batches(self, subject: str, seq: int = 1, since: datetime | None = None,
-                       size: int = 1000) -> AsyncIterator[list[StoredEvent]]:
+                       size: int = 1000) -> AsyncGenerator[list[StoredEvent], None]:
         """The messages of `subject` (a wildcard too) from a sequence or a time, in stream
         order, a Direct Get batch at a time.
 
@@ -424,22 +424,30 @@ class EventStore:
         finally:
             del self._gets[token]
 
+    async def batch(self, subject: str, seq: int, size: int = 1000) -> list[StoredEvent]:
+        """Up to `size` messages of `subject` (a wildcard too) from a sequence on: one Direct
+        Get batch (a read without a consumer: what a rebuild's copy folds from)."""
+        batches = self._batches(subject, seq, size=size)
+        try:
+            return await anext(batches, [])
+        finally:
+            await batches.aclose()
+
     async def last_seq(self, subject: str) -> int:
         """The sequence of the last message on `subject` (a wildcard too), 0 when there is none."""
         msg = await direct_last(self._nc, self.stream, subject, timeout=self._timeout)
         return 0 if msg is None else int((msg.headers or {})["Nats-Sequence"])
 
-    def _on_raw_get(self, subject: bytes, headers: bytes, data: bytes) -> None:
+    def _on_raw_get(self, subject: bytes, reply: bytes, headers: bytes, data: bytes) -> None:
         """A Direct Get answer as the connection read it (see `bus.connection.subscribe_raw`)."""
         load = self._gets.get(subject[len(self._gets_prefix):].decode())
         if load is None:
             return
         if headers[8:9] == b" ":  # `NATS/1.0 204 EOB\r\n...`: an inline status, then headers
             end = headers.find(b"\r\n")
-            hdrs = parse_headers(headers[end + 2:])
-            self._got(load, headers[9:12].decode(), hdrs, data)
+            self._got(load, headers[9:12].decode(), parse_headers(headers[end + 2:]), data)
         else:
-            self._got(load, None, parse_headers(headers[10:]), data)
+            self._got(load, None, RawHeaders(headers[10:]), data)
 
     async def _on_get(self, msg: Msg) -> None:
         load = self._gets.get(msg.subject[len(self._gets_prefix):])
@@ -449,7 +457,7 @@ class EventStore:
         self._got(load, hdrs.get(h.STATUS), hdrs, msg.data)
 
     @staticmethod
-    def _got(load: _Load, status: str | None, hdrs: dict[str, str], data: bytes) -> None:
+    def _got(load: _Load, status: str | None, hdrs: Mapping[str, str], data: bytes) -> None:
         if status is None:
             load.events.append(StoredEvent(subject=hdrs["Nats-Subject"], seq=int(hdrs["Nats-Sequence"]),
                                            time=hdrs["Nats-Time-Stamp"], data=data, headers=hdrs))

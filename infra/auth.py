@@ -20,7 +20,6 @@ from bus.subjects import Context, Parked
 from infra.contexts import declared
 from infra.embedded import write_private
 from infra.settings import NatsIdentity, Settings
-from projections.rebuild import REBUILD_SUFFIX
 
 ADMIN = "admin"
 EDGE = "edge"
@@ -160,9 +159,9 @@ def permissions(settings: Settings, role: str) -> dict[str, Any]:
         for bc, ctx in models:
             durable = ctx.consumer(bc.read_model.projection.name)  # type: ignore[union-attr]
             # each reader parks under its own name only (an operator's retry acts on it); a
-            # blue/green rebuild's copy has a consumer of its own
-            allow += [*(api for part in ctx.parts for d in (durable, durable + REBUILD_SUFFIX)
-                        for api in consumer_api(part.stream, d)), *_read(ctx), parked.reader_wildcard(durable)]
+            # blue/green rebuild's copy reads by Direct Get
+            allow += [*(api for part in ctx.parts for api in consumer_api(part.stream, durable)), *_read(ctx),
+                      parked.reader_wildcard(durable)]
             sub.append(f"{ctx.query('*')} {ctx.queue_group}.query")
         return {
             "publish": {"allow": allow, "deny": [*all_stores, *commands, *ADMIN_API]},

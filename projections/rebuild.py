@@ -6,8 +6,10 @@ and swapped in one transaction. Readers never see the read model empty or older 
 The steps, for one read model of K partitions:
 
 1. A copy schema (`<schema>__<name>_next`) gets the model's DDL and its own checkpoints; copy
-   projectors (their own consumers, `<name>_projection_rebuild`) fold the streams into it from
-   the first event, reporting events/s, lag and ETA.
+   projectors fold the streams into it from the first event, reading them by batched Direct
+   Get of every subject (no consumer; outbox and queue messages are skipped here: a filtered
+   read from the start cost the server ~30 µs an event on a stream of many subjects), each
+   batch asked for while the one before is applied; progress: events/s, lag and ETA.
 2. When the copy is within `HOLD_LAG` events of the streams' heads, both the live and the copy
    checkpoints are *held* at the heads' sequences T (per partition): each projector applies up
    to T and then waits (the live read model still serves, and only lags while held).
@@ -34,7 +36,6 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError as JsNotFoundError
 
 from bus import parking
 from bus.eventstore import EventStore
@@ -98,7 +99,7 @@ def _qualified(schema: str, table: str) -> str:
 class Rebuild:
     """One blue/green rebuild of one read model."""
 
-    def __init__(self, nc: Client, dsn: str, schema: str, model: Model, *, batch: int = 1000,
+    def __init__(self, nc: Client, dsn: str, schema: str, model: Model, *, batch: int = 5000,
                  parked: Parked | None = None, report: Callable[[dict[str, Any]], None] = lambda line: None,
                  hold_lag: int = HOLD_LAG) -> None:
         self._nc = nc
@@ -134,7 +135,6 @@ class Rebuild:
                     finally:
                         await copy.close()
                         await lock.execute(f"DROP SCHEMA IF EXISTS {quote_ident(self.copy_schema)} CASCADE")
-                        await self._delete_copy_consumers()
                 finally:
                     await lock.execute("SELECT pg_advisory_unlock($1)", key)
         finally:
@@ -145,7 +145,7 @@ class Rebuild:
         model = self._model
         checkpoints = Checkpoints(copy)
         projectors = [Projector(self._nc, copy, part, model.make(), checkpoints, batch=self._batch, busy_linger_s=0.0,
-                                parked=self._parked, durable_suffix=REBUILD_SUFFIX)
+                                parked=self._parked, durable_suffix=REBUILD_SUFFIX, direct=True)
                       for part in model.ctx.parts]
         # The live read model's own projectors, as hot standbys: with none running elsewhere
         # (the system is down) these follow the streams, so that the hold below is reached.
@@ -305,13 +305,6 @@ class Rebuild:
                     await parking.delete(self._nc, self._parked, event)
         except Exception as exc:  # noqa: BLE001 - the swap is done; this is housekeeping
             log.warning("rebuild of %s: parked events it applied are still listed (%s)", self._model.name, exc)
-
-    async def _delete_copy_consumers(self) -> None:
-        js = self._nc.jetstream()
-        durable = self._model.ctx.consumer(self._model.name) + REBUILD_SUFFIX
-        for part in self._model.ctx.parts:
-            with contextlib.suppress(JsNotFoundError, Exception):
-                await js.delete_consumer(part.stream, durable)
 
 
 async def _last_event(nc: Client, part: Context) -> int:
