@@ -639,6 +639,7 @@ class Actor(Generic[S, C, E]):
         """Fold the events stored after the cached version into the cached state; an aggregate
         not loaded before starts from its snapshot, when it has a usable one."""
         aggregate_id = subject.rsplit(".", 1)[1]
+        snapshot = None
         if entry.version == 0 and use_snapshot and self.snapshots is not None:
             snapshot = await self.snapshots.load(aggregate_id)
             if snapshot is not None:
@@ -649,7 +650,17 @@ class Actor(Generic[S, C, E]):
         state = entry.state
         folded = 0
         stored = None
-        for stored in await self._store.load(subject, after_seq=entry.version):
+        events = await self._store.load(subject, after_seq=entry.version)
+        if snapshot is not None and not events and await self._store.last_seq(subject) != entry.version:
+            # A snapshot of a version the stream does not end at (a stream restored or made
+            # anew without dropping the snapshots): not this stream's; fold from the start.
+            assert self.snapshots is not None
+            self.snapshots.ignored += 1
+            log.warning("ignoring the snapshot of %s at %d: the stream's last event is elsewhere", subject, entry.version)
+            entry.state, entry.version, entry.commands = self._spec.initial, 0, {}
+            await self._catch_up(entry, subject, use_snapshot=False)
+            return
+        for stored in events:
             event = self._event_of(stored)
             if event is not None:
                 state = self._spec.evolve(state, event)

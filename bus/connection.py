@@ -52,7 +52,10 @@ class _Client(Client):
         if handler is None:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
-        handler(subject, reply, headers, data)
+        try:
+            handler(subject, reply, headers, data)
+        except Exception:  # noqa: BLE001 - raised into nats-py's reader, it would stop reading
+            log.exception("a raw handler failed on a message on %r", subject[:200])
 
 
 class _FastParser(Parser):
@@ -80,7 +83,7 @@ class _FastParser(Parser):
                     break
                 end = buf.find(b"\r\n", pos)
                 if end < 0:
-                    regular = end - pos > MAX_CONTROL_LINE_SIZE
+                    regular = size - pos > MAX_CONTROL_LINE_SIZE
                     break
                 args = bytes(buf[pos:end]).split()
                 try:

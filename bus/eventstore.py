@@ -443,18 +443,21 @@ class EventStore:
         load = self._gets.get(subject[len(self._gets_prefix):].decode())
         if load is None:
             return
-        if headers[8:9] == b" ":  # `NATS/1.0 204 EOB\r\n...`: an inline status, then headers
+        status = headers[8:9] == b" "  # `NATS/1.0 204 EOB\r\n...`: an inline status line first
+        if status and b"\r\nNats-Sequence:" not in headers:  # the server's own end of batch, or 404
             end = headers.find(b"\r\n")
             self._got(load, headers[9:12].decode(), parse_headers(headers[end + 2:]), data)
         else:
-            self._got(load, None, RawHeaders(headers[10:]), data)
+            # A stored message, even one whose own headers start with a status line (an answer
+            # a client had JetStream store there): every one carries its sequence.
+            self._got(load, None, RawHeaders(headers[headers.find(b"\r\n") + 2 if status else 10:]), data)
 
     async def _on_get(self, msg: Msg) -> None:
         load = self._gets.get(msg.subject[len(self._gets_prefix):])
         if load is None:
             return  # a late answer to a load that gave up
         hdrs = msg.headers or {}
-        self._got(load, hdrs.get(h.STATUS), hdrs, msg.data)
+        self._got(load, None if "Nats-Sequence" in hdrs else hdrs.get(h.STATUS), hdrs, msg.data)
 
     @staticmethod
     def _got(load: _Load, status: str | None, hdrs: Mapping[str, str], data: bytes) -> None:
@@ -465,8 +468,11 @@ class EventStore:
         if load.batch.done():
             return
         if status == "204":  # end of this batch: more to come unless nothing is pending
-            pending = int(hdrs.get("Nats-Num-Pending", "0"))
-            load.batch.set_result(None if pending == 0 else int(hdrs["Nats-Last-Sequence"]) + 1)
+            pending = int(hdrs.get("Nats-Num-Pending", "0") or 0)
+            after = int(hdrs.get("Nats-Last-Sequence", "0") or 0) + 1
+            # Never back (nor to where no message of this batch led): the next batch follows it.
+            last = load.events[-1].seq if load.events else None
+            load.batch.set_result(after if pending and last is not None and after > last else None)
         elif status == "404":
             load.batch.set_result(None)
         else:
@@ -536,12 +542,13 @@ async def direct_last(nc: Client, stream: str, subject: str, *, timeout: float) 
         raise UnavailableError(f"JetStream is not answering Direct Get on {stream}") from None
     except NatsTimeoutError:
         raise DeadlineError("Direct Get timed out") from None
-    status = (msg.headers or {}).get(h.STATUS)
+    headers = msg.headers or {}
+    if "Nats-Sequence" in headers:  # a stored message (even one whose own headers carry a status)
+        return msg
+    status = headers.get(h.STATUS)
     if status == "404":
         return None
-    if status:
-        raise UnavailableError(f"direct get on {stream} failed with status {status}")
-    return msg
+    raise UnavailableError(f"direct get on {stream} failed with status {status}")
 
 
 class PartitionedStore:
@@ -590,6 +597,9 @@ class PartitionedStore:
 
     async def load(self, subject: str, after_seq: int = 0) -> list[StoredEvent]:
         return await self.of(subject).load(subject, after_seq)
+
+    async def last_seq(self, subject: str) -> int:
+        return await self.of(subject).last_seq(subject)
 
     async def close(self) -> None:
         await asyncio.gather(*(store.close() for store in self.parts))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import msgspec
@@ -28,6 +28,7 @@ from bus import subjects as h
 from bus.connection import parse_headers, subscribe_raw, unsubscribe_raw
 from bus.errors import UnavailableError
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _END_OF_REQUEST = ("404", "408")  # no (more) messages; the request's expiry passed
 
 
@@ -42,8 +43,9 @@ class Position:
 
     @property
     def time(self) -> str:
-        """When it was stored, ISO 8601 (made when asked: ~1.5 µs a message)."""
-        return datetime.fromtimestamp(self.ns / 1e9, UTC).isoformat()
+        """When it was stored, ISO 8601 to the microsecond, truncated — as the server's own
+        time stamp on a Direct Get answer reads (made when asked: ~1.5 µs a message)."""
+        return (_EPOCH + timedelta(microseconds=self.ns // 1000)).isoformat()
 
 
 @dataclass(slots=True)
@@ -150,7 +152,7 @@ class Puller:
             raise UnavailableError(f"JetStream ended a pull request with status {status}")
 
     def _on_raw(self, subject: bytes, reply: bytes, headers: bytes, data: bytes) -> None:
-        if headers[8:9] == b" " and not data:  # `NATS/1.0 404 No Messages`: an inline status
+        if headers[8:9] == b" " and not data and not reply:  # `NATS/1.0 404 No Messages`: the server's
             status = headers[9:12].decode()
             if status != "100":  # heartbeats carry no verdict
                 end = headers.find(b"\r\n")
@@ -165,7 +167,8 @@ class Puller:
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
-        if not msg.data and headers and h.STATUS in headers:
+        # A status of the server's own has no reply subject (every delivery has its ack subject).
+        if not msg.data and not msg.reply and headers and h.STATUS in headers:
             status = headers[h.STATUS]
             if status != "100":  # heartbeats carry no verdict
                 self._end(status if status in _END_OF_REQUEST else f"{status} {headers.get(h.STATUS_DESCRIPTION, '')}")

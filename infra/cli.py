@@ -234,6 +234,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    import msgspec
+
     from actors.upcasting import EventCodec
     from bus import subjects as h
     from bus.eventstore import PartitionedStore, appended
@@ -252,7 +254,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             async for e in store.read(subject, from_seq=args.from_seq, since=args.since, follow=args.follow):
                 data = e.data
                 if codec is not None and appended(e.headers):
-                    with contextlib.suppress(ValueError):  # what no reader can decode is shown as stored
+                    with contextlib.suppress(msgspec.DecodeError):  # what no reader can decode is shown as stored
                         data = codec.current_bytes(data)
                 try:
                     event = json.loads(data)

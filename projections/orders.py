@@ -110,6 +110,8 @@ class OrdersProjection:
     """Folds a batch of order events into the `orders` and `order_lines` tables."""
 
     name = "orders"
+    # 2: carriers and tracking numbers (`order.shipped` v2); a read model built by 1 is rebuilt.
+    version = 2
 
     def __init__(self) -> None:
         self._decoder = ORDER_EVENTS

@@ -112,6 +112,10 @@ class Rebuild:
         self._hold_lag = hold_lag
         self.copy_schema = _schema_name(schema, model.name, "next")
         self.old_schema = _schema_name(schema, model.name, "old")
+        if len(f"{schema}__{model.name}_next") > 63:
+            raise ValueError(f"schema {schema!r} and read model {model.name!r} make names longer than PostgreSQL's "
+                             "63 characters: a shorter schema name, please")
+        self._key = zlib.crc32(f"jetsource:rebuild:{schema}:{model.name}".encode())
         self._names = [part.checkpoint(model.name) for part in model.ctx.parts]
 
     async def run(self, *, keep: bool = False, require_parity: bool = False) -> dict[str, Any]:
@@ -122,7 +126,7 @@ class Rebuild:
         live = await create_pool(self._dsn, self._schema, max_size=2 * len(self._names) + 3)
         try:
             async with live.acquire() as lock:
-                key = zlib.crc32(f"jetsource:rebuild:{self._schema}:{model.name}".encode())
+                key = self._key  # held while it runs: a hold it sets lasts as long as this lock
                 if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", key):
                     return {"projection": model.name, "swapped": False, "reason": "another rebuild of it is running"}
                 try:
@@ -171,7 +175,7 @@ class Rebuild:
                 p.stop()
             await asyncio.gather(*running[:len(projectors)], return_exceptions=True)
             parked_by_copy = {seq for p in projectors for seq in p.parked_seqs}
-            await self._swap(live, keep=keep)
+            await self._swap(live, heads, keep=keep)
             held = False
             await self._forget_parked(heads, parked_by_copy)
             return {**report, "phase": "swapped", "swapped": True, "kept_old": self.old_schema if keep else None,
@@ -226,7 +230,8 @@ class Rebuild:
                 heads[name] = max(await _last_event(self._nc, part), at.get(name, 0))
             for table in tables:
                 for name, seq in heads.items():
-                    await conn.execute(f"UPDATE {table} SET hold_at = $2 WHERE name = $1", name, seq)
+                    await conn.execute(f"UPDATE {table} SET hold_at = $2, hold_by = $3 WHERE name = $1", name, seq,
+                                       self._key)
         self._report({"projection": model.name, "phase": "holding", "at": heads})
         return heads
 
@@ -267,11 +272,17 @@ class Rebuild:
                 out.append(parity)
         return out
 
-    async def _swap(self, live: asyncpg.Pool, *, keep: bool) -> None:
+    async def _swap(self, live: asyncpg.Pool, heads: dict[str, int], *, keep: bool) -> None:
         tables = self._model.tables
         async with live.acquire() as conn:
             async with conn.transaction():
                 await conn.execute("SET LOCAL lock_timeout = '10s'")
+                # Both still exactly where they were compared (nothing wrote past the hold).
+                for schema in (self._schema, self.copy_schema):
+                    rows = await conn.fetch(f"SELECT name, last_seq FROM {quote_ident(schema)}.projection_checkpoints "
+                                            "WHERE name = ANY($1) FOR UPDATE", self._names)
+                    if {r["name"]: r["last_seq"] for r in rows} != heads:
+                        raise RuntimeError(f"{schema} moved past the held sequences before the swap; not swapped")
                 await conn.execute(f"LOCK TABLE {', '.join(_qualified(self._schema, t) for t in tables)} "
                                    "IN ACCESS EXCLUSIVE MODE")
                 await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(self.old_schema)} CASCADE")
@@ -282,7 +293,8 @@ class Rebuild:
                 for table in tables:
                     await conn.execute(f"ALTER TABLE {_qualified(self.copy_schema, table)} "
                                        f"SET SCHEMA {quote_ident(self._schema)}")
-                await conn.execute("UPDATE projection_checkpoints SET hold_at = NULL WHERE name = ANY($1)", self._names)
+                await conn.execute("UPDATE projection_checkpoints SET hold_at = NULL, hold_by = NULL WHERE name = ANY($1)",
+                                   self._names)
                 await conn.execute(VERSIONS_DDL)
                 await conn.execute(
                     "INSERT INTO projection_versions (name, version) VALUES ($1, $2) ON CONFLICT (name) "
@@ -293,15 +305,18 @@ class Rebuild:
 
     async def _release(self, live: asyncpg.Pool) -> None:
         with contextlib.suppress(Exception):
-            await live.execute("UPDATE projection_checkpoints SET hold_at = NULL WHERE name = ANY($1)", self._names)
+            await live.execute("UPDATE projection_checkpoints SET hold_at = NULL, hold_by = NULL WHERE name = ANY($1)",
+                               self._names)
 
     async def _forget_parked(self, heads: dict[str, int], parked_by_copy: set[tuple[str, int]]) -> None:
         """Parked events of the live reader that the copy applied are resolved now (as the
         admin; the projector's own rebuilds may not delete them, and leave them listed)."""
         reader = self._model.ctx.consumer(self._model.name)
+        held = {part.stream: heads[part.checkpoint(self._model.name)] for part in self._model.ctx.parts}
         try:
             for event in await parking.unresolved(self._nc, self._parked, reader):
-                if (event.stream, event.seq) not in parked_by_copy:
+                # Only what the copy folded (up to the hold): the live projector parks on after it.
+                if event.seq <= held.get(event.stream, 0) and (event.stream, event.seq) not in parked_by_copy:
                     await parking.delete(self._nc, self._parked, event)
         except Exception as exc:  # noqa: BLE001 - the swap is done; this is housekeeping
             log.warning("rebuild of %s: parked events it applied are still listed (%s)", self._model.name, exc)
@@ -324,13 +339,19 @@ async def record_version(pool: asyncpg.Pool, name: str, version: int) -> None:
 
 
 async def outdated(pool: asyncpg.Pool, models: Sequence[Model]) -> list[Model]:
-    """The read models whose projection is newer than the version their tables were built with
-    (a read model never recorded is recorded at the code's version: it was built by it)."""
+    """The read models whose projection is newer than the version their tables were built with.
+    One never recorded was built by version 1 if it holds anything (versions are recorded since
+    they exist), else it is recorded at the code's version (it is about to be built by it)."""
     recorded = await recorded_versions(pool)
     out = []
     for model in models:
-        if model.name not in recorded:
-            await record_version(pool, model.name, model.version)
-        elif recorded[model.name] < model.version:
+        version = recorded.get(model.name)
+        if version is None:
+            names = [part.checkpoint(model.name) for part in model.ctx.parts]
+            built = await pool.fetchval("SELECT coalesce(max(last_seq), 0) FROM projection_checkpoints "
+                                        "WHERE name = ANY($1)", names)
+            version = 1 if built else model.version
+            await record_version(pool, model.name, version)
+        if version < model.version:
             out.append(model)
     return out

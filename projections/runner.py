@@ -437,13 +437,28 @@ class Projector:
         it meanwhile); False when stopping. Afterwards, its connections are renewed: the tables
         it writes may be new ones."""
         while True:
-            hold = await self._pool.fetchval("SELECT hold_at FROM projection_checkpoints WHERE name = $1", self.name)
-            if hold is None or hold > at:
+            row = await self._pool.fetchrow("SELECT hold_at, hold_by FROM projection_checkpoints WHERE name = $1",
+                                            self.name)
+            if row is None or row["hold_at"] is None or row["hold_at"] > at:
+                break
+            if row["hold_by"] is not None and await self._holder_gone(row["hold_by"]):
+                await self._pool.execute("UPDATE projection_checkpoints SET hold_at = NULL, hold_by = NULL "
+                                         "WHERE name = $1 AND hold_by = $2", self.name, row["hold_by"])
+                log.warning("projection %s: the rebuild holding it at %d is gone; going on", self.name, at)
                 break
             if await self._sleep(0.05):
                 return False
         await self._pool.expire_connections()
         return True
+
+    async def _holder_gone(self, key: int) -> bool:
+        """Whether the rebuild that set a hold has let go of its advisory lock (it ended, or its
+        process or connection died)."""
+        async with self._pool.acquire() as conn:
+            free = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            if free:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            return free
 
     async def _commit(
         self, batch: list[tuple[StoredEvent, Any]], poison: list[tuple[StoredEvent, BaseException]], last_seq: int,

@@ -12,8 +12,10 @@ CREATE TABLE IF NOT EXISTS projection_checkpoints (
     last_seq    bigint NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
--- A blue/green rebuild holds a read model at a sequence: its projector applies up to it, then waits.
+-- A blue/green rebuild holds a read model at a sequence: its projector applies up to it, then
+-- waits — while the rebuild holds the advisory lock `hold_by` (a rebuild that died lets go).
 ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS hold_at bigint;
+ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS hold_by bigint;
 """
 
 
@@ -32,6 +34,8 @@ def database_down(exc: BaseException) -> bool:
     `unavailable`), rather than that one event's data cannot be stored (park it)."""
     if isinstance(exc, _CLIENT_DATA_ERROR):  # an InterfaceError too, but about a value: the data's fault
         return False
+    if isinstance(exc, asyncpg.exceptions.InvalidCachedStatementError):
+        return True  # the tables changed under a prepared statement (a rebuild's swap): retry afresh
     if isinstance(exc, OSError | TimeoutError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
                   # A connection whose server died under it can refuse the next operation before
                   # asyncpg has seen the socket close ("cannot switch to state 12 ...").
