@@ -27,6 +27,7 @@ from nats.js.errors import APIError
 from actors.upcasting import EventCodec
 from bus import parking
 from bus import subjects as h
+from bus import tracing
 from bus.client import call
 from bus.codec import encode
 from bus.errors import (
@@ -80,6 +81,7 @@ class OutboxReader(abc.ABC):
         raises what handling raises; MalformedError for a message no actor appended."""
         if not appended(headers):
             raise MalformedError("not an appended outbox message: no command id (a reply NATS was made to store here)")
+        tracing.follow(headers.get(h.EV_TRACE_ID), headers.get(h.EV_CORRELATION_ID))
         for ctx in self._outboxes:
             if ctx.stream == stream:
                 return await self.react(ctx, data, headers)

@@ -29,6 +29,7 @@ from nats.micro.request import Request
 from actors.errors import JetsourceError, NotFoundError, PendingError, RuleViolationError, ValidationError
 from actors.snapshots import Snapshots
 from bus import subjects as h
+from bus import tracing
 from bus.codec import Decoder, encode
 from bus.connection import on_reconnect
 from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
@@ -376,6 +377,7 @@ class Actor(Generic[S, C, E]):
     async def execute(self, command: C, headers: Mapping[str, str] | None) -> msgspec.Struct:
         """Decide and store one command; returns the reply Struct or raises a coded error."""
         meta = CommandMeta.from_headers(headers, self._ids)
+        tracing.follow(meta.trace_id, meta.correlation_id)
         meta.check_deadline()
         body_key = getattr(command, "idempotency_key", None)
         if body_key and not meta.keyed:

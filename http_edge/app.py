@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from actors.runtime import AggregateSpec
 from bus import subjects as h
+from bus import tracing
 from bus.errors import UnavailableError
 from bus.eventstore import PartitionedStore
 from bus.ids import IdSource
@@ -103,6 +104,7 @@ def create_app(
         if not h.valid_token(trace_id):  # it is copied into every stored event: 1..128 safe characters
             trace_id = _trace_id()
         request[TRACE_ID] = trace_id
+        tracing.follow(trace_id)
         start = time.perf_counter()
         response: web.StreamResponse | None
         try:

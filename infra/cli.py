@@ -47,11 +47,9 @@ async def _connect_once(settings: Settings, name: str, timeout: float) -> Client
 
 
 def _setup_logging(settings: Settings, role: str) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from infra.logs import setup
+
+    setup(settings.log_level, settings.log_format, role)
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

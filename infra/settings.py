@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="serve this role's Prometheus metrics on this port (0 = off; "
                                                 "`jetsource up` gives its roles this port and the next ones)")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="text, or JSON lines (each with the role and, "
+                                                                    "where known, the trace and correlation ids)")
     # NATS identity for an external server, for whatever role this process runs ...
     nats_user: str | None = None
     nats_password: str | None = Field(None, repr=False)

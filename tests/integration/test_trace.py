@@ -3,6 +3,7 @@ order causes (its fulfilment task, run by a worker, and the ship) carries the pa
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tests.conftest import System, eventually
@@ -39,3 +40,30 @@ async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_and_the_ship(syste
 
     shipped = by_type["order.shipped"]  # shipped in the read model, so in the stream
     assert (shipped["type"], shipped["trace_id"], shipped["correlation_id"]) == ("order.shipped", TRACE, TRACE)
+
+
+async def test_an_actors_log_lines_carry_the_trace_of_the_command_they_are_written_for(system: System) -> None:
+    import io
+    import logging
+
+    from infra.logs import JsonLines
+
+    status, headers, body = await post(system, "/orders", PLACE)
+    oid = body["order_id"]
+    # A message no actor appended, stored on the order's subject: the next command's append
+    # conflicts, the reload skips it — and logs that, inside the command.
+    await system.nc.jetstream().publish(system.orders.part_of(oid).events(oid), b'{"type":"order.paid"}')
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLines("orders_actor"))
+    logger = logging.getLogger("actors.runtime")
+    logger.addHandler(handler)
+    try:
+        async with system.http.post(f"{system.base}/orders/{oid}/items", headers={"X-Trace-Id": "trace-in-logs"},
+                                    json={"sku": "pear", "quantity": 1, "unit_price": 5}) as resp:
+            assert resp.status == 200
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    skipped = [line for line in lines if "no actor appended" in line["message"]]
+    assert skipped and all(line["trace_id"] == "trace-in-logs" for line in skipped), lines
