@@ -234,8 +234,7 @@ class Actor(Generic[S, C, E]):
         self._changed: dict[str, asyncio.Event] = {}
         # A context of one stream is its own (only) partition: no lookup per command.
         self._one_part = None if spec.ctx.partitioned else spec.ctx
-        self.snapshots = (Snapshots(nc, spec.ctx, type(spec.initial), spec.state_version)
-                          if spec.snapshot_every > 0 else None)
+        self.snapshots = Snapshots.of(nc, spec)
         self._snapshotting: set[asyncio.Task[bool]] = set()
 
     async def start(self) -> Service:

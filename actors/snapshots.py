@@ -68,6 +68,13 @@ class Snapshots:
         self.written = 0
         self.ignored = 0
 
+    @classmethod
+    def of(cls, nc: Client, spec: Any, *, timeout: float = 5.0) -> Snapshots | None:
+        """The snapshots of an aggregate (an `AggregateSpec`); None when it takes none."""
+        if spec.snapshot_every <= 0:
+            return None
+        return cls(nc, spec.ctx, type(spec.initial), spec.state_version, timeout=timeout)
+
     async def load(self, aggregate_id: str) -> Snapshot | None:
         """The aggregate's current snapshot when it is usable; None otherwise (fold the events)."""
         try:

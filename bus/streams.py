@@ -45,27 +45,25 @@ def snapshot_stream(ctx: Context, *, replicas: int = 1) -> StreamConfig:
     """A context's snapshots: one current snapshot per aggregate (one message per subject).
     Not a source of truth — a cache of folds its event streams can always redo — so deletes and
     purges are allowed (`jetsource snapshots drop`)."""
-    return StreamConfig(
-        name=ctx.snapshot_stream,
-        description=f"jetsource {ctx.name} snapshots (a cache of folded state; the events are the truth)",
-        subjects=[ctx.snapshots_wildcard],
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        max_msgs_per_subject=1,
-        deny_delete=False,
-        deny_purge=False,
-        allow_direct=True,
-    )
+    return _latest_per_subject(ctx.snapshot_stream, ctx.snapshots_wildcard, replicas,
+                               f"jetsource {ctx.name} snapshots (a cache of folded state; the events are the truth)")
 
 
 def parked_stream(parked: Parked, *, replicas: int = 1) -> StreamConfig:
     """The dead-letter stream of events readers parked. Not a source of truth: deletes and
     purges are allowed (a resolved event is deleted), and one message per subject makes
     parking the same event twice (a redelivery, a rebuild) replace it."""
+    return _latest_per_subject(parked.stream, parked.wildcard, replicas,
+                               "jetsource parked events (could not be decoded or applied)")
+
+
+def _latest_per_subject(name: str, subject: str, replicas: int, description: str) -> StreamConfig:
+    """A stream that is no source of truth: one message per subject (a new one replaces it),
+    deletes and purges allowed, Direct Get for readers."""
     return StreamConfig(
-        name=parked.stream,
-        description="jetsource parked events (could not be decoded or applied)",
-        subjects=[parked.wildcard],
+        name=name,
+        description=description,
+        subjects=[subject],
         storage=StorageType.FILE,
         num_replicas=replicas,
         max_msgs_per_subject=1,

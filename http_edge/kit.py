@@ -356,8 +356,7 @@ def _snapshots(app: web.Application, context: str) -> Snapshots | None:
     readers = app[SNAPSHOTS]
     if context not in readers:
         spec = app[AGGREGATES][context]
-        readers[context] = (Snapshots(app[NATS], app[CONTEXTS][context], type(spec.initial), spec.state_version,
-                                      timeout=app[CONFIG].request_timeout) if spec.snapshot_every > 0 else None)
+        readers[context] = Snapshots.of(app[NATS], spec, timeout=app[CONFIG].request_timeout)
     return readers[context]
 
 

@@ -600,7 +600,7 @@ async def bench_rebuild(url: Nats, settings: Settings, events: int) -> Mapping[s
         await settle(url, settings, limit_s=1800)  # the live projector has folded them: a rebuild, not a catch-up
         bc = declared(settings).context("orders")
         assert bc.read_model is not None
-        model = Model("orders", ctx, bc.read_model.tables, bc.read_model.ddl, bc.read_model.projection)
+        model = Model.of(bc, ctx)
         total = sum([(await nc.jetstream().stream_info(s)).state.messages for s in ctx.streams])
         lines: list[dict[str, object]] = []
         job = Rebuild(nc, settings.resolved_database_url(), settings.db_schema, model, parked=parked_subjects(settings),

@@ -403,8 +403,7 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Pr
                    for p in projectors]
         # A read model built by an older version of its projection is rebuilt aside (blue/green)
         # while this projector keeps the live one serving.
-        models = [Model(bc.read_model.projection().name, ctx, bc.read_model.tables, bc.read_model.ddl,
-                        bc.read_model.projection) for bc, ctx in _read_models(settings) if bc.read_model is not None]
+        models = [Model.of(bc, ctx) for bc, ctx in _read_models(settings)]
         rebuilds = [asyncio.get_running_loop().create_task(_rebuild_outdated(settings, nc, model))
                     for model in await outdated(pool, models)]
         try:

@@ -294,10 +294,8 @@ def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
         spec = declared(settings).context(args.context).spec(settings)
         nc = await _connect_once(settings, "jetsource-state", args.timeout)
         try:
-            snapshots = (Snapshots(nc, ctx, type(spec.initial), spec.state_version)
-                         if spec.snapshot_every > 0 else None)
             found = await state_at(PartitionedStore.open(nc, ctx), spec, args.aggregate_id, args.context,
-                                   at_version=args.at_version, at_time=args.at_time, snapshots=snapshots)
+                                   at_version=args.at_version, at_time=args.at_time, snapshots=Snapshots.of(nc, spec))
         except JetsourceError as exc:
             print(f"jetsource: {exc.message}", file=sys.stderr)
             return 1

@@ -20,8 +20,7 @@ from infra.auth import ADMIN, credentials
 from infra.bootstrap import ensure_read_models, parked_subjects, stream_names
 from infra.contexts import declared
 from infra.settings import Settings
-from projections.runner import Checkpoints, Projection, Projector
-from projections.schema import create_pool
+from projections.runner import Projection
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ async def rebuild(settings: Settings, only: str | None = None, *, keep: bool = F
             name = bc.read_model.projection().name
             if only and name != only:
                 continue
-            model = Model(name, bc.context(settings), bc.read_model.tables, bc.read_model.ddl, bc.read_model.projection)
+            model = Model.of(bc, bc.context(settings))
             job = Rebuild(nc, settings.resolved_database_url(), settings.db_schema, model,
                           parked=parked_subjects(settings), report=lambda line: print(json.dumps(line), flush=True))
             done = await job.run(keep=keep, require_parity=require_parity)

@@ -72,6 +72,12 @@ class Model:
     def version(self) -> int:
         return int(getattr(self.make(), "version", 1))
 
+    @classmethod
+    def of(cls, bc: Any, ctx: Context) -> Model:
+        """A declared context's read model (a `BoundedContext` that has one) on `ctx`."""
+        model = bc.read_model
+        return cls(model.projection().name, ctx, model.tables, model.ddl, model.projection)
+
 
 @dataclass
 class TableParity:

@@ -165,3 +165,28 @@ async def test_the_cli_rebuilds_one_read_model_and_prints_progress(system: Syste
     bad = subprocess.run([sys.executable, "-m", "infra.cli", "projections", "rebuild", "nope"], env=env,
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+async def test_a_read_model_built_before_versions_were_recorded_counts_as_version_1(system: System) -> None:
+    """A data directory from before `projection_versions`: its orders read model (built by the
+    projection before carriers and tracking numbers) is due for a rebuild; an empty one is not."""
+    from infra.contexts import declared
+    from projections.rebuild import Model, outdated
+
+    [(oid, seq)] = await _orders(system, 1)
+    await get(system, f"/orders/{oid}", min_seq=seq)
+    found = declared(system.settings)
+    models = [Model.of(bc, bc.context(system.settings)) for bc in found.contexts if bc.read_model is not None]
+    pool = await create_pool(system.settings.resolved_database_url(), system.settings.db_schema)
+    try:
+        await pool.execute("DELETE FROM projection_versions")
+        due = await outdated(pool, models)
+        assert [m.name for m in due] == ["orders"]  # tasks and inventory are at version 1
+        recorded = await recorded_versions(pool)
+        assert recorded["orders"] == 1 and recorded["tasks"] == recorded["inventory"] == 1
+        await pool.execute("DELETE FROM projection_versions")
+        await pool.execute("UPDATE projection_checkpoints SET last_seq = 0")  # as if nothing was built
+        assert await outdated(pool, models) == []
+        assert (await recorded_versions(pool))["orders"] == OrdersProjection.version
+    finally:
+        await pool.close()
