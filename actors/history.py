@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from actors.errors import NotFoundError, ValidationError
 from actors.runtime import AggregateSpec, event_of
 from actors.snapshots import Snapshot, Snapshots
 from actors.upcasting import EventCodec
 from bus import subjects as h
-from bus.eventstore import PartitionedStore, StoredEvent
+from bus.errors import InternalError
+from bus.eventstore import PartitionedStore, StoredEvent, appended
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +58,22 @@ def fold(spec: AggregateSpec[Any, Any, Any], events: Sequence[StoredEvent], noun
     last = version
     folding = True
     for stored in events:
-        event = event_of(codec, spec.event_id, stored)
+        if folding and (at_version is not None and stored.seq > at_version
+                        or at_time is not None and stored_time(stored) > at_time):
+            folding = False
+        if not folding:  # past the point asked for: only how far the aggregate goes (nothing decoded)
+            if appended(stored.headers):
+                last = stored.seq
+            continue
+        try:
+            event = event_of(codec, spec.event_id, stored)
+        except msgspec.DecodeError as exc:  # an appended event this code cannot read (projections park it)
+            raise InternalError(f"{noun} {aggregate_id}: the event at sequence {stored.seq} cannot be read by this "
+                                f"code ({exc}); its state cannot be folded") from None
         if event is None:
             continue
         last = stored.seq
-        if folding and at_version is not None and stored.seq > at_version:
-            folding = False
-        if not folding:
-            continue
-        at = stored_time(stored)
-        if at_time is not None and at > at_time:
-            folding = False
-            continue
-        state, version, when = spec.evolve(state, event), stored.seq, at.isoformat()
+        state, version, when = spec.evolve(state, event), stored.seq, stored_time(stored).isoformat()
     if last == 0:
         raise NotFoundError(f"{noun} {aggregate_id} has no events")
     if at_version is not None and at_version > last:

@@ -182,3 +182,17 @@ async def test_history_pages_by_sequence_time_and_limit(system: System) -> None:
                           ({"since": "soon"}, "since"), ({"form": "raw"}, "form")):
         status, _, body = await get(system, f"/orders/{oid}/events", **params)
         assert (status, body["error"]["code"], body["error"]["field"]) == (422, "validation", field), body
+
+
+async def test_the_state_of_an_aggregate_holding_an_event_no_code_reads_is_a_coded_error(system: System) -> None:
+    status, headers, body = await post(system, "/orders", PLACE)
+    oid = body["order_id"]
+    part = system.orders.part_of(oid)
+    bad = await _store_raw(system, part.events(oid), b'{"type":"order.shipped","v":9,"order_id":"%s"}' % oid.encode())
+    status, _, body = await get(system, f"/orders/{oid}/state")
+    assert (status, body["error"]["code"]) == (500, "internal"), body
+    assert f"the event at sequence {bad} cannot be read" in body["error"]["message"]
+    _, _, at = await get(system, f"/orders/{oid}/state", at_version=bad - 1)  # before it: folds
+    assert at["state"]["status"] == "placed"
+    out = await asyncio.to_thread(_cli, system, "state", "orders", oid)
+    assert out.returncode == 1 and "cannot be read" in out.stderr and "Traceback" not in out.stderr

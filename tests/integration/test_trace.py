@@ -67,3 +67,30 @@ async def test_an_actors_log_lines_carry_the_trace_of_the_command_they_are_writt
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     skipped = [line for line in lines if "no actor appended" in line["message"]]
     assert skipped and all(line["trace_id"] == "trace-in-logs" for line in skipped), lines
+
+
+async def test_a_process_managers_log_lines_carry_the_trace_of_the_event_it_handles(system: System) -> None:
+    import io
+    import logging
+
+    from bus import subjects as h
+    from infra.logs import JsonLines
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLines("order_saga"))
+    logger = logging.getLogger("bus.parking")
+    logger.addHandler(handler)
+    try:
+        # An outbox event the saga cannot decode, stored with a trace: it is parked, and says so.
+        await system.nc.jetstream().publish(
+            system.orders.parts[0].outbox("confirmed"), b"\x00 not an event",
+            headers={h.EV_COMMAND_ID: "poison-traced", h.EV_TRACE_ID: "trace-of-poison"})
+
+        async def parked_lines() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in stream.getvalue().splitlines() if "order_saga" in line]
+
+        lines = await eventually(parked_lines, lambda found: bool(found), failure="the saga never parked it")
+    finally:
+        logger.removeHandler(handler)
+    assert all(line["trace_id"] == "trace-of-poison" for line in lines), lines
