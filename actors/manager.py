@@ -40,6 +40,7 @@ from bus.errors import (
     ValidationError,
 )
 from bus.eventstore import appended
+from bus.outage import Outage
 from bus.pull import Puller, position
 from bus.subjects import Context, Parked
 
@@ -119,18 +120,19 @@ class OutboxReader(abc.ABC):
         return await call(self._nc, subject, encode(command), headers=headers, timeout=self._timeout)
 
     async def _consume(self, ctx: Context) -> None:
+        outage = Outage(log, f"{self.reader} on {ctx.stream}")
         while not self._stopping.is_set():
             try:
                 await self._ensure_consumer(ctx)
                 puller = Puller(self._nc, ctx.stream, self.reader)
                 try:
-                    await self._dispatch(ctx, puller)
+                    await self._dispatch(ctx, puller, outage)
                 finally:
                     await puller.close()
             except asyncio.CancelledError:
                 raise
             except (JetsourceError, NatsError, OSError) as exc:  # NATS away (an outage): one line, no traceback
-                log.warning("%s on %s: %s; restarting in 1s", self.reader, ctx.stream, exc)
+                outage.failed(exc)
                 await self._pause(1.0)
             except Exception:
                 log.exception("%s failed on %s; restarting", self.reader, ctx.stream)
@@ -171,7 +173,7 @@ class OutboxReader(abc.ABC):
         stream order, different keys concurrently. None (the default): one at a time."""
         return None
 
-    async def _dispatch(self, ctx: Context, puller: Puller) -> None:
+    async def _dispatch(self, ctx: Context, puller: Puller, outage: Outage) -> None:
         """Pull and hand each event to the chain of its key: an event starts once the one
         before it with the same key is done, so each aggregate's events are handled in stream
         order while up to `concurrency` events of different aggregates are in flight, and
@@ -212,6 +214,7 @@ class OutboxReader(abc.ABC):
         try:
             while not self._stopping.is_set():
                 msgs = await puller.pull(self._concurrency, wait_s=0.5)
+                outage.ok()
                 queued.update((id(m), m) for m in msgs)
                 for msg in msgs:
                     await slots.acquire()

@@ -129,19 +129,21 @@ class _Pending:
             # An outbox copy carries its command's id (readers tell by it that an actor appended
             # it), trace id, and its correlation (when not the trace id, its default) and
             # causation ids, so what a process manager does about it continues the same trace.
-            # Messages under `bare` (work items) carry nothing: a worker needs none of it (the
-            # task actor continues each task's trace itself), and every header would cost every
-            # task its bytes of storage and parsing.
+            # Messages under `bare` (work items) carry only the trace (and a correlation that is
+            # not the trace): what a worker's log lines and handler need of it, and no more bytes
+            # of storage and parsing per task.
             first = self.events[0].headers
             headers = {name: first[name] for name in _COPIED if name in first}
             if h.EV_CORRELATION_ID in headers and headers[h.EV_CORRELATION_ID] == headers.get(h.EV_TRACE_ID):
                 del headers[h.EV_CORRELATION_ID]
-            out += [(subject, NewEvent(data, {} if bare and subject.startswith(bare) else headers), None)
+            traced = {name: headers[name] for name in _TRACED if name in headers} if bare else headers
+            out += [(subject, NewEvent(data, traced if bare and subject.startswith(bare) else headers), None)
                     for subject, data in self.extra]
         return out
 
 
 _COPIED = (h.EV_COMMAND_ID, h.EV_TRACE_ID, h.EV_CORRELATION_ID, h.EV_CAUSATION_ID)
+_TRACED = (h.EV_TRACE_ID, h.EV_CORRELATION_ID)
 
 
 def _hpub(subject: str, headers: dict[str, str], data: bytes) -> bytes:
@@ -164,8 +166,8 @@ class EventStore:
         max_inflight_batches: int = 8,
         bare: str | None = None,
     ) -> None:
-        """`bare`: a subject prefix (a work queue's) whose extra messages are stored without
-        headers."""
+        """`bare`: a subject prefix (a work queue's) whose extra messages are stored with only
+        their trace headers."""
         self._nc = nc
         self.stream = stream
         self._bare = bare
@@ -572,7 +574,7 @@ class PartitionedStore:
     @classmethod
     def open(cls, nc: Client, ctx: h.Context, *, work_queue: bool = False, **options: Any) -> PartitionedStore:
         """A store per partition with the same `EventStore` options; `work_queue`: each
-        partition's work items (`<ctx>.queue[.<p>].*`) are stored bare."""
+        partition's work items (`<ctx>.queue[.<p>].*`) carry only their trace headers."""
         return cls(ctx, lambda part: EventStore(nc, part.stream, bare=part.queue_wildcard[:-1] if work_queue else None,
                                                 **options))
 

@@ -100,7 +100,9 @@ def create_app(
     @web.middleware
     async def edge(request: web.Request, handler: Any) -> web.StreamResponse:
         """Trace id, admission, the error catch-all and metrics, in one layer."""
-        trace_id = request.headers.get("X-Trace-Id") or request.headers.get("X-Request-Id") or ""
+        headers = request.headers
+        trace_id = (headers.get("X-Trace-Id") or tracing.w3c_trace_id(headers.get("traceparent"))
+                    or headers.get("X-Request-Id") or "")
         if not h.valid_token(trace_id):  # it is copied into every stored event: 1..128 safe characters
             trace_id = _trace_id()
         request[TRACE_ID] = trace_id

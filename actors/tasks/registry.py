@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.metadata
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -15,6 +16,7 @@ import aiohttp
 import msgspec
 
 P = TypeVar("P")
+log = logging.getLogger(__name__)
 
 
 class TaskFailure(Exception):
@@ -29,6 +31,10 @@ class TaskContext:
     attempt: int
     payload: Any
     report: Callable[[float, str], Awaitable[None]]
+    # The trace the task belongs to (what submitted it: an HTTP request, a process manager's
+    # event); the handler's log lines carry it already. Pass it on in the `X-Trace-Id` of calls
+    # the handler makes, to carry the trace further.
+    trace_id: str | None = None
 
     async def progress(self, percent: float, message: str = "") -> None:
         """Report progress (0..100); visible in GET /tasks/{id} and on tasks.live.progress.<id>."""
@@ -187,6 +193,7 @@ async def http_request(ctx: TaskContext) -> Any:
 async def fulfil_order(ctx: TaskContext) -> Any:
     """Pick, pack and hand over an order (simulated warehouse steps with progress)."""
     p = read_payload(ctx, FulfilOrderPayload)
+    log.info("fulfilling order %s (attempt %d)", p.order_id, ctx.attempt)
     for percent, step in ((30, "picked"), (70, "packed"), (100, "handed to carrier")):
         await asyncio.sleep(p.step_s)
         await ctx.progress(percent, step)

@@ -52,7 +52,9 @@ from bus.errors import (
     UnavailableError,
     from_code,
 )
-from bus import parking
+from bus import parking, tracing
+from bus.outage import Outage
+from bus import subjects as h
 from bus.pull import position
 from bus.wire import CommandBatch, ErrorBody
 from bus.subjects import Context, Parked
@@ -184,6 +186,8 @@ class Worker:
         self.name = name
         self._timeout = request_timeout
         self._queues = PriorityQueues(nc, ctx, PRIORITIES, timeout=request_timeout)
+        self._outage = Outage(log, f"worker {name}: taking work")
+        self._claims = Outage(log, f"worker {name}: claiming tasks")
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
@@ -215,8 +219,9 @@ class Worker:
                 await self._slots.available()
                 try:
                     items = await self._queues.take(self._slots.free)
+                    self._outage.ok()
                 except JetsourceError as exc:
-                    log.warning("worker %s: %s", self.name, exc.message)
+                    self._outage.failed(exc.message)
                     items = []
                 self._slots.take(len(items))
                 if not items:
@@ -346,8 +351,9 @@ class Worker:
             claims = CommandBatch(items=[ClaimTask(task_id=d.task_id, attempt=d.attempt) for d in dispatches])
             try:
                 results = _batch.decode(await self._command("claim_batch", claims)).results
+                self._claims.ok()
             except JetsourceError as exc:
-                log.warning("could not claim %d tasks: %s", len(items), exc.message)
+                self._claims.failed(exc.message)
                 for item in items:
                     await item.nak(1.0)
                 return
@@ -404,6 +410,10 @@ class Worker:
         return True
 
     async def _run(self, item: WorkItem, task: TaskAccepted, slot: _Slot) -> None:
+        # Its own asyncio task: every line logged from here on (the handler's too) is the task's trace.
+        headers = item.msg.headers
+        if headers:
+            tracing.follow(headers.get(h.EV_TRACE_ID), headers.get(h.EV_CORRELATION_ID))
         start_recorded = False
         while task.task_id in self._recently_cancelled:
             # A cancel signal came after the claim was answered: let the store decide with a
@@ -548,7 +558,9 @@ class Worker:
                 await self._command("progress", ReportProgress(task_id=task.task_id, attempt=task.attempt,
                                                                percent=percent, message=message))
 
-        ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report)
+        trace = tracing.CURRENT.get()
+        ctx = TaskContext(task_id=task.task_id, attempt=task.attempt, payload=task.payload, report=report,
+                          trace_id=trace[0] if trace else None)
         run = asyncio.ensure_future(handler(ctx))  # handlers may return any awaitable
         self._handlers[task.task_id] = (run, item)
         # The timeout cancels the handler, not this coroutine: a timer handle (asyncio.timeout

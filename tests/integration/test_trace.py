@@ -1,5 +1,6 @@
 """One trace from an HTTP request through the process managers and the worker: what a paid
-order causes (its fulfilment task, run by a worker, and the ship) carries the pay's trace."""
+order causes (its fulfilment task, run by a worker, the worker's log lines, and the ship)
+carries the pay's trace, given as a W3C `traceparent`."""
 
 from __future__ import annotations
 
@@ -9,18 +10,38 @@ from typing import Any
 from tests.conftest import System, eventually
 from tests.integration.test_orders_http import PLACE, get, post
 
-TRACE = "trace-pay-1"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
 
 
-async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_and_the_ship(system: System) -> None:
+async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_the_workers_lines_and_the_ship(system: System) -> None:
+    import io
+    import logging
+
+    from infra.logs import JsonLines
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLines("worker"))
+    logger = logging.getLogger("actors.tasks")  # the worker's and the task handlers' lines
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     await system.start_worker()
     _, _, body = await post(system, "/orders", PLACE)
     oid = body["order_id"]
     assert (await post(system, f"/orders/{oid}/confirm"))[0] == 200
-    status, headers, _ = await post(system, f"/orders/{oid}/pay", {"amount": 300}, {"X-Trace-Id": TRACE})
-    assert (status, headers["X-Trace-Id"]) == (200, TRACE)
-    await eventually(lambda: get(system, f"/orders/{oid}"), lambda r: r[2].get("status") == "shipped",
-                     timeout=30, every=0.1, failure=f"order {oid} was never shipped")
+    try:
+        status, headers, _ = await post(system, f"/orders/{oid}/pay", {"amount": 300}, {"traceparent": TRACEPARENT})
+        assert (status, headers["X-Trace-Id"]) == (200, TRACE)
+        await eventually(lambda: get(system, f"/orders/{oid}"), lambda r: r[2].get("status") == "shipped",
+                         timeout=30, every=0.1, failure=f"order {oid} was never shipped")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    fulfilling = [line for line in lines if f"fulfilling order {oid}" in line["message"]]
+    assert fulfilling and all((line["trace_id"], line["correlation_id"]) == (TRACE, TRACE) for line in fulfilling), lines
 
     _, _, history = await get(system, f"/orders/{oid}/events")
     by_type: dict[str, dict[str, Any]] = {e["type"]: e for e in history["events"]}

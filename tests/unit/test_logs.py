@@ -7,6 +7,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from bus import tracing
 from infra.logs import JsonLines, TextLines
 
@@ -57,3 +59,21 @@ def test_text_lines_end_with_the_trace() -> None:
 
     text = asyncio.run(traced())
     assert " WARNING edge test.logs: hello world [trace=t-9]" in text
+
+
+def test_an_outage_is_two_lines_however_many_attempts_fail(caplog: pytest.LogCaptureFixture) -> None:
+    from bus.outage import Outage
+
+    log = logging.getLogger("test.outage")
+    outage = Outage(log, "worker w1: taking work")
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        outage.ok()  # nothing was wrong: nothing to say
+        for _ in range(50):
+            outage.failed("NATS is not reachable")
+        outage.ok()
+        outage.ok()
+        outage.failed("timed out")
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in messages] == ["WARNING", "INFO", "WARNING"], messages
+    assert messages[0][1] == "worker w1: taking work: NATS is not reachable; retrying until it is back"
+    assert messages[1][1].startswith("worker w1: taking work: back after ") and "NATS is not reachable" in messages[1][1]
