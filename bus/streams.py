@@ -10,7 +10,7 @@ import logging
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from bus.subjects import Context, Parked
@@ -186,3 +186,30 @@ async def _move_leader(nc: Client, js: JetStreamContext, stream: str, wanted: st
             return leader
     log.info("stream %s: led by %s, not %s, after step-downs", stream, leader, wanted)
     return leader
+
+
+def config_bucket(namespace: str = "") -> str:
+    """The KV bucket of the live configuration (`infra.liveconfig`)."""
+    return f"{namespace.upper()}_CONFIG" if namespace else "CONFIG"
+
+
+def config_stream(bucket: str, *, replicas: int = 1, history: int = 16) -> StreamConfig:
+    """The stream of a NATS KV bucket, as `nats kv add` makes it (so `nats kv` and nats-py's KV
+    read and write it), keeping `history` values per key."""
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        description="jetsource live configuration (jetsource config get|set|list)",
+        subjects=[f"$KV.{bucket}.>"],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=history,
+        discard=DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_bytes=-1,
+        max_age=0,
+        duplicate_window=120,
+    )

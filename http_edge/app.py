@@ -48,6 +48,7 @@ class Metrics:
 
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+GUARDS: web.AppKey[Guards] = web.AppKey("guards", Guards)
 
 
 # ---- operations -----------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ def create_app(
     app[SNAPSHOTS] = {}
     app[CONFIG] = config
     app[METRICS] = metrics_
+    app[GUARDS] = guards
     app[OPENAPI] = openapi_document(openapi_parts)
     for add in routes:
         add(app.router)

@@ -42,6 +42,16 @@ class Guards:
             (t.encode(), _READ) for t in read_tokens if t)
         self._open = _PROBES + (("/metrics",) if metrics_open else ())
 
+    def configure(self, *, max_inflight: int | None = None, rate_per_s: float | None = None) -> None:
+        """Change the limits of a running edge (live configuration)."""
+        if max_inflight is not None:
+            self._max_inflight = max_inflight
+        if rate_per_s is not None:
+            self._rate = rate_per_s
+            self._burst = max(rate_per_s, 1.0)
+            for bucket in self._buckets.values():
+                bucket.tokens = min(bucket.tokens, self._burst)
+
     def _grant(self, request: web.Request) -> int:
         """What the request's bearer token allows: _NONE, _READ or _WRITE."""
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.connection import Credentials
+from bus.streams import config_bucket
 from bus.subjects import Context, Parked
 from infra.contexts import declared
 from infra.embedded import write_private
@@ -138,7 +139,20 @@ ADMIN_API = [*(f"{API}.STREAM.{op}.>" for op in ("CREATE", "UPDATE", "DELETE", "
 
 def permissions(settings: Settings, role: str) -> dict[str, Any]:
     """The nats-server permissions of one role. Everything not allowed is denied; the explicit
-    denies make the rules that matter most hold even if an allow is widened by mistake."""
+    denies make the rules that matter most hold even if an allow is widened by mistake. Every
+    role may read and follow the live configuration; only the admin may change it."""
+    perms = _permissions(settings, role)
+    if role == ADMIN:
+        return perms
+    bucket = config_bucket(settings.namespace)
+    publish, subscribe = perms.setdefault("publish", {}), perms.setdefault("subscribe", {})
+    publish["allow"] = [*publish.get("allow", []), f"{API}.DIRECT.GET.KV_{bucket}"]
+    publish["deny"] = [*publish.get("deny", []), f"$KV.{bucket}.>"]
+    subscribe["allow"] = [*subscribe.get("allow", []), f"$KV.{bucket}.>"]
+    return perms
+
+
+def _permissions(settings: Settings, role: str) -> dict[str, Any]:
     found = declared(settings)
     contexts = [(bc, bc.context(settings)) for bc in found.contexts]
     parked = Parked(settings.namespace)

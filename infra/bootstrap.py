@@ -19,13 +19,23 @@ from actors.tasks.registry import TaskRegistry, build_registry
 from actors.tasks.worker import Worker
 from bus.connection import connect
 from bus.eventstore import PartitionedStore
-from bus.streams import ensure_stream, event_stream, parked_stream, snapshot_stream, spread_leaders, wait_for_jetstream
+from bus.streams import (
+    config_bucket,
+    config_stream,
+    ensure_stream,
+    event_stream,
+    parked_stream,
+    snapshot_stream,
+    spread_leaders,
+    wait_for_jetstream,
+)
 from bus.subjects import Context, Parked
-from http_edge.app import create_app
+from http_edge.app import GUARDS, create_app
 from http_edge.kit import EdgeConfig
 from infra import auth
 from infra.contexts import BoundedContext, ProcessManager, declared
 from infra.embedded import write_private
+from infra.liveconfig import LiveConfig
 from infra.settings import Settings
 from projections.rebuild import Model, Rebuild, outdated
 from projections.runner import Checkpoints, Projector
@@ -84,6 +94,7 @@ async def ensure_streams(nc: Client, settings: Settings) -> None:
         if bc.prepare is not None:
             await bc.prepare(js, ctx, settings)
     await ensure_stream(js, parked_stream(parked_subjects(settings), replicas=settings.stream_replicas))
+    await ensure_stream(js, config_stream(config_bucket(settings.namespace), replicas=settings.stream_replicas))
 
 
 def stream_names(settings: Settings) -> list[str]:
@@ -91,7 +102,7 @@ def stream_names(settings: Settings) -> list[str]:
     each context's snapshots (in this order the leaders are spread: the event streams first)."""
     contexts = [bc.context(settings) for bc in declared(settings).contexts]
     return [*(s for ctx in contexts for s in ctx.streams), parked_subjects(settings).stream,
-            *(ctx.snapshot_stream for ctx in contexts)]
+            *(ctx.snapshot_stream for ctx in contexts), f"KV_{config_bucket(settings.namespace)}"]
 
 
 async def prepare(settings: Settings) -> Settings:
@@ -337,13 +348,17 @@ def run_tasks_actor(settings: Settings, nc: Client) -> contextlib.AbstractAsyncC
 @contextlib.asynccontextmanager
 async def run_worker(
     settings: Settings, nc: Client, registry: TaskRegistry | None = None, name: str | None = None,
+    live: LiveConfig | None = None,
 ) -> AsyncIterator[Worker]:
-    """Task workers: the handlers of every registered task type."""
+    """Task workers: the handlers of every registered task type (their concurrency follows
+    the live configuration, given `live`)."""
     worker = Worker(
         nc, tasks_context(settings), registry or build_registry(settings.task_modules),
         concurrency=settings.worker_concurrency, lease_s=settings.task_lease_s,
         name=name or f"{socket.gethostname()}:{os.getpid()}", request_timeout=settings.request_timeout_s,
     )
+    if live is not None:
+        live.on("worker_concurrency", worker.resize)
     task = asyncio.get_running_loop().create_task(keep_running("worker", worker))
     try:
         yield worker
@@ -380,8 +395,9 @@ def _read_models(settings: Settings) -> list[tuple[BoundedContext, Context]]:
 
 
 @contextlib.asynccontextmanager
-async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Projector]]:
-    """Every declared read model's projection and the query endpoints that read it."""
+async def run_projector(settings: Settings, nc: Client, live: LiveConfig | None = None) -> AsyncIterator[list[Projector]]:
+    """Every declared read model's projection and the query endpoints that read it (their
+    linger follows the live configuration, given `live`)."""
     await ensure_read_models(settings)
     # Each projector holds a connection for its advisory lock while it runs and borrows one per
     # batch: two per projector (one per read model and partition), and the queries' share.
@@ -399,6 +415,12 @@ async def run_projector(settings: Settings, nc: Client) -> AsyncIterator[list[Pr
                 projectors.append(Projector(nc, pool, part, projection, checkpoints, batch=settings.projection_batch,
                                             busy_linger_s=settings.projection_busy_linger_s))
             await queries.add(ctx, model.queries, projection.name)
+        if live is not None:
+            def linger(seconds: float) -> None:
+                for projector in projectors:
+                    projector.busy_linger_s = seconds
+
+            live.on("projection_busy_linger_s", linger)
         running = [asyncio.get_running_loop().create_task(keep_running(f"projection {p.durable}", p))
                    for p in projectors]
         # A read model built by an older version of its projection is rebuilt aside (blue/green)
@@ -461,8 +483,14 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def run_edge(settings: Settings, nc: Client) -> AsyncIterator[web.AppRunner]:
-    runner = web.AppRunner(edge_app(settings, nc), access_log=None, shutdown_timeout=10)
+async def run_edge(settings: Settings, nc: Client, live: LiveConfig | None = None) -> AsyncIterator[web.AppRunner]:
+    """The HTTP edge (its limits follow the live configuration, given `live`)."""
+    app = edge_app(settings, nc)
+    if live is not None:
+        guards = app[GUARDS]
+        live.on("max_inflight", lambda n: guards.configure(max_inflight=n))
+        live.on("rate_limit_per_s", lambda rate: guards.configure(rate_per_s=rate))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, backlog=1024)
     await site.start()

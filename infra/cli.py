@@ -70,14 +70,16 @@ async def _until_signalled() -> None:
 
 
 def _role(
-    settings: Settings, name: str, role: str, parts: Callable[[Any, contextlib.AsyncExitStack], Awaitable[None]]
+    settings: Settings, name: str, role: str, parts: Callable[[Any, contextlib.AsyncExitStack, Any], Awaitable[None]]
 ) -> int:
-    """Run one role's parts on a connection with that role's NATS identity. Roles do not create
-    streams (their identities may not): `jetsource prepare` or `jetsource up` does, as admin."""
+    """Run one role's parts on a connection with that role's NATS identity, following the live
+    configuration (`infra.liveconfig`: the log level, and what the parts register). Roles do not
+    create streams (their identities may not): `jetsource prepare` or `jetsource up` does, as admin."""
     _setup_logging(settings, name)
 
     async def main() -> int:
         from infra.bootstrap import nats_connection
+        from infra.liveconfig import LiveConfig, apply_log_level
 
         if settings.metrics_port:
             from prometheus_client import start_http_server
@@ -85,7 +87,10 @@ def _role(
             start_http_server(settings.metrics_port, addr=settings.http_host)
         async with contextlib.AsyncExitStack() as stack:
             nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}", role))
-            await parts(nc, stack)
+            live = LiveConfig(nc, settings)
+            live.on("log_level", apply_log_level)
+            await parts(nc, stack, live)
+            await stack.enter_async_context(live.running())
             # Everything alive now (modules, clients) lives as long as the process: keep it
             # out of the cyclic GC's full collections, which otherwise rescan it every time.
             gc.freeze()
@@ -104,7 +109,7 @@ def cmd_actor(settings: Settings, args: argparse.Namespace) -> int:
     from infra.bootstrap import run_actor
     from infra.contexts import declared
 
-    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack, live: Any) -> None:
         await stack.enter_async_context(run_actor(settings, nc, args.context))
 
     return _role(settings, f"actor-{args.context}", declared(settings).context(args.context).actor_role, parts)
@@ -117,8 +122,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.concurrency:
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
 
-    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run_worker(settings, nc))
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack, live: Any) -> None:
+        await stack.enter_async_context(run_worker(settings, nc, live=live))
 
     return _role(settings, "worker", auth.WORKER, parts)
 
@@ -134,7 +139,7 @@ def cmd_managers(settings: Settings, args: argparse.Namespace) -> int:
         print(f"jetsource: no process manager {', '.join(unknown)}; declared: {', '.join(names)}", file=sys.stderr)
         return 2
 
-    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack, live: Any) -> None:
         async def connection(pm: Any) -> Any:
             return await stack.enter_async_context(nats_connection(settings, f"jetsource-{pm.name}", pm.name))
 
@@ -149,8 +154,8 @@ def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
     from infra import auth
     from infra.bootstrap import run_projector
 
-    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run_projector(settings, nc))
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack, live: Any) -> None:
+        await stack.enter_async_context(run_projector(settings, nc, live))
 
     return _role(settings, "projector", auth.PROJECTOR, parts)
 
@@ -159,8 +164,8 @@ def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     from infra import auth
     from infra.bootstrap import run_edge
 
-    async def parts(nc: Any, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(run_edge(settings, nc))
+    async def parts(nc: Any, stack: contextlib.AsyncExitStack, live: Any) -> None:
+        await stack.enter_async_context(run_edge(settings, nc, live))
 
     return _role(settings, "edge", auth.EDGE, parts)
 
@@ -359,6 +364,75 @@ def cmd_snapshots(settings: Settings, args: argparse.Namespace) -> int:
     return _run(main)
 
 
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    """`jetsource config list | get KEY | set KEY VALUE | unset KEY`: the live configuration."""
+    from infra import liveconfig
+
+    if args.config_action in ("get", "set", "unset") and args.key not in liveconfig.LIVE:
+        print(f"jetsource: {args.key!r} is not a live setting; live settings: {', '.join(liveconfig.LIVE)}",
+              file=sys.stderr)
+        return 2
+    value = None
+    if args.config_action == "set":
+        try:
+            value = liveconfig.parse(args.key, args.value)
+        except liveconfig.BadValue as exc:
+            print(f"jetsource: {exc}; nothing was changed", file=sys.stderr)
+            return 2
+
+    async def main() -> int:
+        from nats.errors import Error as NatsError
+
+        from bus.errors import JetsourceError
+        from bus.streams import config_bucket
+
+        bucket = config_bucket(settings.namespace)
+        nc = await _connect_once(settings, "jetsource-config", args.timeout)
+        try:
+            js = nc.jetstream()
+            if args.config_action == "set":
+                ack = await js.publish(liveconfig.key_subject(bucket, args.key), liveconfig.encode(value),
+                                       stream=f"KV_{bucket}", timeout=args.timeout)
+                print(json.dumps({"key": args.key, "value": value, "source": "kv", "revision": ack.seq}))
+                return 0
+            if args.config_action == "unset":
+                ack = await js.publish(liveconfig.key_subject(bucket, args.key), b"", stream=f"KV_{bucket}",
+                                       headers={"KV-Operation": "DEL"}, timeout=args.timeout)
+                fallback, source = liveconfig.base_value(settings, args.key)
+                print(json.dumps({"key": args.key, "removed": True, "revision": ack.seq,
+                                  "value": fallback, "source": source}))
+                return 0
+            keys = [args.key] if args.config_action == "get" else list(liveconfig.LIVE)
+            for key in keys:
+                revision, data = await liveconfig.read(nc, bucket, key, timeout=args.timeout)
+                line: dict[str, Any] = {"key": key}
+                stored: Any = None
+                if data is not None:
+                    try:
+                        stored = liveconfig.parse(key, data.decode(errors="replace"))
+                    except liveconfig.BadValue as exc:
+                        line["invalid"] = str(exc)  # the roles keep what they had
+                if data is not None and "invalid" not in line:
+                    line.update(value=stored, source="kv", revision=revision)
+                else:
+                    fallback, source = liveconfig.base_value(settings, key)
+                    line.update(value=fallback, source=source)
+                line.update(applies_to=liveconfig.LIVE[key].roles, description=liveconfig.LIVE[key].description)
+                print(json.dumps(line))
+            return 0
+        except JetsourceError as exc:
+            print(f"jetsource: {exc.message}", file=sys.stderr)
+            return 1
+        except NatsError as exc:
+            print(f"jetsource: the config bucket {bucket} did not answer ({exc or type(exc).__name__}); "
+                  "`jetsource prepare` creates it", file=sys.stderr)
+            return 1
+        finally:
+            await nc.close()
+
+    return _run(main)
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from infra.status import status
 
@@ -506,6 +580,20 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
             sna.add_argument("ids", nargs="*" if name == "show" else "+", metavar="ID")
         sna.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
         sna.set_defaults(fn=cmd_snapshots, ids=[])
+    cf = sub.add_parser("config", help="the live configuration (a NATS KV bucket every role follows): "
+                                       "list, get, set, unset")
+    cfs = cf.add_subparsers(dest="config_action", required=True)
+    for name, what in (("list", "every live setting: its value, where it comes from, what applies it (JSON lines)"),
+                       ("get", "one live setting"),
+                       ("set", "change a live setting for every process (validated: a bad value changes nothing)"),
+                       ("unset", "remove a live setting: every process goes back to its environment's value")):
+        cfa = cfs.add_parser(name, help=what)
+        if name != "list":
+            cfa.add_argument("key", metavar="KEY")
+        if name == "set":
+            cfa.add_argument("value", metavar="VALUE", help="JSON, or a bare string (e.g. 64, 0.5, DEBUG)")
+        cfa.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
+        cfa.set_defaults(fn=cmd_config)
     st = sub.add_parser("status", help="services, streams and projection lag")
     st.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to connect to NATS")
     st.set_defaults(fn=cmd_status)

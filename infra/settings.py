@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,16 @@ class NatsIdentity(BaseModel):
 
     def given(self) -> bool:
         return bool(self.user or self.creds or self.nkey_seed)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"a log level is one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 class Settings(BaseSettings):
@@ -63,11 +73,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     projection_batch: int = 500
     projection_busy_linger_s: float = Field(
-        0.1, description="under load, how long a projector lets events gather after a partial batch "
+        0.1, ge=0, le=5, description="under load, how long a projector lets events gather after a partial batch "
                          "(more events per transaction, less CPU; adds up to this to read-your-writes)")
     projector_nice: int = Field(10, description="`jetsource up` runs the projector at this nice level (0 = same as others)")
-    rate_limit_per_s: float = Field(0.0, description="edge requests per second per client IP; 0 = off")
-    max_inflight: int = Field(2048, description="edge requests in flight before answering 503")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="edge requests per second per client IP; 0 = off")
+    max_inflight: int = Field(2048, ge=1, description="edge requests in flight before answering 503")
     api_tokens: str = Field("", description="comma-separated read-write bearer tokens; with none here nor in "
                                             "api_read_tokens the edge is open")
     api_read_tokens: str = Field("", description="comma-separated read-only bearer tokens (GET/HEAD)")
@@ -79,11 +89,11 @@ class Settings(BaseSettings):
                                                 "for one still being made) before answering")
     fulfil_step_s: float | None = Field(None, description="seconds each simulated fulfilment step takes "
                                                           "(pick, pack, hand over); unset = 0.01")
-    worker_concurrency: int = Field(256, description="tasks one worker process runs at once (asyncio: cheap while they await I/O)")
+    worker_concurrency: int = Field(256, ge=1, le=100_000, description="tasks one worker process runs at once (asyncio: cheap while they await I/O)")
     task_lease_s: float = Field(30.0, description="a running task's lease; its worker renews it every third")
     metrics_port: int = Field(0, description="serve this role's Prometheus metrics on this port (0 = off; "
                                                 "`jetsource up` gives its roles this port and the next ones)")
-    log_level: str = "INFO"
+    log_level: Annotated[str, AfterValidator(_log_level)] = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="text, or JSON lines (each with the role and, "
                                                                     "where known, the trace and correlation ids)")
     # NATS identity for an external server, for whatever role this process runs ...

@@ -191,7 +191,7 @@ class Projector:
         self._projection = projection
         self._checkpoints = checkpoints
         self._batch = batch
-        self._busy_linger_s = busy_linger_s
+        self.busy_linger_s = busy_linger_s
         self._parked = parked or Parked(ctx.namespace)
         self._stopping = asyncio.Event()
         self._lock_conn: asyncpg.Connection | None = None
@@ -365,7 +365,7 @@ class Projector:
             if msgs:
                 await msgs[-1].ack()
             if len(msgs) < self._batch:
-                await asyncio.sleep(self._busy_linger_s if len(msgs) >= BUSY_BATCH else LINGER_S)
+                await asyncio.sleep(self.busy_linger_s if len(msgs) >= BUSY_BATCH else LINGER_S)
 
     async def _consume_direct(self) -> None:
         """Fold the stream read by Direct Get batches of every subject (the events' filter,

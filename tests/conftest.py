@@ -8,6 +8,8 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -36,6 +38,7 @@ from infra.bootstrap import (
 )
 from infra.contexts import declared
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from infra.liveconfig import LiveConfig
 from infra.settings import Settings
 from projections.runner import Projector
 
@@ -119,6 +122,7 @@ class System:
     stack: contextlib.AsyncExitStack
     tasks_actor: contextlib.AsyncExitStack  # the task actor's lifetime, which a test may end early
     actors: dict[str, Actor]
+    live: LiveConfig  # the live configuration its edge, projector and workers follow
 
     def ctx(self, name: str) -> Context:
         return context(self.settings, name)
@@ -148,7 +152,7 @@ class System:
         """A task worker and, unless told otherwise, the fulfilment process manager (paid orders
         are fulfilled by tasks: without workers nothing would run them)."""
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
-        worker = await self.stack.enter_async_context(run_worker(settings, self.nc, name=name))
+        worker = await self.stack.enter_async_context(run_worker(settings, self.nc, name=name, live=self.live))
         if fulfilment and not self._fulfilling:
             self._fulfilling = True
             await self.stack.enter_async_context(run_managers(settings, self._connection, [FULFILMENT]))
@@ -169,6 +173,19 @@ class System:
     async def request(self, subject: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None) -> Msg:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return await self.nc.request(subject, data, timeout=10, headers=headers)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def cli(system: System, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`jetsource ARGS` in a subprocess, on this system's servers and namespace (plus `env`)."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "JETSOURCE_NATS_URL": system.settings.resolved_nats_url(),
+               "JETSOURCE_DATABASE_URL": system.settings.resolved_database_url(),
+               "JETSOURCE_NAMESPACE": system.settings.namespace, "JETSOURCE_DB_SCHEMA": system.settings.db_schema,
+               "JETSOURCE_PARTITIONS": str(system.settings.partitions), **env}
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "infra.cli", *args], env=environ,
+                                   capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 # Every test on a `system` (or `partitions`) runs once per count here: one stream per context,
@@ -228,8 +245,10 @@ async def running(settings: Settings) -> AsyncIterator[System]:
                 actors[name] = await tasks_actor.enter_async_context(run_tasks_actor(settings, nc))
             else:
                 actors[name] = await stack.enter_async_context(run_actor(settings, nc, name))
-        projectors = await stack.enter_async_context(run_projector(settings, nc))
-        await stack.enter_async_context(run_edge(settings, nc))
+        live = LiveConfig(nc, settings)
+        projectors = await stack.enter_async_context(run_projector(settings, nc, live))
+        await stack.enter_async_context(run_edge(settings, nc, live))
+        await stack.enter_async_context(live.running())
         others = [pm.name for pm in declared(settings).managers if pm.name != FULFILMENT]
 
         async def own(pm: Any) -> Client:  # each manager on its own connection, as in production
@@ -239,7 +258,7 @@ async def running(settings: Settings) -> AsyncIterator[System]:
             await stack.enter_async_context(run_managers(settings, own, others))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         yield System(settings, nc, http, f"http://127.0.0.1:{settings.http_port}", actors["orders"], projectors,
-                     stack, tasks_actor, actors)
+                     stack, tasks_actor, actors, live)
 
 
 @pytest.fixture

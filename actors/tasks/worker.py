@@ -134,11 +134,19 @@ class _Capacity:
     worker's CPU with no-op tasks, and it almost never has to wait); units are taken many at
     a time."""
 
-    __slots__ = ("free", "_freed")
+    __slots__ = ("free", "size", "_freed")
 
     def __init__(self, size: int) -> None:
         self.free = size
+        self.size = size
         self._freed = asyncio.Event()
+
+    def resize(self, size: int) -> None:
+        """Lowered, units in use stay in use (free goes below 0 until enough come back)."""
+        self.free += size - self.size
+        self.size = size
+        if self.free > 0:
+            self._freed.set()
 
     async def available(self) -> None:
         while self.free <= 0:
@@ -208,6 +216,16 @@ class Worker:
         self._stop_by = 0.0  # once stopping: when outcomes not stored yet are left to their lease
         self._leases: asyncio.Task[None] | None = None
         metrics.TASKS_RUNNING.set_function(lambda: len(self._handlers))
+
+    @property
+    def concurrency(self) -> int:
+        return self._slots.size
+
+    def resize(self, concurrency: int) -> None:
+        """Run at most this many tasks at once from now on (live configuration): lowered, the
+        running ones finish and no new one starts until fewer run."""
+        self._slots.resize(concurrency)
+        self._storing.resize(concurrency)
 
     async def run(self) -> None:
         sub = await self._nc.subscribe(self._ctx.live("ready"), cb=self._on_ready)

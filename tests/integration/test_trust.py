@@ -254,6 +254,11 @@ async def test_only_the_orders_actor_can_join_the_orders_command_queue(secured: 
     (auth.TASKS_ACTOR, "Subscription", "{ns}.orders.cmd.*"),
     (auth.ORDERS_ACTOR, "Publish", "{ns}.tasks.queue.high"),
     (auth.ORDERS_ACTOR, "Subscription", "{ns}.tasks.cmd.*"),
+    # The live configuration is the admin's to change (`jetsource config set`).
+    (auth.EDGE, "Publish", "$KV.{NS}_CONFIG.rate_limit_per_s"),
+    (auth.WORKER, "Publish", "$KV.{NS}_CONFIG.worker_concurrency"),
+    (auth.PROJECTOR, "Publish", "$KV.{NS}_CONFIG.log_level"),
+    (auth.FULFILMENT, "Publish", "$JS.API.STREAM.PURGE.KV_{NS}_CONFIG"),
 ])
 async def test_each_role_is_refused_what_its_job_does_not_need(secured: Secured, role: str, verb: str, subject: str) -> None:
     ns = secured.settings.namespace
@@ -270,6 +275,30 @@ async def test_each_role_is_refused_what_its_job_does_not_need(secured: Secured,
         await nc.close()
     assert (await secured.messages("orders"), await secured.messages("tasks")) == before
     await secured.admin.jetstream().stream_info(f"{ns.upper()}_ORDERS")  # still there
+
+
+@pytest.mark.parametrize("role", NOT_ADMIN)
+async def test_every_role_reads_and_follows_the_live_configuration_as_itself(secured: Secured, role: str) -> None:
+    from infra import liveconfig
+
+    bucket = f"{secured.settings.namespace.upper()}_CONFIG"
+    nc, errors = await secured.as_role(role)
+    try:
+        heard: list[str] = []
+
+        async def changed(msg: Msg) -> None:
+            heard.append(msg.subject)
+
+        await nc.subscribe(f"$KV.{bucket}.>", cb=changed)
+        await nc.flush()
+        await secured.admin.jetstream().publish(f"$KV.{bucket}.log_level", b'"INFO"')
+        revision, data = await liveconfig.read(nc, bucket, "log_level", timeout=5)
+        assert (revision > 0, data) == (True, b'"INFO"')
+        await eventually(lambda: asyncio.sleep(0, heard), lambda h: h == [f"$KV.{bucket}.log_level"],
+                         failure=f"{role} did not hear the change")
+        assert errors == []
+    finally:
+        await nc.close()
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -1,0 +1,220 @@
+"""Live configuration (the config centre): the settings that make sense to change while the
+system runs live in a NATS KV bucket (`CONFIG`, `<NS>_CONFIG` with a namespace), and every role
+applies a change within a moment, without a restart.
+
+Precedence, per key: a value in the bucket, else the process's environment (`JETSOURCE_*`,
+`.env`), else the default. Removing a key from the bucket (`jetsource config unset`) brings
+every process back to its own environment's value.
+
+How a role follows the bucket: a core-NATS subscription on the bucket's subjects tells it that
+a key changed; it then reads the key's last value by Direct Get (which carries its revision),
+so a late notification never applies an older value. Every `RECONCILE_S` it reads every key
+again, which also covers changes made while it was disconnected. A value that does not
+validate (written around `jetsource config set`, e.g. with `nats kv put`) is not applied: one
+warning, and the process keeps what it has. Only the admin identity may write the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import pydantic
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.errors import JetsourceError
+from bus.eventstore import direct_last
+from bus.outage import Outage
+from bus.streams import config_bucket
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECONCILE_S = 10.0
+_DELETED = ("DEL", "PURGE")
+
+
+@dataclass(frozen=True)
+class LiveKey:
+    """One setting that may change at run time: who applies it, and what it does."""
+
+    name: str  # the Settings field (so also `JETSOURCE_<NAME>`)
+    roles: str  # which processes apply it
+    description: str
+
+
+LIVE: dict[str, LiveKey] = {k.name: k for k in (
+    LiveKey("log_level", "every role", "the level of every process's log lines"),
+    LiveKey("worker_concurrency", "workers", "tasks one worker process runs at once (lowering it lets "
+                                             "running tasks finish; no new ones start until below)"),
+    LiveKey("rate_limit_per_s", "edge", "requests per second per client IP (0 = off)"),
+    LiveKey("max_inflight", "edge", "requests in flight before the edge answers 503"),
+    LiveKey("projection_busy_linger_s", "projector", "under load, how long a projector lets events gather "
+                                                     "after a partial batch"),
+    LiveKey("breaker_failures", "edge", "consecutive failures of a subject that open its circuit (0 = never)"),
+    LiveKey("breaker_cooldown_s", "edge", "how long an open circuit refuses before it lets a probe through"),
+) if k.name in Settings.model_fields}
+
+
+class BadValue(ValueError):
+    """A value a live key may not take, or a key that is not live: the message says which."""
+
+
+def parse(key: str, text: str) -> Any:
+    """The value `text` (JSON, or a bare string) stands for, validated as the setting's field
+    validates it (its type and bounds)."""
+    if key not in LIVE:
+        raise BadValue(f"{key!r} is not a live setting; live settings: {', '.join(LIVE)}")
+    try:
+        raw: Any = json.loads(text)
+    except ValueError:
+        raw = text
+    field = Settings.model_fields[key]
+    kind: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(kind)
+    try:
+        return adapter.validate_python(raw, strict=True)  # JSON already typed it: 1.5 or true is no count
+    except pydantic.ValidationError as exc:
+        reasons = "; ".join(e["msg"] for e in exc.errors())
+        raise BadValue(f"{key}: {text!r} is not a valid value: {reasons}") from None
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def base_value(settings: Settings, key: str) -> tuple[Any, str]:
+    """What a process has without the bucket: its environment's value, or the default."""
+    return getattr(settings, key), ("environment" if key in settings.model_fields_set else "default")
+
+
+def key_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+async def read(nc: Client, bucket: str, key: str, *, timeout: float = 5.0) -> tuple[int, bytes | None]:
+    """(revision, value) of a key: the value None when the key is unset or was removed (its
+    revision then is the removal's, or 0)."""
+    msg = await direct_last(nc, f"KV_{bucket}", key_subject(bucket, key), timeout=timeout)
+    if msg is None:
+        return 0, None
+    headers = msg.headers or {}
+    revision = int(headers.get("Nats-Sequence", "0"))
+    if headers.get("KV-Operation") in _DELETED:
+        return revision, None
+    return revision, msg.data
+
+
+class LiveConfig:
+    """One process's view of the bucket: `on(key, apply)` for what this process applies, then
+    run it (`running()`); `apply(value)` is called with the effective value whenever it changes
+    (and once at start when the bucket overrides the environment)."""
+
+    def __init__(self, nc: Client, settings: Settings, *, reconcile_s: float = RECONCILE_S) -> None:
+        self._nc = nc
+        self._settings = settings
+        self.bucket = config_bucket(settings.namespace)
+        self._reconcile_s = reconcile_s
+        self._appliers: dict[str, list[Callable[[Any], None]]] = {}
+        self._applied: dict[str, Any] = {}  # key -> effective value now
+        self._revisions: dict[str, int] = {}
+        self._refused: dict[str, int] = {}  # key -> revision of a value refused (warned once)
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._outage = Outage(log, f"live configuration ({self.bucket})")
+        self.changes = 0  # values applied since start (for tests and status)
+        self._running = False
+
+    def on(self, key: str, apply: Callable[[Any], None]) -> None:
+        """`apply` gets the key's effective value whenever it changes; registered while running,
+        it gets the current one at once (or as soon as the key is read)."""
+        if key not in LIVE:
+            raise KeyError(f"{key!r} is not a live setting")
+        known = key in self._appliers
+        self._appliers.setdefault(key, []).append(apply)
+        current = self._applied.setdefault(key, getattr(self._settings, key))
+        if known and current != getattr(self._settings, key):
+            apply(current)
+        elif not known and self._running:
+            self._dirty.add(key)
+            self._wake.set()
+
+    def value(self, key: str) -> Any:
+        return self._applied.get(key, getattr(self._settings, key))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[LiveConfig]:
+        sub = await self._nc.subscribe(f"$KV.{self.bucket}.>", cb=self._changed)
+        await self.refresh(set(self._appliers))
+        loop = asyncio.get_running_loop().create_task(self._follow())
+        self._running = True
+        try:
+            yield self
+        finally:
+            self._running = False
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _changed(self, msg: Msg) -> None:
+        key = msg.subject.rsplit(".", 1)[-1]
+        if key in self._appliers:
+            self._dirty.add(key)
+            self._wake.set()
+
+    async def _follow(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._reconcile_s)
+            self._wake.clear()
+            keys, self._dirty = (self._dirty or set(self._appliers)), set()
+            await self.refresh(keys)
+
+    async def refresh(self, keys: set[str]) -> None:
+        """Read these keys and apply what changed (one at a time: nothing older overtakes)."""
+        for key in sorted(keys):
+            try:
+                revision, data = await read(self._nc, self.bucket, key, timeout=self._settings.request_timeout_s)
+            except JetsourceError as exc:
+                self._outage.failed(exc.message)
+                self._dirty.add(key)  # tried again at the next reconcile
+                continue
+            self._outage.ok()
+            if revision < self._revisions.get(key, 0):
+                continue
+            self._revisions[key] = revision
+            if data is None:
+                value, source = base_value(self._settings, key)
+            else:
+                try:
+                    value, source = parse(key, data.decode(errors="replace")), f"the config bucket (revision {revision})"
+                except BadValue as exc:
+                    if self._refused.get(key) != revision:
+                        self._refused[key] = revision
+                        log.warning("live config: not applying revision %d: %s", revision, exc)
+                    continue
+            self._set(key, value, source)
+
+    def _set(self, key: str, value: Any, source: str) -> None:
+        old = self._applied.get(key)
+        if old == value:
+            return
+        for apply in self._appliers.get(key, ()):
+            try:
+                apply(value)
+            except Exception:  # noqa: BLE001 - one applier's bug must not stop the others
+                log.exception("live config: applying %s = %r failed", key, value)
+        self._applied[key] = value
+        self.changes += 1
+        log.info("live config: %s = %r (was %r; from %s)", key, value, old, source)
+
+
+def apply_log_level(value: str) -> None:
+    logging.getLogger().setLevel(value)
