@@ -451,6 +451,8 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
         api_tokens=_tokens(settings.api_tokens),
         api_read_tokens=_tokens(settings.api_read_tokens),
         metrics_open=settings.metrics_open,
+        breaker_failures=settings.breaker_failures,
+        breaker_cooldown_s=settings.breaker_cooldown_s,
     )
     found = declared(settings)
     subjects = found.subjects(settings)
