@@ -131,7 +131,7 @@ class Breaker:
         wait = max(1, math.ceil(self._until - now))  # a probe in flight: soon
         raise CircuitOpenError(
             f"{self.subject} keeps failing (the last: {self._last}); this request was not sent, so nothing "
-            f"was done: retry in {wait} s", retry_after_s=wait)
+            f"was done for it: retry in {wait} s", retry_after_s=wait)
 
     def _answered(self, probe: bool) -> None:
         if probe:
