@@ -11,7 +11,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from bus import subjects as h
 from bus.connection import request
-from bus.errors import DeadlineError, UnavailableError, from_code
+from bus.errors import NoReplyError, NoResponderError, NotConnectedError, from_code
 from bus.wire import ErrorReply
 
 _error_decoder = msgspec.json.Decoder(ErrorReply)
@@ -40,15 +40,16 @@ async def call(
     nc: Client, subject: str, body: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
 ) -> bytes:
     """Request-reply to a service with a deadline; returns the success body or raises a coded
-    error (UnavailableError at once while NATS is unreachable)."""
+    error: NoResponderError, NoReplyError (on the timeout) or NotConnectedError (at once while
+    NATS is unreachable) for the transport's failures, the reply's own error otherwise."""
     try:
         msg = await request(nc, subject, body, timeout=timeout, headers=with_deadline(headers, timeout))
     except NoRespondersError:
-        raise UnavailableError(f"no service answers {subject}") from None
+        raise NoResponderError(f"no service answers {subject}") from None
     except NatsTimeoutError:
-        raise DeadlineError(f"{subject} did not answer within {timeout:g}s") from None
+        raise NoReplyError(f"{subject} did not answer within {timeout:g}s") from None
     except ConnectionClosedError:
-        raise UnavailableError("NATS connection is closed") from None
+        raise NotConnectedError("NATS connection is closed") from None
     raise_for_error(msg.data, msg.headers)
     return msg.data
 

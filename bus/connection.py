@@ -19,7 +19,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, P
 from nats.errors import ProtocolError
 
 from bus import subjects as h
-from bus.errors import UnavailableError
+from bus.errors import NotConnectedError
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +320,12 @@ async def request(
     Profiling the edge showed nats-py's request spending ~10 % of the process on a token drawn
     from os.urandom, `asyncio.wait_for` and a done-callback per call. Here the token is a NUID
     (22 characters, unique in this process; nats-py's own tokens are 26, so they never meet) and
-    the timeout is one timer handle. Raises what `nc.request` raises, and UnavailableError at
+    the timeout is one timer handle. Raises what `nc.request` raises, and NotConnectedError at
     once while the connection is down: nats-py would buffer the request and send it after a
     reconnect, long after its caller gave up (a command stored that its client was told failed).
     """
     if not nc.is_connected:
-        raise UnavailableError("not connected to NATS (reconnecting)")
+        raise NotConnectedError("not connected to NATS (reconnecting)")
     if not nc._resp_sub_prefix:  # noqa: SLF001 - the client's reply multiplexer, see above
         await nc._init_request_sub()  # noqa: SLF001
     prefix = nc._resp_sub_prefix  # noqa: SLF001

@@ -24,6 +24,9 @@ __all__ = [
     "InternalError",
     "JetsourceError",
     "MalformedError",
+    "NoReplyError",
+    "NoResponderError",
+    "NotConnectedError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PendingError",
@@ -90,6 +93,23 @@ class DeadlineError(JetsourceError):
 
     code = "timeout"
     status = 504
+
+
+# What a request's transport tells apart (raised by `bus.client.call`, never sent over the wire, so
+# not in BY_CODE: a coded reply of the same code rebuilds as the parent). The edge's circuit
+# breakers count the first two against the subject, never the third (`http_edge.breaker`).
+
+
+class NoResponderError(UnavailableError):
+    """No service is subscribed to the subject a request was sent to (NATS "no responders")."""
+
+
+class NoReplyError(DeadlineError):
+    """A request got no reply within its timeout: its service is slow, stuck or gone."""
+
+
+class NotConnectedError(UnavailableError):
+    """This process's own NATS connection is down (reconnecting or closed): nothing was sent."""
 
 
 class InternalError(JetsourceError):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from actors.runtime import AggregateSpec
 from bus import subjects as h
@@ -18,17 +20,42 @@ from bus.errors import UnavailableError
 from bus.eventstore import PartitionedStore
 from bus.ids import IdSource
 from bus.subjects import Context
+from http_edge.breaker import CLOSED, LEVEL, Breakers
 from http_edge.errors import to_response
 from http_edge.guards import Guards
-from http_edge.kit import AGGREGATES, CONFIG, CONTEXTS, NATS, SNAPSHOTS, STORES, TRACE_ID, EdgeConfig
+from http_edge.kit import AGGREGATES, BREAKERS, CONFIG, CONTEXTS, NATS, SNAPSHOTS, STORES, TRACE_ID, EdgeConfig
 from http_edge.openapi import OpenApi, openapi_document
+
+
+class _Circuits(Collector):
+    """The breakers' state and counts, read when scraped: a request pays nothing for them."""
+
+    def __init__(self, breakers: Breakers) -> None:
+        self._breakers = breakers
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = GaugeMetricFamily("jetsource_edge_circuit_state",
+                                  "each requested subject's circuit breaker: 0 closed, 1 half-open, 2 open",
+                                  labels=["subject"])
+        opened = CounterMetricFamily("jetsource_edge_circuit_opened",
+                                     "times a subject's breaker opened (a failed probe opens it again)",
+                                     labels=["subject"])
+        refused = CounterMetricFamily("jetsource_edge_circuit_refused",
+                                      "requests refused unsent because their subject's breaker was open",
+                                      labels=["subject"])
+        for circuit in self._breakers.states():
+            state.add_metric([circuit.subject], LEVEL[circuit.state])
+            opened.add_metric([circuit.subject], circuit.opened)
+            refused.add_metric([circuit.subject], circuit.refused)
+        yield from (state, opened, refused)
 
 
 class Metrics:
     """Prometheus metrics of one edge process (label children cached: this is the hot path)."""
 
-    def __init__(self, inflight: Callable[[], float]) -> None:
+    def __init__(self, inflight: Callable[[], float], breakers: Breakers) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_Circuits(breakers))
         self._requests = Counter("jetsource_http_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry)
         self._latency = Histogram(
             "jetsource_http_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
@@ -74,7 +101,12 @@ async def readyz(request: web.Request) -> web.Response:
         await asyncio.wait_for(nc.jetstream().stream_info(first.parts[0].stream), READY_PING_S)
     except Exception:
         raise UnavailableError("JetStream or the event streams are not available") from None
-    return web.json_response({"status": "ready", "nats": nc.connected_url.netloc if nc.connected_url else None})
+    # One subject's service being down leaves the edge ready (its other routes serve): such
+    # circuits are listed, not a reason for 503.
+    circuits = {c.subject: {"state": c.state, "retry_after_s": c.retry_after_s}
+                for c in request.app[BREAKERS].states() if c.state != CLOSED}
+    return web.json_response({"status": "ready", "nats": nc.connected_url.netloc if nc.connected_url else None,
+                              "circuits": circuits})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -96,7 +128,8 @@ def create_app(
     (each context's) serve time travel and history in the events' current shape."""
     guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens, config.api_read_tokens,
                     config.metrics_open)
-    metrics_ = Metrics(lambda: guards.inflight)
+    breakers = Breakers(config.breaker_failures, config.breaker_cooldown_s)
+    metrics_ = Metrics(lambda: guards.inflight, breakers)
 
     @web.middleware
     async def edge(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -133,6 +166,7 @@ def create_app(
     app[AGGREGATES] = dict(aggregates or {})
     app[SNAPSHOTS] = {}
     app[CONFIG] = config
+    app[BREAKERS] = breakers
     app[METRICS] = metrics_
     app[GUARDS] = guards
     app[OPENAPI] = openapi_document(openapi_parts)

@@ -8,6 +8,7 @@ from aiohttp import web
 from bus.codec import encode
 from bus.errors import JetsourceError
 from bus.wire import ErrorBody, ErrorReply
+from http_edge.breaker import CircuitOpenError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,10 @@ def json_error(status: int, code: str, message: str, field: str | None = None, h
 
 
 def error_response(exc: JetsourceError) -> web.Response:
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    if isinstance(exc, CircuitOpenError):
+        headers: dict[str, str] | None = {"Retry-After": str(exc.retry_after_s)}
+    else:
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
     return json_error(exc.status, exc.code, exc.message, exc.field, headers)
 
 

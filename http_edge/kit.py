@@ -20,11 +20,11 @@ from actors.runtime import AggregateSpec
 from actors.snapshots import Snapshots
 from actors.upcasting import EventCodec
 from bus import subjects as h
-from bus.client import call
 from bus.codec import decode_json, encode
 from bus.errors import DeadlineError, ValidationError
 from bus.eventstore import PartitionedStore, appended
 from bus.subjects import Context
+from http_edge.breaker import Breakers
 from http_edge.errors import json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,6 +42,8 @@ class EdgeConfig:
     api_tokens: tuple[str, ...] = ()
     api_read_tokens: tuple[str, ...] = ()
     metrics_open: bool = False
+    breaker_failures: int = 5  # failures in a row that open a subject's breaker (0: never)
+    breaker_cooldown_s: float = 5.0  # how long an open breaker refuses before its probe
 
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)
@@ -51,6 +53,7 @@ STORES: web.AppKey[dict[str, PartitionedStore]] = web.AppKey("stores", dict)
 AGGREGATES: web.AppKey[dict[str, AggregateSpec[Any, Any, Any]]] = web.AppKey("aggregates", dict)
 SNAPSHOTS: web.AppKey[dict[str, Snapshots | None]] = web.AppKey("snapshots", dict)  # per context, made on first use
 CONFIG: web.AppKey[EdgeConfig] = web.AppKey("config", EdgeConfig)
+BREAKERS: web.AppKey[Breakers] = web.AppKey("breakers", Breakers)  # one per subject the edge requests
 TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
 
 
@@ -118,13 +121,13 @@ def written(request: web.Request, reply: bytes, status: int, location: tuple[str
 
 
 async def command(request: web.Request, context: str, name: str, body: bytes) -> bytes:
-    """Send `<context>.cmd.<name>` with the request's key, expected version and trace id."""
+    """Send `<context>.cmd.<name>` with the request's key, expected version and trace id, through
+    its subject's breaker: while that is open the command is refused unsent (nothing is done)."""
     app = request.app
+    subject = app[CONTEXTS][context].command(name)
     try:
-        return await call(
-            app[NATS], app[CONTEXTS][context].command(name), body,
-            headers=_command_headers(request), timeout=app[CONFIG].request_timeout,
-        )
+        return await app[BREAKERS][subject].request(app[NATS], body, _command_headers(request),
+                                                    app[CONFIG].request_timeout)
     except DeadlineError as exc:
         # The command may have been stored just before its deadline (the actor stores nothing
         # after it): only a retry under the same key tells, and it never stores twice.
@@ -133,9 +136,11 @@ async def command(request: web.Request, context: str, name: str, body: bytes) ->
 
 
 async def query(request: web.Request, context: str, name: str, body: dict[str, Any]) -> bytes:
+    """Send `<context>.query.<name>` through its subject's breaker."""
     app = request.app
     timeout = app[CONFIG].request_timeout + (app[CONFIG].read_wait_timeout if body.get("min_seq") else 0)
-    return await call(app[NATS], app[CONTEXTS][context].query(name), encode(body), timeout=timeout)
+    subject = app[CONTEXTS][context].query(name)
+    return await app[BREAKERS][subject].request(app[NATS], encode(body), None, timeout)
 
 
 def list_query(request: web.Request, keys: tuple[str, ...]) -> dict[str, Any]:

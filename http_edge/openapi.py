@@ -86,7 +86,8 @@ def write(summary: str, reply: type, body: type | None, ok: int = 200, *, ident:
 
 _OPERATIONS = {
     "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "alive"}}}},
-    "/readyz": {"get": {"summary": "Readiness (NATS and JetStream reachable)", "security": [],
+    "/readyz": {"get": {"summary": "Readiness (NATS and JetStream reachable); `circuits` lists the subjects whose "
+                                   "breaker is open or half-open, which leave the edge ready", "security": [],
                         "responses": {"200": {"description": "ready"}, **errors(503)}}},
     "/metrics": {"get": {"summary": "Prometheus metrics (without a token when JETSOURCE_METRICS_OPEN)",
                          "responses": {"200": {"description": "text format"}}}},

@@ -54,7 +54,8 @@ def openapi() -> tuple[dict[str, Any], list[type]]:
             },
         },
         "/tasks/stats": {"get": {"summary": "Counts by status and priority, queue depth, oldest waiting",
-                                 "responses": {"200": {"description": "stats", "content": json_body(TaskStatsView)}}}},
+                                 "responses": {"200": {"description": "stats", "content": json_body(TaskStatsView)},
+                                               **errors(503, 504)}}},
         "/tasks/{task_id}": {"get": {
             "summary": "One task from the read model (status, attempt, progress, result, error)",
             "parameters": [tid, MIN_SEQ],
@@ -64,12 +65,14 @@ def openapi() -> tuple[dict[str, Any], list[type]]:
             "summary": "Cancel: a pending task never runs; a running one is signalled",
             "parameters": [tid, *WRITE_HEADERS[:1]],
             "requestBody": {"required": False, "content": json_body(CancelTask)},
-            "responses": {"200": {"description": "cancelled", "content": json_body(TaskAccepted)}, **errors(404, 409, 422)},
+            "responses": {"200": {"description": "cancelled", "content": json_body(TaskAccepted)},
+                          **errors(404, 409, 422, 503, 504)},
         }},
         "/tasks/{task_id}/retry": {"post": {
             "summary": "Bring a dead-lettered task back",
             "parameters": [tid, *WRITE_HEADERS[:1]],
-            "responses": {"200": {"description": "requeued", "content": json_body(TaskAccepted)}, **errors(404, 409, 422)},
+            "responses": {"200": {"description": "requeued", "content": json_body(TaskAccepted)},
+                          **errors(404, 409, 422, 503, 504)},
         }},
         **history_paths("/tasks/{task_id}", "task", tid),
     }

@@ -31,7 +31,7 @@ from bus.streams import (
 )
 from bus.subjects import Context, Parked
 from http_edge.app import GUARDS, create_app
-from http_edge.kit import EdgeConfig
+from http_edge.kit import BREAKERS, EdgeConfig
 from infra import auth
 from infra.contexts import BoundedContext, ProcessManager, declared
 from infra.embedded import write_private
@@ -473,6 +473,8 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
         api_tokens=_tokens(settings.api_tokens),
         api_read_tokens=_tokens(settings.api_read_tokens),
         metrics_open=settings.metrics_open,
+        breaker_failures=settings.breaker_failures,
+        breaker_cooldown_s=settings.breaker_cooldown_s,
     )
     found = declared(settings)
     subjects = found.subjects(settings)
@@ -490,6 +492,9 @@ async def run_edge(settings: Settings, nc: Client, live: LiveConfig | None = Non
         guards = app[GUARDS]
         live.on("max_inflight", lambda n: guards.configure(max_inflight=n))
         live.on("rate_limit_per_s", lambda rate: guards.configure(rate_per_s=rate))
+        breakers = app[BREAKERS]
+        live.on("breaker_failures", lambda n: breakers.configure(failures=n))
+        live.on("breaker_cooldown_s", lambda seconds: breakers.configure(cooldown_s=seconds))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, backlog=1024)

@@ -59,7 +59,7 @@ LIVE: dict[str, LiveKey] = {k.name: k for k in (
                                                      "after a partial batch"),
     LiveKey("breaker_failures", "edge", "consecutive failures of a subject that open its circuit (0 = never)"),
     LiveKey("breaker_cooldown_s", "edge", "how long an open circuit refuses before it lets a probe through"),
-) if k.name in Settings.model_fields}
+)}
 
 
 class BadValue(ValueError):

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
                                             "api_read_tokens the edge is open")
     api_read_tokens: str = Field("", description="comma-separated read-only bearer tokens (GET/HEAD)")
     metrics_open: bool = Field(False, description="serve the edge's /metrics without a token when tokens are set")
+    breaker_failures: int = Field(5, ge=0, description="failures in a row (no responder, no reply in time, an "
+                                                      "internal error) after which the edge refuses a subject's "
+                                                      "requests unsent for a cool-down; 0 = never")
+    breaker_cooldown_s: float = Field(5.0, gt=0, description="how long an open breaker refuses before it lets "
+                                                            "one probe through")
     task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
     context_modules: str = Field("", description="comma-separated modules that declare more bounded contexts "
                                                  "(`CONTEXT`) and process managers (`PROCESS_MANAGERS`)")

@@ -119,3 +119,19 @@ T = TypeVar("T")
 
 async def _value(value: T) -> T:
     return value
+
+
+async def test_the_edges_breakers_follow_their_policy_from_the_config_bucket(system: System) -> None:
+    from tests.integration.test_orders_http import post
+
+    assert (await cli(system, "config", "set", "breaker_failures", "1")).returncode == 0
+    assert (await cli(system, "config", "set", "breaker_cooldown_s", "30")).returncode == 0
+    await eventually(lambda: _value(system.live.value("breaker_cooldown_s")), lambda s: s == 30,
+                     failure="the edge never saw the policy")
+    await system.stop_tasks_actor()  # its commands now get no responder
+    status, _, first = await post(system, "/tasks", {"type": "echo"})
+    assert (status, first["error"]["code"]) == (503, "unavailable"), first
+    status, headers, second = await post(system, "/tasks", {"type": "echo"})
+    # One failure opened it (the default is 5), for the 30 s the bucket says (the default is 5).
+    assert (status, second["error"]["code"]) == (503, "circuit_open"), second
+    assert int(headers["Retry-After"]) > 5

@@ -85,6 +85,21 @@ def test_the_openapi_document_has_every_context_and_every_ref_resolves() -> None
     assert refs and refs <= set(doc["components"]["schemas"])
 
 
+def test_every_route_that_sends_a_command_or_query_documents_503() -> None:
+    # Any of them may meet its subject's open circuit breaker (or no responder). History and
+    # time travel read the streams (Direct Get), not a service.
+    import json
+
+    from http_edge.openapi import openapi_document
+
+    found = declared(Settings(_env_file=None))
+    doc = json.loads(openapi_document([c.openapi for c in found.contexts if c.openapi]))
+    missing = [f"{method.upper()} {path}" for path, operations in doc["paths"].items()
+               if path not in ("/healthz", "/metrics") and not path.endswith(("/events", "/state"))
+               for method, operation in operations.items() if "503" not in operation["responses"]]
+    assert not missing
+
+
 def test_a_context_installed_as_an_entry_point_is_declared(tmp_path: Path) -> None:
     # A package the way pip installs one: its dist-info names `examples.loyalty` in the
     # `jetsource.contexts` group. A fresh interpreter (the declared set is loaded once).
