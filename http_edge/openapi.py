@@ -91,6 +91,10 @@ _OPERATIONS = {
                         "responses": {"200": {"description": "ready"}, **errors(503)}}},
     "/metrics": {"get": {"summary": "Prometheus metrics (without a token when JETSOURCE_METRICS_OPEN)",
                          "responses": {"200": {"description": "text format"}}}},
+    "/openapi.json": {"get": {"summary": "This document (OpenAPI 3.1)",
+                              "responses": {"200": {"description": "application/json"}}}},
+    "/asyncapi.json": {"get": {"summary": "The NATS API: commands, queries and events of every context (AsyncAPI 3.0)",
+                               "responses": {"200": {"description": "application/json"}}}},
 }
 
 
