@@ -318,7 +318,7 @@ class Actor(Generic[S, C, E]):
         is executed as if sent alone; per-item outcomes come back in order."""
         decoder: Decoder[CommandBatch[Any]] = Decoder(CommandBatch[command_type])  # type: ignore[valid-type]
 
-        async def run(request: Request) -> BatchReply:
+        async def run(request: Request) -> BatchReply[msgspec.Raw]:
             batch = decoder.decode(request.data)
             # Keys and expected versions address one aggregate: never shared by a batch. One
             # request is one trace.
@@ -332,7 +332,7 @@ class Actor(Generic[S, C, E]):
                                             return_exceptions=True)
                 for i, outcome in zip(rest, done, strict=True):
                     outcomes[i] = outcome
-            results: list[BatchItem] = []
+            results: list[BatchItem[msgspec.Raw]] = []
             for outcome in outcomes:
                 if isinstance(outcome, JetsourceError):
                     results.append(BatchItem(refused=ErrorBody(code=outcome.code, message=outcome.message,

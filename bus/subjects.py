@@ -48,6 +48,9 @@ PARKED_ERROR = "Jetsource-Parked-Error"
 PARKED_TIME = "Jetsource-Parked-Time"
 PARKED_HEADER_PREFIX = "Jetsource-Parked-"
 
+# The channel parameter naming an aggregate's partition in API descriptions (`Context.events_address`).
+PARTITION_PARAMETER = "partition"
+
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
 
@@ -175,6 +178,21 @@ class Context:
         if self.partitioned and self.part is None:
             return f"{self._root}.outbox.>"
         return f"{self._root}.outbox{self._token()}.>"
+
+    # Channel addresses, as API descriptions (AsyncAPI) spell them: `{name}` is a parameter, and
+    # a partitioned context's subjects carry the parameter `{partition}` (`partition_of` the id).
+    def events_address(self, id_parameter: str) -> str:
+        return f"{self._root}.events{self._partition_parameter}.{{{id_parameter}}}"
+
+    def outbox_address(self, parameter: str) -> str:
+        return f"{self._root}.outbox{self._partition_parameter}.{{{parameter}}}"
+
+    def queue_address(self, parameter: str) -> str:
+        return f"{self._root}.queue{self._partition_parameter}.{{{parameter}}}"
+
+    @property
+    def _partition_parameter(self) -> str:
+        return f".{{{PARTITION_PARAMETER}}}" if self.partitioned else ""
 
     # Snapshots: one stream per context (not per partition), one message per aggregate.
     @property

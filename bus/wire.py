@@ -27,6 +27,7 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class CommandBatch(msgspec.Struct, Generic[T], frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -36,17 +37,19 @@ class CommandBatch(msgspec.Struct, Generic[T], frozen=True, kw_only=True, forbid
     items: list[T]
 
 
-class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One outcome in a batch reply: the command's reply, or why it was refused."""
+class BatchItem(msgspec.Struct, Generic[R], frozen=True, kw_only=True, omit_defaults=True):
+    """One outcome in a batch reply: the command's reply, or why it was refused. The runtime
+    sends replies it has encoded already (`BatchItem[msgspec.Raw]`); `BatchItem[OrderAccepted]`
+    is the same bytes, typed (what API descriptions show)."""
 
-    accepted: msgspec.Raw | None = None
+    accepted: R | None = None
     refused: ErrorBody | None = None
 
 
-class BatchReply(msgspec.Struct, frozen=True, kw_only=True):
+class BatchReply(msgspec.Struct, Generic[R], frozen=True, kw_only=True):
     """Reply to a `<command>_batch` request, in request order."""
 
-    results: list[BatchItem]
+    results: list[BatchItem[R]]
 
 
 def error_reply(exc: JetsourceError) -> tuple[bytes, dict[str, str]]:

@@ -109,13 +109,17 @@ def evolve(state: Balance, event: LoyaltyEvent) -> Balance:
     return Balance(points=state.points + delta)
 
 
+def reply(customer_id: str, state: Balance, version: int) -> LoyaltyAccepted:
+    """The answer to a command (its return type is the reply schema of the AsyncAPI document)."""
+    return LoyaltyAccepted(customer_id=customer_id, balance=state.points, version=version, seq=version)
+
+
 def spec(ctx: Context) -> AggregateSpec[Balance, LoyaltyCommand, LoyaltyEvent]:
     return AggregateSpec(
         ctx=ctx, initial=Balance(), evolve=evolve, decide=decide, event_type=LoyaltyEvent,
         commands={"earn": EarnPoints, "redeem": RedeemPoints},
         aggregate_id=lambda c: c.customer_id, with_id=lambda c, _id: c,
-        reply=lambda cid, state, version: LoyaltyAccepted(customer_id=cid, balance=state.points, version=version,
-                                                          seq=version),
+        reply=reply,
         event_id=lambda e: e.customer_id,
     )
 
@@ -188,7 +192,7 @@ CONTEXT = BoundedContext(
     aggregate=lambda ctx, settings: spec(ctx),
     public_commands=("earn", "redeem"),
     read_model=ReadModel(projection=BalancesProjection, tables=("loyalty_balances",), ddl=DDL,
-                         queries={"get": Query(GetBalance, get_balance, aggregate="customer_id")}),
+                         queries={"get": Query(GetBalance, get_balance, aggregate="customer_id", reply=BalanceView)}),
     routes=routes,
     # What jetsource's behaviour suite sends it (tests/integration/test_contracts.py).
     contract=Contract(

@@ -76,6 +76,7 @@ class Metrics:
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 GUARDS: web.AppKey[Guards] = web.AppKey("guards", Guards)
+ASYNCAPI: web.AppKey[bytes] = web.AppKey("asyncapi", bytes)
 
 
 # ---- operations -----------------------------------------------------------------------------------
@@ -118,14 +119,19 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+async def asyncapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[ASYNCAPI], content_type="application/json")
+
+
 def create_app(
     nc: Client, contexts: Mapping[str, Context], config: EdgeConfig,
     routes: Sequence[Callable[[web.UrlDispatcher], None]], openapi_parts: Sequence[OpenApi] = (),
-    aggregates: Mapping[str, AggregateSpec[Any, Any, Any]] | None = None,
+    aggregates: Mapping[str, AggregateSpec[Any, Any, Any]] | None = None, asyncapi_document: bytes | None = None,
 ) -> web.Application:
     """Build the edge application around an injected NATS connection: each declared context's
     routes (`BoundedContext.routes`), plus health, readiness, metrics and OpenAPI; `aggregates`
-    (each context's) serve time travel and history in the events' current shape."""
+    (each context's) serve time travel and history in the events' current shape;
+    `asyncapi_document`, the NATS API's description (`infra.asyncapi`), is served as given."""
     guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens, config.api_read_tokens,
                     config.metrics_open)
     breakers = Breakers(config.breaker_failures, config.breaker_cooldown_s)
@@ -170,6 +176,9 @@ def create_app(
     app[METRICS] = metrics_
     app[GUARDS] = guards
     app[OPENAPI] = openapi_document(openapi_parts)
+    if asyncapi_document is not None:
+        app[ASYNCAPI] = asyncapi_document
+        app.router.add_get("/asyncapi.json", asyncapi)
     for add in routes:
         add(app.router)
     app.router.add_get("/healthz", healthz)

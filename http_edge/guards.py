@@ -14,7 +14,7 @@ from http_edge.errors import json_error
 # Probes must answer without credentials (load balancers, orchestrators).
 _PROBES = ("/healthz", "/readyz")
 # Never rate limited nor counted in flight (but they need a token, /metrics unless opened).
-_OPERATIONS = (*_PROBES, "/metrics", "/openapi.json")
+_OPERATIONS = (*_PROBES, "/metrics", "/openapi.json", "/asyncapi.json")
 _READ_METHODS = ("GET", "HEAD")
 _NONE, _READ, _WRITE = 0, 1, 2
 

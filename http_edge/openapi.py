@@ -11,6 +11,7 @@ import msgspec
 from bus.wire import ErrorReply
 
 OpenApi = Callable[[], tuple[dict[str, Any], list[type]]]
+API_VERSION = "0.2.0"  # of both descriptions: this document and the NATS API's (AsyncAPI)
 
 
 def ref(t: type) -> dict[str, str]:
@@ -91,6 +92,10 @@ _OPERATIONS = {
                         "responses": {"200": {"description": "ready"}, **errors(503)}}},
     "/metrics": {"get": {"summary": "Prometheus metrics (without a token when JETSOURCE_METRICS_OPEN)",
                          "responses": {"200": {"description": "text format"}}}},
+    "/openapi.json": {"get": {"summary": "This document (OpenAPI 3.1)",
+                              "responses": {"200": {"description": "application/json"}}}},
+    "/asyncapi.json": {"get": {"summary": "The NATS API: commands, queries and events of every context (AsyncAPI 3.0)",
+                               "responses": {"200": {"description": "application/json"}}}},
 }
 
 
@@ -109,7 +114,7 @@ def openapi_document(parts: Sequence[OpenApi]) -> bytes:
         raise ValueError(f"two contexts' OpenAPI Structs share a class name: {clashes}; rename one")
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     return msgspec.json.encode(
-        {"openapi": "3.1.0", "info": {"title": "jetsource", "version": "0.2.0"}, "paths": paths,
+        {"openapi": "3.1.0", "info": {"title": "jetsource", "version": API_VERSION}, "paths": paths,
          # With tokens configured every other route needs one (401; a read-only token writing: 403);
          # without, the edge is open: hence the empty alternative.
          "security": [{"bearer": []}, {}],

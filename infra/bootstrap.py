@@ -33,6 +33,7 @@ from bus.subjects import Context, Parked
 from http_edge.app import GUARDS, create_app
 from http_edge.kit import BREAKERS, EdgeConfig
 from infra import auth
+from infra.asyncapi import asyncapi_document
 from infra.contexts import BoundedContext, ProcessManager, declared
 from infra.embedded import write_private
 from infra.liveconfig import LiveConfig
@@ -481,7 +482,8 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
     return create_app(nc, subjects, config,
                       [bc.routes for bc in found.contexts if bc.routes is not None],
                       [bc.openapi for bc in found.contexts if bc.openapi is not None],
-                      {bc.name: bc.spec(settings) for bc in found.contexts})
+                      {bc.name: bc.spec(settings) for bc in found.contexts},
+                      asyncapi_document=asyncapi_document(settings))
 
 
 @contextlib.asynccontextmanager

@@ -195,6 +195,21 @@ def cmd_nats_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
+    """Print an API description as the edge serves it: no server needed."""
+    if args.document == "asyncapi":
+        from infra.asyncapi import asyncapi_document
+
+        document = asyncapi_document(settings)
+    else:
+        from http_edge.openapi import openapi_document
+        from infra.contexts import declared
+
+        document = openapi_document([bc.openapi for bc in declared(settings).contexts if bc.openapi is not None])
+    sys.stdout.write(document.decode() + "\n")
+    return 0
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     _setup_logging(settings, "up")
     from infra.supervisor import up
@@ -546,6 +561,10 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_prepare)
     sub.add_parser("nats-config", help="print the nats-server `authorization` block: every role's user and "
                                        "permissions (passwords from the data directory)").set_defaults(fn=cmd_nats_config)
+    d = sub.add_parser("docs", help="print an API description (JSON): asyncapi, the NATS API (as /asyncapi.json); "
+                                    "openapi, the HTTP routes (as /openapi.json)")
+    d.add_argument("document", choices=["asyncapi", "openapi"])
+    d.set_defaults(fn=cmd_docs)
     s = sub.add_parser("send", help="send a command or query and print the reply")
     s.add_argument("subject")
     s.add_argument("json", nargs="?", default="{}")

@@ -4,8 +4,8 @@ A context declares, once, everything the rest of jetsource needs of it: its aggr
 decider, commands), which commands the public may send, its read model (projection, tables,
 DDL, queries), its HTTP routes and OpenAPI paths, and anything its stream or roles need beyond
 the usual. Bootstrap, the role commands, `jetsource up`'s children, `status`, schema creation,
-the query service, the edge's routes, OpenAPI, the NATS permissions and the test fixtures all
-work from the declared set (`declared(settings)`).
+the query service, the edge's routes, OpenAPI and AsyncAPI, the NATS permissions and the test
+fixtures all work from the declared set (`declared(settings)`).
 
 The built-in contexts are listed in `BUILTIN`; others load from modules named in the
 `JETSOURCE_CONTEXT_MODULES` setting or from the `jetsource.contexts` entry-point group. A module
@@ -56,6 +56,8 @@ class Query:
     # `min_seq` is a sequence of that aggregate's partition. A query that names none, asked for
     # `min_seq` there, waits for every partition to have projected all it held when it came.
     aggregate: str | None = None
+    # The Struct `run` answers with: the reply schema of the AsyncAPI document (None: not declared).
+    reply: type | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +68,27 @@ class ReadModel:
     tables: tuple[str, ...]  # what `jetsource projections rebuild` builds aside, compares and swaps
     ddl: str  # idempotent (CREATE ... IF NOT EXISTS), run in the read-model schema
     queries: Mapping[str, Query] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A `{name}` token of a subject in the AsyncAPI document: what it is, and the values it takes."""
+
+    description: str
+    enum: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Published:
+    """A subject a context's processes publish besides replies and events (work items, live
+    signals), as the AsyncAPI document describes it."""
+
+    name: str  # the channel's id within the context, e.g. "live.progress"
+    # The subject, `{name}` marking a parameter: `lambda ctx: ctx.live("progress", "{task_id}")`.
+    address: Callable[[Context], str]
+    payload: type | None  # the body's Struct; None: an empty body
+    summary: str
+    parameters: Mapping[str, Parameter] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +136,8 @@ class BoundedContext:
     work_queue: bool = False
     # Further core-NATS subjects the actor publishes and subscribes to (live signals).
     actor_publishes: Callable[[Context], list[str]] = lambda ctx: []
+    # What those subjects and the work queue carry, for the AsyncAPI document.
+    publishes: tuple[Published, ...] = ()
     actor_subscribes: Callable[[Context], list[str]] = lambda ctx: []
     # More streams' worth of setup, as the admin (the shared work-queue consumers).
     prepare: Callable[[JetStreamContext, Context, Settings], Awaitable[None]] | None = None

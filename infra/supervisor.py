@@ -260,7 +260,8 @@ def _print_banner(
                     "sync_interval: always)")
     lines = [
         "jetsource is up",
-        f"  HTTP edge      http://{settings.http_host}:{settings.http_port}  (openapi: /openapi.json)",
+        f"  HTTP edge      http://{settings.http_host}:{settings.http_port}  "
+        "(openapi: /openapi.json, asyncapi: /asyncapi.json)",
         f"  NATS           {settings.resolved_nats_url()}" + embedded,
     ]
     if settings.partitions > 1:

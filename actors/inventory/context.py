@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.inventory.messages import GetStock, ListStock
+from actors.inventory.messages import GetStock, ListStock, StockPage, StockView
 from actors.inventory.service import inventory_spec
 from http_edge import inventory as routes
 from infra.contexts import BoundedContext, Contract, Query, ReadModel
@@ -15,7 +15,8 @@ CONTEXT = BoundedContext(
     public_commands=("receive", "adjust"),
     read_model=ReadModel(
         projection=read_model.InventoryProjection, tables=read_model.TABLES, ddl=read_model.DDL,
-        queries={"get": Query(GetStock, read_model.get_stock, aggregate="sku"), "list": Query(ListStock, read_model.list_stock)},
+        queries={"get": Query(GetStock, read_model.get_stock, aggregate="sku", reply=StockView),
+                 "list": Query(ListStock, read_model.list_stock, reply=StockPage)},
     ),
     routes=routes.routes,
     openapi=routes.openapi,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.orders.messages import GetOrder, ListOrders
+from actors.orders.messages import GetOrder, ListOrders, OrderPage, OrderView
 from actors.orders.service import order_spec
 from http_edge import orders as routes
 from infra.contexts import BoundedContext, Contract, Query, ReadModel
@@ -15,7 +15,8 @@ CONTEXT = BoundedContext(
     public_commands=("place", "add_item", "remove_item", "confirm", "pay", "ship", "cancel"),
     read_model=ReadModel(
         projection=read_model.OrdersProjection, tables=read_model.TABLES, ddl=read_model.DDL,
-        queries={"get": Query(GetOrder, read_model.get_order, aggregate="order_id"), "list": Query(ListOrders, read_model.list_orders)},
+        queries={"get": Query(GetOrder, read_model.get_order, aggregate="order_id", reply=OrderView),
+                 "list": Query(ListOrders, read_model.list_orders, reply=OrderPage)},
     ),
     routes=routes.routes,
     openapi=routes.openapi,

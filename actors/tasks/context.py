@@ -8,13 +8,15 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
-from actors.tasks.messages import PRIORITIES, GetTask, ListTasks, TaskStats
+from actors.tasks.messages import (
+    PRIORITIES, Dispatch, GetTask, ListTasks, TaskPage, TaskProgressed, TaskStats, TaskStatsView, TaskView,
+)
 from actors.tasks.registry import build_registry
 from actors.tasks.service import task_spec
 from bus.streams import ensure_work_consumers
 from bus.subjects import Context, Parked
 from http_edge import tasks as routes
-from infra.contexts import BoundedContext, Contract, Query, ReadModel, Role
+from infra.contexts import BoundedContext, Contract, Parameter, Published, Query, ReadModel, Role
 from infra.settings import Settings
 from projections import tasks as read_model
 
@@ -45,6 +47,25 @@ def _worker_permissions(ctx: Context, settings: Settings) -> dict[str, Any]:
     }
 
 
+# What the work queue and the live signals carry (the AsyncAPI document).
+_TASK_ID = {"task_id": Parameter("the task's id")}
+_PUBLISHES = (
+    Published("queue", lambda ctx: ctx.queue_address("priority"), Dispatch,
+              "A work item, stored in the task's stream in the same atomic batch as the event that causes it; "
+              "workers pull it through the durable consumer workers_<priority>",
+              {"priority": Parameter("the task's priority: workers drain high before normal, normal before low",
+                                     PRIORITIES)}),
+    Published("live.progress", lambda ctx: ctx.live("progress", "{task_id}"), TaskProgressed,
+              "A running task's progress (core NATS, best effort): the task.progressed event as stored", _TASK_ID),
+    Published("live.cancel", lambda ctx: ctx.live("cancel", "{task_id}"), None,
+              "The task was cancelled (core NATS, empty body): a worker running it cancels its handler, and every "
+              "task actor process reloads it", _TASK_ID),
+    Published("live.ready", lambda ctx: ctx.live("ready"), None,
+              "Work is waiting (core NATS, empty body, at most one per group commit): wakes idle workers, which "
+              "also poll"),
+)
+
+
 async def _status(nc: Client, ctx: Context) -> list[str]:
     from infra.status import consumer_line
 
@@ -59,13 +80,15 @@ CONTEXT = BoundedContext(
     public_commands=PUBLIC_COMMANDS,
     read_model=ReadModel(
         projection=read_model.TasksProjection, tables=read_model.TABLES, ddl=read_model.DDL,
-        queries={"get": Query(GetTask, read_model.get_task, aggregate="task_id"), "list": Query(ListTasks, read_model.list_tasks),
-                 "stats": Query(TaskStats, read_model.task_stats)},
+        queries={"get": Query(GetTask, read_model.get_task, aggregate="task_id", reply=TaskView),
+                 "list": Query(ListTasks, read_model.list_tasks, reply=TaskPage),
+                 "stats": Query(TaskStats, read_model.task_stats, reply=TaskStatsView)},
     ),
     routes=routes.routes,
     openapi=routes.openapi,
     work_queue=True,
     actor_publishes=lambda ctx: [ctx.live(">")],
+    publishes=_PUBLISHES,
     actor_subscribes=lambda ctx: [ctx.live("cancel", "*")],
     prepare=_prepare,
     roles=(Role("worker", ("worker",), _worker_permissions),),

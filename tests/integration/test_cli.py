@@ -3,6 +3,7 @@ within the command's timeout; bad arguments are usage errors, not tracebacks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from infra.embedded import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(tmp_path: Path, *args: str, nats_url: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _cli(tmp_path: Path, *args: str, nats_url: str | None = None,
+         settings: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(settings or {})}
     if nats_url:
         env["JETSOURCE_NATS_URL"] = nats_url
     # cwd: an empty directory, so no .env file of the checkout changes the settings.
@@ -57,3 +59,17 @@ def test_bad_replay_arguments_are_usage_errors(tmp_path: Path, args: list[str], 
     assert done.returncode == 2
     assert done.stderr.startswith("usage: jetsource replay") and complaint in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("modules", ["", "examples.loyalty"])
+def test_docs_prints_the_asyncapi_and_openapi_documents_without_a_server(tmp_path: Path, modules: str) -> None:
+    settings = {"JETSOURCE_CONTEXT_MODULES": modules}
+    done = _cli(tmp_path, "docs", "asyncapi", settings=settings)
+    assert (done.returncode, done.stderr) == (0, "")
+    doc = json.loads(done.stdout)
+    assert doc["asyncapi"] == "3.0.0" and doc["channels"]["orders.cmd.place"]["address"] == "orders.cmd.place"
+    assert ("loyalty.cmd.earn" in doc["channels"]) == bool(modules)
+    done = _cli(tmp_path, "docs", "openapi", settings=settings)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "/orders" in json.loads(done.stdout)["paths"]
+    assert not (tmp_path / ".jetsource").exists()  # nothing started, nothing written

@@ -25,7 +25,7 @@ async def test_with_tokens_configured_writes_and_reads_need_one(system: System) 
             assert resp.status == 401
         async with system.http.post(base + "/orders", json=PLACE, headers=_bearer("other")) as resp:
             assert resp.status == 201
-        for path in ("/orders", "/tasks/stats", "/openapi.json", "/metrics"):
+        for path in ("/orders", "/tasks/stats", "/openapi.json", "/asyncapi.json", "/metrics"):
             async with system.http.get(base + path) as resp:
                 assert resp.status == 401, path
                 assert (await resp.json())["error"]["code"] == "unauthorized"
