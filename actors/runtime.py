@@ -237,6 +237,12 @@ class Actor(Generic[S, C, E]):
         self.snapshots = Snapshots.of(nc, spec)
         self._snapshotting: set[asyncio.Task[bool]] = set()
 
+    def _stats(self, endpoint: Any) -> Any:
+        """`$SRV.STATS` data: the event store's writes (on the first endpoint only: one copy)."""
+        if endpoint.name == next(iter(self._spec.commands)):
+            return {"store": self._store.stats()}
+        return None
+
     async def start(self) -> Service:
         ctx = self._spec.ctx
         if self._spec.invalidations is not None:
@@ -249,6 +255,7 @@ class Actor(Generic[S, C, E]):
             version=self._spec.version,
             description=f"jetsource {ctx.name} actor",
             queue_group=ctx.queue_group,
+            stats_handler=self._stats,
         )
         for name, command_type in self._spec.commands.items():
             await service.add_endpoint(

@@ -181,6 +181,10 @@ class EventStore:
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches_committed = 0
         self.batches_split = 0
+        # Writes to the stream (an atomic batch or a single publish) and the commands they stored:
+        # their ratio is the group commit's batch size (the dashboard's, from the actor's $SRV stats).
+        self.writes = 0
+        self.commands_committed = 0
         self._gets: dict[str, _Load] = {}  # loads in flight, by reply token
         self._gets_sub: Subscription | None = None
         self._gets_prefix = ""
@@ -290,6 +294,8 @@ class EventStore:
                         item.future.set_exception(exc)
                 return
             self.batches_committed += 1
+            self.writes += 1
+            self.commands_committed += len(batch)
             self._m_batch_seconds.observe(time.perf_counter() - sent)
             self._m_batches.inc()
             self._m_batch_messages.observe(len(messages))
@@ -325,6 +331,8 @@ class EventStore:
                 item.future.set_exception(exc)
             return
         self._m_commands.inc()
+        self.writes += 1
+        self.commands_committed += 1
         if not item.future.done():
             item.future.set_result(result)
 
@@ -581,6 +589,10 @@ class PartitionedStore:
     @property
     def streams(self) -> list[str]:
         return [store.stream for store in self.parts]
+
+    def stats(self) -> list[dict[str, object]]:
+        """Each partition's writes and the commands they stored, since this process started."""
+        return [{"stream": s.stream, "writes": s.writes, "commands": s.commands_committed} for s in self.parts]
 
     def of(self, subject: str) -> EventStore:
         """The store of the partition a subject of this context belongs to."""

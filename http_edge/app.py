@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,8 @@ from bus.eventstore import PartitionedStore
 from bus.ids import IdSource
 from bus.subjects import Context
 from http_edge.breaker import CLOSED, LEVEL, Breakers
+from http_edge import dashboard
+from http_edge.dashboard import DashboardConfig
 from http_edge.errors import to_response
 from http_edge.guards import Guards
 from http_edge.kit import AGGREGATES, BREAKERS, CONFIG, CONTEXTS, NATS, SNAPSHOTS, STORES, TRACE_ID, EdgeConfig
@@ -127,11 +130,13 @@ def create_app(
     nc: Client, contexts: Mapping[str, Context], config: EdgeConfig,
     routes: Sequence[Callable[[web.UrlDispatcher], None]], openapi_parts: Sequence[OpenApi] = (),
     aggregates: Mapping[str, AggregateSpec[Any, Any, Any]] | None = None, asyncapi_document: bytes | None = None,
+    dashboard_config: DashboardConfig | None = None,
 ) -> web.Application:
     """Build the edge application around an injected NATS connection: each declared context's
     routes (`BoundedContext.routes`), plus health, readiness, metrics and OpenAPI; `aggregates`
     (each context's) serve time travel and history in the events' current shape;
-    `asyncapi_document`, the NATS API's description (`infra.asyncapi`), is served as given."""
+    `asyncapi_document`, the NATS API's description (`infra.asyncapi`), is served as given;
+    `dashboard_config` adds `/dashboard` (its recent lists only where a history route exists)."""
     guards = Guards(config.max_inflight, config.rate_limit_per_s, config.api_tokens, config.api_read_tokens,
                     config.metrics_open)
     breakers = Breakers(config.breaker_failures, config.breaker_cooldown_s)
@@ -185,6 +190,11 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    if dashboard_config is not None:
+        paths = {r.canonical for r in app.router.resources()}
+        recent = tuple(r for r in dashboard_config.recent if f"{r.prefix}/{{{r.id_field}}}/events" in paths)
+        dashboard.setup(app, nc, app[CONTEXTS], breakers, dataclasses.replace(dashboard_config, recent=recent),
+                        guards.session)
     return app
 
 

@@ -44,8 +44,9 @@ def to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, JetsourceError):
         return error_response(exc)
     if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            return exc  # redirects and the like pass through as responses
+        if exc.status < 400:  # redirects and the like: as they are
+            return web.Response(status=exc.status, headers={k: v for k, v in exc.headers.items()
+                                                            if k in ("Location", "Allow")})
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}

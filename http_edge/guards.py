@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import Any
+
 from aiohttp import web
 
 from bus.errors import RateLimitedError, UnavailableError
+from http_edge import dashboard
 from http_edge.errors import json_error
 
-# Probes must answer without credentials (load balancers, orchestrators).
+# Probes must answer without credentials (load balancers, orchestrators); so do the dashboard's
+# login page and its token exchange (which hold no data).
 _PROBES = ("/healthz", "/readyz")
-# Never rate limited nor counted in flight (but they need a token, /metrics unless opened).
-_OPERATIONS = (*_PROBES, "/metrics", "/openapi.json", "/asyncapi.json")
+_OPEN = (*_PROBES, *dashboard.OPEN_PATHS)
+# Never rate limited nor counted in flight (but they need a token, /metrics unless opened): the
+# dashboard's event stream lasts as long as its page is open.
+_OPERATIONS = frozenset((*_PROBES, "/metrics", "/openapi.json", "/asyncapi.json", *dashboard.PATHS))
 _READ_METHODS = ("GET", "HEAD")
 _NONE, _READ, _WRITE = 0, 1, 2
 
@@ -40,7 +46,7 @@ class Guards:
         self._buckets: dict[str, _Bucket] = {}
         self._tokens = tuple((t.encode(), _WRITE) for t in tokens if t) + tuple(
             (t.encode(), _READ) for t in read_tokens if t)
-        self._open = _PROBES + (("/metrics",) if metrics_open else ())
+        self._open = _OPEN + (("/metrics",) if metrics_open else ())
 
     def configure(self, *, max_inflight: int | None = None, rate_per_s: float | None = None) -> None:
         """Change the limits of a running edge (live configuration)."""
@@ -53,11 +59,18 @@ class Guards:
                 bucket.tokens = min(bucket.tokens, self._burst)
 
     def _grant(self, request: web.Request) -> int:
-        """What the request's bearer token allows: _NONE, _READ or _WRITE."""
+        """What the request's bearer token allows: _NONE, _READ or _WRITE. Without one, the
+        dashboard's cookie: for reads, and for writes that carry its header (which a page of
+        another site cannot send without a CORS preflight, which the edge never answers)."""
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return _NONE
-        given = credentials.strip().encode()
+        if scheme.lower() == "bearer":
+            return self._match(credentials.strip().encode())
+        cookie = request.cookies.get(dashboard.COOKIE)
+        if cookie and (request.method in _READ_METHODS or request.headers.get(dashboard.CSRF_HEADER) == "1"):
+            return self._match(cookie.encode())
+        return _NONE
+
+    def _match(self, given: bytes) -> int:
         grant = _NONE
         for token, level in self._tokens:
             # Every token is compared, without an early exit: the time taken does not tell
@@ -69,12 +82,40 @@ class Guards:
         if not self._tokens or request.path in self._open:
             return None
         grant = self._grant(request)
+        if grant == _NONE and request.path == "/dashboard" and request.method in _READ_METHODS:
+            raise web.HTTPSeeOther("/dashboard/login")  # a browser: to the page that asks for a token
         if grant == _NONE:
             return json_error(401, "unauthorized", "this route needs 'Authorization: Bearer <token>'",
                               headers={"WWW-Authenticate": "Bearer"})
         if grant == _READ and request.method not in _READ_METHODS:
             return json_error(403, "forbidden", "this token may only read (GET, HEAD)")
         return None
+
+    async def session(self, request: web.Request) -> web.Response:
+        """`POST /dashboard/session` with `token` (the login page's form, or JSON): a valid token
+        comes back as the dashboard's cookie (HttpOnly, SameSite=Strict), for the page and its
+        event stream. The form is sent on to the dashboard, or back to the login page."""
+        form = request.content_type == "application/x-www-form-urlencoded"
+        try:
+            body: Any = await request.post() if form else await request.json()
+            token = str(body["token"]).strip() if hasattr(body, "get") else ""
+        except (ValueError, KeyError):
+            token = ""
+        grant = self._match(token.encode()) if token and self._tokens else _NONE
+        if form:
+            ok = not self._tokens or grant != _NONE
+            response = web.Response(status=303, headers={"Location": "/dashboard" if ok else "/dashboard/login"})
+        elif not self._tokens:
+            return web.json_response({"session": "open", "grant": "write"})  # an open edge needs none
+        elif grant == _NONE:
+            return json_error(401, "unauthorized", "that is not one of the edge's tokens")
+        else:
+            response = web.json_response({"session": "cookie", "grant": "write" if grant == _WRITE else "read"})
+        if grant == _NONE:
+            return response
+        response.set_cookie(dashboard.COOKIE, token, httponly=True, samesite="Strict", path="/",
+                            secure=request.secure)
+        return response
 
     def _admit_rate(self, client: str) -> None:
         now = time.monotonic()

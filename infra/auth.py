@@ -162,7 +162,9 @@ def _permissions(settings: Settings, role: str) -> dict[str, Any]:
     if role == ADMIN:
         return {}  # no permissions block: everything, without the server checking every message
     if role == EDGE:
-        allow, deny = [], [*all_stores, *ADMIN_API, f"{API}.CONSUMER.>"]
+        # The dashboard: every service's $SRV.STATS, and how many events each reader parked.
+        allow = ["$SRV.STATS", f"{API}.STREAM.INFO.{parked.stream}"]
+        deny = [*all_stores, *ADMIN_API, f"{API}.CONSUMER.>"]
         for bc, ctx in contexts:
             allow += [*(ctx.command(n) for n in bc.public_edge_commands(settings)), ctx.query("*"), *_read(ctx)]
             deny += [*(ctx.command(n) for n in bc.internal_commands(settings)), *bc.actor_publishes(ctx)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ from bus.streams import (
 )
 from bus.subjects import Context, Parked
 from http_edge.app import GUARDS, create_app
+from http_edge.dashboard import DashboardConfig, Recent
 from http_edge.kit import BREAKERS, EdgeConfig
 from infra import auth
 from infra.asyncapi import asyncapi_document
@@ -411,11 +413,11 @@ async def run_projector(settings: Settings, nc: Client, live: LiveConfig | None 
         for bc, ctx in _read_models(settings):
             model = bc.read_model
             assert model is not None
-            for part in ctx.parts:  # one projector (consumer, checkpoint) per partition
-                projection = model.projection()
-                projectors.append(Projector(nc, pool, part, projection, checkpoints, batch=settings.projection_batch,
-                                            busy_linger_s=settings.projection_busy_linger_s))
-            await queries.add(ctx, model.queries, projection.name)
+            mine = [Projector(nc, pool, part, (projection := model.projection()), checkpoints,
+                              batch=settings.projection_batch, busy_linger_s=settings.projection_busy_linger_s)
+                    for part in ctx.parts]  # one projector (consumer, checkpoint) per partition
+            projectors += mine
+            await queries.add(ctx, model.queries, projection.name, functools.partial(_positions, mine))
         if live is not None:
             def linger(seconds: float) -> None:
                 for projector in projectors:
@@ -441,6 +443,12 @@ async def run_projector(settings: Settings, nc: Client, live: LiveConfig | None 
             await asyncio.wait_for(asyncio.gather(*running), 10)
     finally:
         await pool.close()
+
+
+def _positions(projectors: list[Projector]) -> dict[str, Any]:
+    """A read model's projectors as the dashboard shows them (its query service's `$SRV.STATS`)."""
+    return {"projection": [{"name": p.name, "stream": p.stream, "checkpoint": p.checkpoint, "lag": p.pending}
+                           for p in projectors]}
 
 
 async def _rebuild_outdated(settings: Settings, nc: Client, model: Model) -> None:
@@ -483,7 +491,13 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
                       [bc.routes for bc in found.contexts if bc.routes is not None],
                       [bc.openapi for bc in found.contexts if bc.openapi is not None],
                       {bc.name: bc.spec(settings) for bc in found.contexts},
-                      asyncapi_document=asyncapi_document(settings))
+                      asyncapi_document=asyncapi_document(settings),
+                      dashboard_config=DashboardConfig(
+                          recent=tuple(Recent(bc.name, bc.contract.id_field, f"/{bc.name}") for bc in found.contexts
+                                       if bc.contract is not None and bc.read_model is not None
+                                       and "list" in bc.read_model.queries),
+                          tasks="tasks" if "tasks" in subjects else None,
+                          parked_stream=parked_subjects(settings).stream))
 
 
 @contextlib.asynccontextmanager

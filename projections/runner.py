@@ -198,7 +198,9 @@ class Projector:
         self._outage: str | None = None
         self._backoff = 0.1
         self.checkpoint = 0
+        self.pending = 0  # events the consumer held after the last batch: the lag
         self.name = ctx.checkpoint(projection.name)  # its checkpoint's name
+        self.stream = ctx.stream
         self._suffix = durable_suffix
         self._direct = direct
         self.parked_seqs: set[tuple[str, int]] = set()  # (stream, seq) of what it parked
@@ -337,6 +339,7 @@ class Projector:
                 raise _LockLost("the connection holding the projection's lock was lost")
             msgs = await sub.pull(self._batch, wait_s=0.5)
             if not msgs:
+                self.pending = 0
                 self._m_pending.set(0)
                 # Idle: notice a rebuild (checkpoint reset) without waiting for new events.
                 if await self._checkpoints.get(self.name) < self.checkpoint:
@@ -359,6 +362,7 @@ class Projector:
                 except UNDECODABLE as exc:
                     poison.append((stored, exc))
                 last_seq = max(last_seq, seq)
+            self.pending = at.pending
             self._m_pending.set(at.pending)  # what the consumer holds after this batch's last event
             if not await self._store(batch, poison, last_seq):
                 return

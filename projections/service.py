@@ -39,13 +39,15 @@ class QueryService:
         self._services: list[Service] = []
         self._outage = False  # logged once per database outage, not once per query
 
-    async def add(self, ctx: Context, queries: Mapping[str, Any], projection: str) -> None:
+    async def add(self, ctx: Context, queries: Mapping[str, Any], projection: str,
+                  stats: Callable[[], Any] | None = None) -> None:
         """Serve `<ctx>.query.<name>` for each declared query (`request` Struct, `run(pool, q)`),
-        answered from the read model `projection` (whose checkpoint read-your-writes waits on)."""
+        answered from the read model `projection` (whose checkpoint read-your-writes waits on);
+        `stats()` is the service's `$SRV.STATS` data (the projectors' positions)."""
         pool = self._pool
         endpoints = {name: (Decoder(q.request), functools.partial(q.run, pool), self._fresh(ctx, projection, q))
                      for name, q in queries.items()}
-        await self._add(ctx, endpoints)
+        await self._add(ctx, endpoints, stats)
 
     def _fresh(self, ctx: Context, projection: str, query: Any) -> Callable[[Any, int], Awaitable[bool]]:
         """How a query waits (bounded) for the read model to have projected `min_seq`: the
@@ -70,13 +72,17 @@ class QueryService:
         self,
         ctx: Context,
         endpoints: Mapping[str, tuple[Decoder[Any], Callable[[Any], Awaitable[Any]], Callable[[Any, int], Awaitable[bool]]]],
+        stats: Callable[[], Any] | None = None,
     ) -> None:
+        first = next(iter(endpoints), None)
         service = await add_service(
             self._nc,
             name=f"{ctx.service_name}_query",
             version="1.0.0",
             description=f"jetsource {ctx.name} read models",
             queue_group=f"{ctx.queue_group}.query",
+            # on the first endpoint only: one copy per instance
+            stats_handler=(lambda endpoint: stats() if endpoint.name == first else None) if stats else None,
         )
         for name, (decoder, run, fresh) in endpoints.items():
             await service.add_endpoint(

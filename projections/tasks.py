@@ -242,9 +242,14 @@ async def task_stats(pool: asyncpg.Pool, query: TaskStats) -> TaskStatsView:
         by_status[r["status"]] = by_status.get(r["status"], 0) + r["n"]
         by_priority.setdefault(r["priority"], {})[r["status"]] = r["n"]
     waiting = ("pending", "scheduled", "retrying")
-    oldest = await pool.fetchval(
-        "SELECT min(run_at) FROM tasks WHERE status = ANY($1::text[]) AND run_at <= now()", list(waiting))
+    due = await pool.fetch(
+        "SELECT priority, count(*) AS n, min(run_at) AS oldest FROM tasks "
+        "WHERE status = ANY($1::text[]) AND run_at <= now() GROUP BY priority", list(waiting))
+    now = datetime.now(UTC)
+    oldest = min((r["oldest"] for r in due), default=None)
     return TaskStatsView(
         by_status=by_status, by_priority=by_priority, queue_depth=sum(by_status.get(s, 0) for s in waiting),
-        oldest_waiting_s=(datetime.now(UTC) - oldest).total_seconds() if oldest else None,
+        oldest_waiting_s=(now - oldest).total_seconds() if oldest else None,
+        waiting_by_priority={r["priority"]: r["n"] for r in due},
+        oldest_waiting_s_by_priority={r["priority"]: (now - r["oldest"]).total_seconds() for r in due},
     )

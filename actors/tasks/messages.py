@@ -338,3 +338,7 @@ class TaskStatsView(msgspec.Struct, frozen=True, kw_only=True):
     by_priority: dict[str, dict[str, int]]
     queue_depth: int
     oldest_waiting_s: float | None = None
+    # Per priority: tasks due and not running (pending, or retrying/scheduled and due), and how
+    # long the oldest of them has waited since it was due.
+    waiting_by_priority: dict[str, int] = {}
+    oldest_waiting_s_by_priority: dict[str, float] = {}

@@ -301,6 +301,18 @@ async def test_every_role_reads_and_follows_the_live_configuration_as_itself(sec
         await nc.close()
 
 
+async def test_the_dashboard_sees_everything_through_the_edges_permissions(secured: Secured) -> None:
+    from tests.integration.test_dashboard import _snapshots
+
+    async def snapshot() -> dict:
+        return (await _snapshots(secured.http, secured.base + "/dashboard/events", 1))[0]
+
+    snap = await eventually(snapshot, lambda s: len(s["services"]) >= 6, failure="services missing from the dashboard")
+    failed = {name: section for name, section in snap.items() if isinstance(section, dict) and "error" in section}
+    assert failed == {}, failed  # $SRV.STATS, stream info, the parked stream, the queries: all allowed
+    assert all("error" not in st for st in snap["streams"]), snap["streams"]
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
