@@ -433,7 +433,7 @@ async def _idle_start_latency(nc: Client, ctx: Context, body: bytes, samples: in
 
 @contextlib.asynccontextmanager
 async def _system(
-    settings: Settings, pid: int | None, partitions: int = 0, cluster: int = 0,
+    settings: Settings, pid: int | None, partitions: int = 0, cluster: int = 0, log_format: str | None = None,
 ) -> AsyncIterator[tuple[Settings, str, int | None]]:
     """The settings of a running system, its edge base URL and its supervisor's pid (as given,
     for a running one); starts `jetsource up [--partitions K] [--cluster N]` if none answers."""
@@ -453,6 +453,8 @@ async def _system(
         env.update({f"JETSOURCE_{k}": str(v) for k, v in ports.items()}, JETSOURCE_DATA_DIR=tmp,
                    JETSOURCE_LOG_LEVEL="WARNING", JETSOURCE_NAMESPACE=settings.namespace,
                    JETSOURCE_DB_SCHEMA=settings.db_schema)
+        if log_format:
+            env["JETSOURCE_LOG_FORMAT"] = log_format
         extra = ["--partitions", str(partitions)] if partitions else []
         extra += ["--cluster", str(cluster)] if cluster else []
         proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "up", *extra], env=env, stdout=subprocess.DEVNULL)
@@ -691,7 +693,8 @@ async def settle(url: Nats, settings: Settings, limit_s: float = 180.0) -> float
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
     only = set(args.only or ["ceilings", "nats", "saga", "http", "tasks", "read"])
     results: dict[str, object] = {"inflight": args.inflight}
-    async with _system(settings, args.pid, args.partitions, args.cluster) as (settings, base, pid):
+    async with (_system(settings, args.pid, args.partitions, args.cluster, args.log_format) as (settings, base, pid),
+                _watching(base if args.dashboard else None) as watched):
         results["partitions"] = settings.partitions
         if settings.nats_cluster:
             results["cluster_nodes"] = settings.nats_cluster
@@ -734,7 +737,32 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
         if "rebuild" in (args.only or []):  # long: asked for by name only
             await settle(url, settings)
             results["rebuild_orders"] = await bench_rebuild(url, settings, args.rebuild_events)
+        if args.dashboard:
+            results["dashboard_snapshots_received"] = watched[0]
     for key, value in results.items():
         print(f"{key:<28} {json.dumps(value)}")
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _watching(base: str | None) -> AsyncIterator[list[int]]:
+    """One dashboard page's worth of load while the phases run: a client of the edge's event
+    stream (`--dashboard`), counting the snapshots it gets."""
+    received = [0]
+    if base is None:
+        yield received
+        return
+
+    async def watch() -> None:
+        async with aiohttp.ClientSession() as http, http.get(base + "/dashboard/events") as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    received[0] += 1
+
+    task = asyncio.get_running_loop().create_task(watch())
+    try:
+        yield received
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 

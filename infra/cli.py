@@ -647,6 +647,10 @@ def parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                    help="the system it starts spreads each context over K streams")
     b.add_argument("--cluster", type=_nodes, nargs="?", const=3, default=0, metavar="N",
                    help="the system it starts runs on an embedded cluster of N nodes (R(N) streams)")
+    b.add_argument("--dashboard", action="store_true",
+                   help="keep one dashboard page's event stream open while the phases run (its cost is in the figures)")
+    b.add_argument("--log-format", choices=["text", "json"],
+                   help="the log format of the system the bench starts (JETSOURCE_LOG_FORMAT)")
     b.add_argument("--pid", type=int, help="a running `jetsource up`'s pid: task phases report CPU per task "
                                            "for each of its processes (a system the bench starts reports it anyway)")
     b.set_defaults(fn=cmd_bench)
