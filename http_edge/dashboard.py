@@ -131,8 +131,10 @@ class Dashboard:
         if config.parked_stream:
             sections["parked"] = self._parked(config.parked_stream)
         names = list(sections)
+        started = time.perf_counter()
         results = await asyncio.gather(*sections.values(), return_exceptions=True)
         out: dict[str, Any] = {"time": time.time(), "interval_s": self._interval,
+                               "took_s": round(time.perf_counter() - started, 3),
                                "circuits": [msgspec.structs.asdict(c) for c in self._breakers.states()],
                                "recent": [{"context": r.context, "id_field": r.id_field, "prefix": r.prefix}
                                           for r in config.recent if r.context in self._contexts]}
