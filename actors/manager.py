@@ -71,6 +71,9 @@ class OutboxReader(abc.ABC):
         self._timeout = timeout
         self._concurrency = concurrency
         self._stopping = asyncio.Event()
+        # What it sends to being away (an actor down, NATS gone): one line when its events start
+        # failing, one when they go through again, however many are retried meanwhile.
+        self._sending = Outage(log, f"{reader}: handling events")
 
     @abc.abstractmethod
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
@@ -238,6 +241,7 @@ class OutboxReader(abc.ABC):
         while True:
             try:
                 await self.handle(ctx.stream, msg.data, msg.headers or {})
+                self._sending.ok()
                 break
             except REFUSED as exc:
                 log.warning("%s: %s; skipping the event", self.reader, exc.message)
@@ -250,7 +254,7 @@ class OutboxReader(abc.ABC):
                 if internal >= INTERNAL_TRIES:
                     await self._park(ctx, msg, exc)
                     break
-                log.warning("%s: %s; retrying in %.1fs", self.reader, exc.message, backoff)
+                self._sending.failed(exc.message)
                 await msg.in_progress()
                 if await self._pause(backoff):
                     return

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -90,6 +91,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> list[int]:
     return children
 
 
+async def _until_true(probe: Any, done: Any, what: str, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not done(last := await probe()):
+        assert time.monotonic() < deadline, f"{what}: never, within {timeout:g} s; last: {last}\n{log.read_text()[-5000:]}"
+        await asyncio.sleep(0.2)
+
+
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=60)
 
@@ -153,6 +161,22 @@ async def test_up_serves_orders_and_tasks_survives_a_crash_stops_cleanly_and_kee
         assert "jetsource_tasks_running " in scraped["worker"]
         assert _metric(scraped["worker"], "jetsource_worker_request_seconds_count", command="claim_batch") >= 1
         assert f"127.0.0.1:{ports['metrics']}/metrics" in log.read_text()  # the banner says where
+
+        # The live configuration reaches `up`'s edge, as its own NATS identity: a rate limit set
+        # while it runs is applied, and removing it lifts it.
+        assert _cli(env, "config", "set", "rate_limit_per_s", "1").returncode == 0
+        async with aiohttp.ClientSession() as http:
+            async def burst() -> list[int]:
+                statuses = []
+                for _ in range(4):
+                    async with http.get(f"{base}/orders/{oid}") as resp:
+                        statuses.append(resp.status)
+                return statuses
+
+            await _until_true(burst, lambda s: 429 in s, "the edge applying the live rate limit", log)
+            assert _cli(env, "config", "unset", "rate_limit_per_s").returncode == 0
+            await _until_true(burst, lambda s: s == [200] * 4, "the edge lifting the live rate limit", log)
+        assert "live config: rate_limit_per_s = 1" in log.read_text()  # one line per change
 
         # A crashed role is restarted by the supervisor.
         actor = next(p for p in psutil.Process(proc.pid).children() if "actor tasks" in " ".join(p.cmdline()))
