@@ -71,9 +71,10 @@ class OutboxReader(abc.ABC):
         self._timeout = timeout
         self._concurrency = concurrency
         self._stopping = asyncio.Event()
-        # What it sends to being away (an actor down, NATS gone): one line when its events start
-        # failing, one when they go through again, however many are retried meanwhile.
-        self._sending = Outage(log, f"{reader}: handling events")
+        # What it sends to being away (an actor down, NATS gone): per context it reads (whose
+        # events go to one kind of command), one line when they start failing and one when
+        # they go through again, however many are retried meanwhile.
+        self._sending: dict[str, Outage] = {}
 
     @abc.abstractmethod
     async def react(self, ctx: Context, data: bytes, headers: Mapping[str, str]) -> None:
@@ -238,10 +239,13 @@ class OutboxReader(abc.ABC):
         handled or the manager stops (then it stays unacked, for whichever manager runs next).
         """
         backoff, internal = 0.2, 0
+        sending = self._sending.get(ctx.name)
+        if sending is None:
+            sending = self._sending[ctx.name] = Outage(log, f"{self.reader}: handling {ctx.name} events")
         while True:
             try:
                 await self.handle(ctx.stream, msg.data, msg.headers or {})
-                self._sending.ok()
+                sending.ok()
                 break
             except REFUSED as exc:
                 log.warning("%s: %s; skipping the event", self.reader, exc.message)
@@ -254,7 +258,7 @@ class OutboxReader(abc.ABC):
                 if internal >= INTERNAL_TRIES:
                     await self._park(ctx, msg, exc)
                     break
-                self._sending.failed(exc.message)
+                sending.failed(exc.message)
                 await msg.in_progress()
                 if await self._pause(backoff):
                     return

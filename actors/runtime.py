@@ -22,7 +22,6 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.micro import add_service
 from nats.micro.service import EndpointConfig, Service
 from nats.micro.request import Request
 
@@ -35,7 +34,7 @@ from bus.connection import on_reconnect
 from bus.errors import ConflictError, DeadlineError, IdempotencyKeyReusedError, PreconditionFailedError
 from bus.eventstore import NewEvent, PartitionedStore, StoredEvent, WrongExpectedSequence, appended
 from bus.ids import IdSource
-from bus.service import Concurrency, respond
+from bus.service import Concurrency, add_service, respond
 from bus.subjects import Context
 from actors.upcasting import EventCodec
 from bus.wire import BatchItem, BatchReply, CommandBatch, ErrorBody

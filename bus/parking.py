@@ -99,10 +99,15 @@ def _event(parked: Parked, raw: RawStreamMsg) -> ParkedEvent:
 async def counts(nc: Client, parked: Parked) -> dict[str, int]:
     """How many events each reader has parked and not yet resolved."""
     out: dict[str, int] = {}
-    for subject, n in (await _subjects(nc, parked, parked.wildcard)).items():
-        reader = parked.parse(subject)[0]
-        out[reader] = out.get(reader, 0) + n
+    for reader, _, _ in await listed(nc, parked):
+        out[reader] = out.get(reader, 0) + 1
     return out
+
+
+async def listed(nc: Client, parked: Parked) -> list[tuple[str, str, int]]:
+    """(reader, stream, seq) of every parked event, in that order (one stream info: as many as
+    the server lists in one answer)."""
+    return sorted(parked.parse(subject) for subject in await _subjects(nc, parked, parked.wildcard))
 
 
 async def unresolved(nc: Client, parked: Parked, reader: str | None = None) -> list[ParkedEvent]:

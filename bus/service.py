@@ -8,7 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.micro.request import Request
+from nats.micro.service import Service, ServiceConfig
 
 from bus import metrics
 from bus.codec import encode
@@ -22,6 +25,40 @@ log = logging.getLogger(__name__)
 # replies mapped across accounts (`_R_.`). Any other reply subject is a caller's attempt to make
 # the service publish where it may (its own event stream): such a request is not executed.
 REPLY_PREFIXES = ("_INBOX.", "_R_.")
+
+
+class _Service(Service):
+    """nats.micro's service, whose `$SRV` PING / INFO / STATS answers go to inboxes only, as
+    every endpoint's do (`respond`). Services may answer wherever a request's reply subject
+    points, whatever their publish denies (nats-server's `allow_responses`): without this, a
+    role allowed to ask `$SRV.STATS` (the edge, for the dashboard) could make every service
+    publish its stats on an event subject, the config bucket or a JetStream API subject."""
+
+    async def _handle_ping_request(self, msg: Msg) -> None:
+        if _to_inbox(msg):
+            await super()._handle_ping_request(msg)
+
+    async def _handle_info_request(self, msg: Msg) -> None:
+        if _to_inbox(msg):
+            await super()._handle_info_request(msg)
+
+    async def _handle_stats_request(self, msg: Msg) -> None:
+        if _to_inbox(msg):
+            await super()._handle_stats_request(msg)
+
+
+def _to_inbox(msg: Msg) -> bool:
+    if msg.reply.startswith(REPLY_PREFIXES):
+        return True
+    log.warning("refused a %s whose reply subject %r is not an inbox", msg.subject, msg.reply[:200])
+    return False
+
+
+async def add_service(nc: Client, **config: Any) -> Service:
+    """`nats.micro.add_service`, with `$SRV` answers to inboxes only (see `_Service`)."""
+    service = _Service(nc, ServiceConfig(**config))
+    await service.start()
+    return service
 
 
 async def respond(request: Request, handler: Callable[[], Any]) -> None:

@@ -194,8 +194,9 @@ def config_bucket(namespace: str = "") -> str:
 
 
 def config_stream(bucket: str, *, replicas: int = 1, history: int = 16) -> StreamConfig:
-    """The stream of a NATS KV bucket, as `nats kv add` makes it (so `nats kv` and nats-py's KV
-    read and write it), keeping `history` values per key."""
+    """The stream of a NATS KV bucket, as `nats kv add` makes it but for purges and roll-ups
+    (so `nats kv get|put|del|history` and nats-py's KV read and write it), keeping `history`
+    values per key."""
     return StreamConfig(
         name=f"KV_{bucket}",
         description="jetsource live configuration (jetsource config get|set|list)",
@@ -204,8 +205,11 @@ def config_stream(bucket: str, *, replicas: int = 1, history: int = 16) -> Strea
         num_replicas=replicas,
         max_msgs_per_subject=history,
         discard=DiscardPolicy.NEW,
-        allow_rollup_hdrs=True,
+        # `config unset` stores a delete marker; a purge (or a roll-up, which needs the purge
+        # permission) would wipe a key's history, so neither is allowed
+        allow_rollup_hdrs=False,
         deny_delete=True,
+        deny_purge=True,
         allow_direct=True,
         max_consumers=-1,
         max_msgs=-1,

@@ -146,10 +146,11 @@ def create_app(
     async def edge(request: web.Request, handler: Any) -> web.StreamResponse:
         """Trace id, admission, the error catch-all and metrics, in one layer."""
         headers = request.headers
-        trace_id = (headers.get("X-Trace-Id") or tracing.w3c_trace_id(headers.get("traceparent"))
-                    or headers.get("X-Request-Id") or "")
+        trace_id = headers.get("X-Trace-Id") or ""
         if not h.valid_token(trace_id):  # it is copied into every stored event: 1..128 safe characters
-            trace_id = _trace_id()
+            trace_id = tracing.w3c_trace_id(headers.get("traceparent")) or headers.get("X-Request-Id") or ""
+            if not h.valid_token(trace_id):
+                trace_id = _trace_id()
         request[TRACE_ID] = trace_id
         tracing.follow(trace_id)
         start = time.perf_counter()

@@ -148,7 +148,9 @@ class Breaker:
             return  # sent before the breaker opened: now only the probe's outcome moves it
         self.failures += 1
         self._last = exc.message if isinstance(exc, JetsourceError) else type(exc).__name__
-        if probe:
+        if probe and not self._threshold:  # breaking was turned off while the probe was out
+            self.closed, self._probing, self.failures = True, False, 0
+        elif probe:
             self._probing = False
             self._open()
             # The outage's WARNING was the first opening; each failed probe is one line, not an alarm.
@@ -168,8 +170,12 @@ class Breaker:
         self.opened += 1
 
     def configure(self, threshold: int, cooldown_s: float) -> None:
+        """A new policy; threshold 0 (breaking turned off) closes the breaker at once."""
         self._threshold = threshold
         self._cooldown = cooldown_s
+        if threshold == 0 and not self.closed:
+            self.closed, self._probing, self.failures = True, False, 0
+            log.info("circuit for %s closed: breaking was turned off", self.subject)
 
     def state(self) -> CircuitState:
         """The breaker now, as plain data."""

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -32,15 +33,17 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from bus import parking
 from bus import subjects as h
 from bus.client import call
 from bus.errors import JetsourceError
-from bus.subjects import Context
+from bus.subjects import Context, Parked
 from http_edge.breaker import Breakers
 
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0  # one snapshot a second while a page is open
+STATS_EVERY_S = 5.0  # the task counts (a count over the whole tasks table) less often
 SRV_WAIT_S = 0.25  # how long $SRV.STATS answers are gathered
 QUERY_TIMEOUT_S = 2.0
 COOKIE = "jetsource_token"
@@ -64,7 +67,7 @@ class Recent:
 class DashboardConfig:
     recent: tuple[Recent, ...] = ()
     tasks: str | None = "tasks"  # the task context (queues, running, dead letters), if declared
-    parked_stream: str | None = None
+    parked: Parked | None = None
 
 
 class Dashboard:
@@ -79,13 +82,15 @@ class Dashboard:
         self._interval = interval_s
         self._listeners: set[asyncio.Queue[bytes | None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._stats: tuple[float, Any] | None = None  # (when, the task counts)
         self.snapshots = 0
 
     def listen(self) -> asyncio.Queue[bytes | None]:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
         self._listeners.add(queue)
         if self._loop is None or self._loop.done():
-            self._loop = asyncio.get_running_loop().create_task(self._run())
+            # In a context of its own: it outlives the page's request, whose trace it is not.
+            self._loop = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
         return queue
 
     def leave(self, queue: asyncio.Queue[bytes | None]) -> None:
@@ -122,25 +127,36 @@ class Dashboard:
         }
         if config.tasks and config.tasks in self._contexts:
             tasks = self._contexts[config.tasks]
-            sections["task_stats"] = self._query(tasks, "stats", {})
+            sections["task_stats"] = self._task_stats(tasks)
             sections["running"] = self._query(tasks, "list", {"status": "running", "limit": 20})
             sections["dead"] = self._query(tasks, "list", {"status": "dead", "limit": 20})
         for recent in config.recent:
             if recent.context in self._contexts:
                 sections[f"recent:{recent.context}"] = self._query(self._contexts[recent.context], "list", {"limit": 8})
-        if config.parked_stream:
-            sections["parked"] = self._parked(config.parked_stream)
+        if config.parked is not None:
+            sections["parked"] = self._parked(config.parked)
+        sections["circuits"] = self._circuits()
         names = list(sections)
         started = time.perf_counter()
         results = await asyncio.gather(*sections.values(), return_exceptions=True)
         out: dict[str, Any] = {"time": time.time(), "interval_s": self._interval,
                                "took_s": round(time.perf_counter() - started, 3),
-                               "circuits": [msgspec.structs.asdict(c) for c in self._breakers.states()],
                                "recent": [{"context": r.context, "id_field": r.id_field, "prefix": r.prefix}
                                           for r in config.recent if r.context in self._contexts]}
         for name, result in zip(names, results, strict=True):
             out[name] = {"error": _describe(result)} if isinstance(result, BaseException) else result
         return out
+
+    async def _circuits(self) -> list[dict[str, Any]]:
+        return [msgspec.structs.asdict(c) for c in self._breakers.states()]
+
+    async def _task_stats(self, tasks: Context) -> Any:
+        """The task counts, asked for every `STATS_EVERY_S` only: they count every task the read
+        model holds (the lists are index lookups, asked for every snapshot)."""
+        now = time.monotonic()
+        if self._stats is None or now - self._stats[0] >= STATS_EVERY_S:
+            self._stats = (now, await self._query(tasks, "stats", {}))
+        return self._stats[1]
 
     async def _services(self) -> list[dict[str, Any]]:
         """Every micro-service instance's `$SRV.STATS`."""
@@ -179,20 +195,14 @@ class Dashboard:
         return msgspec.json.decode(await call(self._nc, ctx.query(name), msgspec.json.encode(body),
                                               timeout=QUERY_TIMEOUT_S))
 
-    async def _parked(self, stream: str) -> dict[str, Any]:
-        """How many events each reader parked, and the latest subjects (reader, stream, seq)."""
-        info = await self._nc.jetstream().stream_info(stream, subjects_filter=">")
-        subjects = sorted((info.state.subjects or {}).keys())
+    async def _parked(self, parked: Parked) -> dict[str, Any]:
+        """How many events each reader parked, and the first 20 (by reader, stream, sequence)."""
+        entries = await parking.listed(self._nc, parked)
         by_reader: dict[str, int] = {}
-        entries = []
-        for subject in subjects:
-            parts = subject.split(".")
-            if len(parts) < 4:
-                continue
-            reader, source, seq = parts[-3], parts[-2], parts[-1]
+        for reader, _, _ in entries:
             by_reader[reader] = by_reader.get(reader, 0) + 1
-            entries.append({"reader": reader, "stream": source, "seq": seq})
-        return {"count": len(entries), "by_reader": by_reader, "latest": entries[-20:]}
+        return {"count": len(entries), "by_reader": by_reader,
+                "first": [{"reader": r, "stream": s, "seq": q} for r, s, q in entries[:20]]}
 
 
 def _put_latest(queue: asyncio.Queue[bytes | None], item: bytes | None) -> None:
@@ -218,14 +228,12 @@ def _asset(name: str) -> bytes:
     return resources.files("http_edge").joinpath("static", name).read_bytes()
 
 
-async def page(request: web.Request) -> web.Response:
-    return web.Response(body=_asset("dashboard.html"), content_type="text/html",
-                        headers={"Cache-Control": "no-store", **_SECURITY_HEADERS})
+def _html(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=_asset(name), content_type="text/html",
+                            headers={"Cache-Control": "no-store", **_SECURITY_HEADERS})
 
-
-async def login(request: web.Request) -> web.Response:
-    return web.Response(body=_asset("login.html"), content_type="text/html",
-                        headers={"Cache-Control": "no-store", **_SECURITY_HEADERS})
+    return serve
 
 
 async def static(request: web.Request) -> web.Response:
@@ -269,8 +277,8 @@ _SECURITY_HEADERS = {
 
 
 def routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/dashboard", page)
-    router.add_get("/dashboard/login", login)
+    router.add_get("/dashboard", _html("dashboard.html"))
+    router.add_get("/dashboard/login", _html("login.html"))
     router.add_get("/dashboard/events", events)
     router.add_get("/dashboard/static/{name}", static)
 

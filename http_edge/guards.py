@@ -4,13 +4,14 @@ Applied by the edge's middleware (`http_edge.app`)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from typing import Any
 
 from aiohttp import web
 
-from bus.errors import RateLimitedError, UnavailableError
+from bus.errors import RateLimitedError, UnavailableError, ValidationError
 from http_edge import dashboard
 from http_edge.errors import json_error
 
@@ -23,6 +24,13 @@ _OPEN = (*_PROBES, *dashboard.OPEN_PATHS)
 _OPERATIONS = frozenset((*_PROBES, "/metrics", "/openapi.json", "/asyncapi.json", *dashboard.PATHS))
 _READ_METHODS = ("GET", "HEAD")
 _NONE, _READ, _WRITE = 0, 1, 2
+
+
+SESSION_S = 12 * 3600  # a dashboard session lasts this long; then the token is asked for again
+
+
+def _mac(token: bytes, expires: int) -> str:
+    return hmac.new(token, b"jetsource-dashboard-session:%d" % expires, hashlib.sha256).hexdigest()
 
 
 class _Bucket:
@@ -67,8 +75,28 @@ class Guards:
             return self._match(credentials.strip().encode())
         cookie = request.cookies.get(dashboard.COOKIE)
         if cookie and (request.method in _READ_METHODS or request.headers.get(dashboard.CSRF_HEADER) == "1"):
-            return self._match(cookie.encode())
+            return self._session_grant(cookie)
         return _NONE
+
+    def session_cookie(self, token: bytes, expires: int) -> str:
+        """The dashboard's session: when it ends, and a MAC of that under the token — not the
+        token itself (a cookie goes to every port of its host), and any edge with the same
+        tokens accepts it, with no state kept."""
+        return f"{expires}.{_mac(token, expires)}"
+
+    def _session_grant(self, cookie: str) -> int:
+        expires_text, _, mac = cookie.partition(".")
+        try:
+            expires = int(expires_text)
+        except ValueError:
+            return _NONE
+        if expires < time.time():
+            return _NONE
+        given = mac.encode()
+        grant = _NONE
+        for token, level in self._tokens:  # every token, no early exit (as `_match`)
+            grant = max(grant, level * hmac.compare_digest(given, _mac(token, expires).encode()))
+        return grant
 
     def _match(self, given: bytes) -> int:
         grant = _NONE
@@ -98,10 +126,15 @@ class Guards:
         form = request.content_type == "application/x-www-form-urlencoded"
         try:
             body: Any = await request.post() if form else await request.json()
-            token = str(body["token"]).strip() if hasattr(body, "get") else ""
-        except (ValueError, KeyError):
-            token = ""
-        grant = self._match(token.encode()) if token and self._tokens else _NONE
+            token = body.get("token") if hasattr(body, "get") else None
+        except ValueError:
+            token = None
+        if not isinstance(token, str) or not token.strip():
+            if form:
+                return web.Response(status=303, headers={"Location": "/dashboard/login"})
+            raise ValidationError('the body is {"token": "<one of the edge\'s API tokens>"}', field="token")
+        secret = token.strip().encode()
+        grant = self._match(secret) if self._tokens else _NONE
         if form:
             ok = not self._tokens or grant != _NONE
             response = web.Response(status=303, headers={"Location": "/dashboard" if ok else "/dashboard/login"})
@@ -113,8 +146,8 @@ class Guards:
             response = web.json_response({"session": "cookie", "grant": "write" if grant == _WRITE else "read"})
         if grant == _NONE:
             return response
-        response.set_cookie(dashboard.COOKIE, token, httponly=True, samesite="Strict", path="/",
-                            secure=request.secure)
+        response.set_cookie(dashboard.COOKIE, self.session_cookie(secret, int(time.time()) + SESSION_S),
+                            max_age=SESSION_S, httponly=True, samesite="Strict", path="/", secure=request.secure)
         return response
 
     def _admit_rate(self, client: str) -> None:

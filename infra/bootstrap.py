@@ -497,7 +497,7 @@ def edge_app(settings: Settings, nc: Client) -> web.Application:
                                        if bc.contract is not None and bc.read_model is not None
                                        and "list" in bc.read_model.queries),
                           tasks="tasks" if "tasks" in subjects else None,
-                          parked_stream=parked_subjects(settings).stream))
+                          parked=parked_subjects(settings)))
 
 
 @contextlib.asynccontextmanager

@@ -87,10 +87,9 @@ def _role(
             start_http_server(settings.metrics_port, addr=settings.http_host)
         async with contextlib.AsyncExitStack() as stack:
             nc = await stack.enter_async_context(nats_connection(settings, f"jetsource-{name}", role))
-            live = LiveConfig(nc, settings)
+            live = await stack.enter_async_context(LiveConfig(nc, settings).running())  # before any work
             live.on("log_level", apply_log_level)
             await parts(nc, stack, live)
-            await stack.enter_async_context(live.running())
             # Everything alive now (modules, clients) lives as long as the process: keep it
             # out of the cyclic GC's full collections, which otherwise rescan it every time.
             gc.freeze()

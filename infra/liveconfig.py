@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -122,42 +123,38 @@ class LiveConfig:
         self.bucket = config_bucket(settings.namespace)
         self._reconcile_s = reconcile_s
         self._appliers: dict[str, list[Callable[[Any], None]]] = {}
-        self._applied: dict[str, Any] = {}  # key -> effective value now
+        # key -> effective value now: the settings' until the bucket says otherwise
+        self._applied: dict[str, Any] = {key: getattr(settings, key) for key in LIVE}
         self._revisions: dict[str, int] = {}
         self._refused: dict[str, int] = {}  # key -> revision of a value refused (warned once)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._outage = Outage(log, f"live configuration ({self.bucket})")
         self.changes = 0  # values applied since start (for tests and status)
-        self._running = False
 
     def on(self, key: str, apply: Callable[[Any], None]) -> None:
-        """`apply` gets the key's effective value whenever it changes; registered while running,
-        it gets the current one at once (or as soon as the key is read)."""
+        """`apply` gets the key's effective value whenever it changes, and at once when the
+        bucket (read when `running` began) overrides this process's settings: a role registers
+        before it starts work, so it never works a moment on a value the bucket replaced."""
         if key not in LIVE:
             raise KeyError(f"{key!r} is not a live setting")
-        known = key in self._appliers
         self._appliers.setdefault(key, []).append(apply)
-        current = self._applied.setdefault(key, getattr(self._settings, key))
-        if known and current != getattr(self._settings, key):
+        current = self.value(key)
+        if current != getattr(self._settings, key):
             apply(current)
-        elif not known and self._running:
-            self._dirty.add(key)
-            self._wake.set()
 
     def value(self, key: str) -> Any:
-        return self._applied.get(key, getattr(self._settings, key))
+        return self._applied[key]
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[LiveConfig]:
         sub = await self._nc.subscribe(f"$KV.{self.bucket}.>", cb=self._changed)
-        await self.refresh(set(self._appliers))
-        loop = asyncio.get_running_loop().create_task(self._follow())
-        self._running = True
+        await self.refresh(set(LIVE))
+        # A task of its own context: its log lines belong to no request's trace.
+        loop = asyncio.get_running_loop().create_task(self._follow(), context=contextvars.Context())
         try:
             yield self
         finally:
-            self._running = False
             loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)
             with contextlib.suppress(Exception):
@@ -165,16 +162,19 @@ class LiveConfig:
 
     async def _changed(self, msg: Msg) -> None:
         key = msg.subject.rsplit(".", 1)[-1]
-        if key in self._appliers:
+        if key in LIVE:
             self._dirty.add(key)
             self._wake.set()
 
     async def _follow(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), self._reconcile_s)
+                keys = self._dirty
+            except TimeoutError:
+                keys = set(LIVE)  # the reconcile: every key
             self._wake.clear()
-            keys, self._dirty = (self._dirty or set(self._appliers)), set()
+            self._dirty = set()
             await self.refresh(keys)
 
     async def refresh(self, keys: set[str]) -> None:

@@ -73,20 +73,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     projection_batch: int = 500
     projection_busy_linger_s: float = Field(
-        0.1, ge=0, le=5, description="under load, how long a projector lets events gather after a partial batch "
+        0.1, ge=0, le=5, allow_inf_nan=False, description="under load, how long a projector lets events gather after a partial batch "
                          "(more events per transaction, less CPU; adds up to this to read-your-writes)")
     projector_nice: int = Field(10, description="`jetsource up` runs the projector at this nice level (0 = same as others)")
-    rate_limit_per_s: float = Field(0.0, ge=0, description="edge requests per second per client IP; 0 = off")
-    max_inflight: int = Field(2048, ge=1, description="edge requests in flight before answering 503")
+    rate_limit_per_s: float = Field(0.0, ge=0, le=1_000_000, allow_inf_nan=False, description="edge requests per second per client IP; 0 = off")
+    max_inflight: int = Field(2048, ge=1, le=1_000_000, description="edge requests in flight before answering 503")
     api_tokens: str = Field("", description="comma-separated read-write bearer tokens; with none here nor in "
                                             "api_read_tokens the edge is open")
     api_read_tokens: str = Field("", description="comma-separated read-only bearer tokens (GET/HEAD)")
     metrics_open: bool = Field(False, description="serve the edge's /metrics without a token when tokens are set")
-    breaker_failures: int = Field(5, ge=0, description="failures in a row (no responder, no reply in time, an "
+    breaker_failures: int = Field(5, ge=0, le=10_000, description="failures in a row (no responder, no reply in time, an "
                                                       "internal error) after which the edge refuses a subject's "
                                                       "requests unsent for a cool-down; 0 = never")
-    breaker_cooldown_s: float = Field(5.0, gt=0, description="how long an open breaker refuses before it lets "
-                                                            "one probe through")
+    breaker_cooldown_s: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False,
+                                      description="how long an open breaker refuses before it lets one probe through")
     task_modules: str = Field("", description="comma-separated modules whose register(registry) adds task types")
     context_modules: str = Field("", description="comma-separated modules that declare more bounded contexts "
                                                  "(`CONTEXT`) and process managers (`PROCESS_MANAGERS`)")

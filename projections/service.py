@@ -10,14 +10,13 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
-from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from bus.codec import Decoder
 from bus.errors import DeadlineError, UnavailableError
 from bus.eventstore import EventStore
-from bus.service import Concurrency, respond
+from bus.service import Concurrency, add_service, respond
 from bus.subjects import Context
 from projections.runner import Checkpoints
 from projections.schema import database_down

@@ -245,10 +245,9 @@ async def running(settings: Settings) -> AsyncIterator[System]:
                 actors[name] = await tasks_actor.enter_async_context(run_tasks_actor(settings, nc))
             else:
                 actors[name] = await stack.enter_async_context(run_actor(settings, nc, name))
-        live = LiveConfig(nc, settings)
+        live = await stack.enter_async_context(LiveConfig(nc, settings).running())
         projectors = await stack.enter_async_context(run_projector(settings, nc, live))
         await stack.enter_async_context(run_edge(settings, nc, live))
-        await stack.enter_async_context(live.running())
         others = [pm.name for pm in declared(settings).managers if pm.name != FULFILMENT]
 
         async def own(pm: Any) -> Client:  # each manager on its own connection, as in production

@@ -193,7 +193,7 @@ async def http_request(ctx: TaskContext) -> Any:
 async def fulfil_order(ctx: TaskContext) -> Any:
     """Pick, pack and hand over an order (simulated warehouse steps with progress)."""
     p = read_payload(ctx, FulfilOrderPayload)
-    log.info("fulfilling order %s (attempt %d)", p.order_id, ctx.attempt)
+    log.debug("fulfilling order %s (attempt %d)", p.order_id, ctx.attempt)
     for percent, step in ((30, "picked"), (70, "packed"), (100, "handed to carrier")):
         await asyncio.sleep(p.step_s)
         await ctx.progress(percent, step)

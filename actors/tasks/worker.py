@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -538,7 +539,8 @@ class Worker:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._completions.append((command, future))
         if len(self._reporters) < REPORTERS:
-            reporter = asyncio.get_running_loop().create_task(self._report_completions())
+            # Its own context: it stores many tasks' outcomes, so its lines are no one task's trace.
+            reporter = asyncio.get_running_loop().create_task(self._report_completions(), context=contextvars.Context())
             self._reporters.add(reporter)
             reporter.add_done_callback(self._reporters.discard)
         await future

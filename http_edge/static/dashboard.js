@@ -188,7 +188,7 @@ function render(snap) {
     parked.replaceChildren(
       el("p", {}, `${snap.parked.count} parked: `, Object.entries(snap.parked.by_reader).map(([r, n]) => `${r} ${n}`).join(", "),
         " — see `jetsource projections parked`"),
-      el("table", {}, el("tbody", {}, ...snap.parked.latest.map((p) => el("tr", {}, td(p.reader), td(p.stream), td(p.seq, "num"))))));
+      el("table", {}, el("tbody", {}, ...snap.parked.first.map((p) => el("tr", {}, td(p.reader), td(p.stream), td(p.seq, "num"))))));
   } else parked.replaceChildren(el("p", { class: "empty" }, "none parked"));
 
   renderRecent(snap);

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
 
+from bus import subjects as h
 from infra.bootstrap import run_edge
 from infra.embedded import free_port
 from tests.conftest import System, eventually
@@ -50,11 +52,15 @@ async def test_the_event_stream_carries_what_the_system_reports(system: System) 
     assert status == 201
     dead = await submit(system, {"type": "fail", "payload": {"error": "boom"}, "retry": {"max_attempts": 1}})
     await wait_status(system, dead["task_id"], "dead")
+    # An outbox event the saga cannot read: parked, and the dashboard shows it.
+    await system.nc.jetstream().publish(system.orders.parts[0].outbox("confirmed"), b"\x00 not an event",
+                                        headers={h.EV_COMMAND_ID: "poison-for-the-dashboard"})
 
     def complete(snap: dict[str, Any]) -> bool:
         projections = [p for s in snap["services"] for e in s["endpoints"]
                        for p in ((e.get("data") or {}).get("projection") or [])]
-        return bool(projections) and any(t["task_id"] == dead["task_id"] for t in snap["dead"]["items"])
+        return (bool(projections) and any(t["task_id"] == dead["task_id"] for t in snap["dead"]["items"])
+                and snap["parked"].get("count") == 1)
 
     async def snapshot() -> dict[str, Any]:
         return (await _snapshots(system.http, system.base + "/dashboard/events", 1))[0]
@@ -72,7 +78,9 @@ async def test_the_event_stream_carries_what_the_system_reports(system: System) 
     assert snap["task_stats"]["by_status"]["dead"] >= 1
     assert any(o["order_id"] == order["order_id"] for o in snap["recent:orders"]["items"])
     assert {r["context"] for r in snap["recent"]} >= {"orders", "tasks"}
-    assert snap["parked"]["count"] == 0 and snap["circuits"]
+    [parked] = snap["parked"]["first"]
+    assert snap["parked"]["by_reader"] == {parked["reader"]: 1} and parked["stream"] == system.orders.parts[0].stream
+    assert any(c["subject"] == system.tasks.command("submit") and c["state"] == "closed" for c in snap["circuits"])
     assert "waiting_by_priority" in snap["task_stats"]
 
 
@@ -111,7 +119,8 @@ async def test_with_tokens_the_dashboard_needs_one_and_cookie_writes_need_its_he
             async with browser.post(base + "/dashboard/session", data={"token": "writer"}, allow_redirects=False) as resp:
                 assert (resp.status, resp.headers["Location"]) == (303, "/dashboard")
                 cookie = resp.cookies["jetsource_token"]
-                assert cookie["httponly"] and cookie["samesite"] == "Strict"
+                assert cookie["httponly"] and cookie["samesite"] == "Strict" and int(cookie["max-age"]) > 0
+                assert "writer" not in cookie.value  # a MAC of the session, never the token itself
             async with browser.get(base + "/dashboard") as resp:
                 assert resp.status == 200
             assert len(await _snapshots(browser, base + "/dashboard/events", 1)) == 1
@@ -119,6 +128,14 @@ async def test_with_tokens_the_dashboard_needs_one_and_cookie_writes_need_its_he
                 assert resp.status == 401  # a cookie alone never writes: another site's form could send it
             async with browser.post(base + "/orders", json=PLACE, headers={"X-Jetsource-Dashboard": "1"}) as resp:
                 assert resp.status == 201
+        async with aiohttp.ClientSession() as forger:
+            for value in ("writer", f"{int(time.time()) + 60}.{'0' * 64}", cookie.value.replace(".", "9.", 1),
+                          f"{int(time.time()) - 1}.{cookie.value.split('.', 1)[1]}"):
+                async with forger.get(base + "/dashboard/events", cookies={"jetsource_token": value}) as resp:
+                    assert resp.status == 401, value  # the token as a cookie, a forged MAC, another expiry
+        async with aiohttp.ClientSession() as client:
+            async with client.post(base + "/dashboard/session", json={"tok": "writer"}) as resp:
+                assert resp.status == 422 and (await resp.json())["error"]["field"] == "token"
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as auditor:
             async with auditor.post(base + "/dashboard/session", json={"token": "reader"}) as resp:
                 assert resp.status == 200 and (await resp.json())["grant"] == "read"

@@ -26,7 +26,7 @@ async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_the_workers_lines_
     logger = logging.getLogger("actors.tasks")  # the worker's and the task handlers' lines
     logger.addHandler(handler)
     level = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # the fulfilment handler's line is a debug one
     await system.start_worker()
     _, _, body = await post(system, "/orders", PLACE)
     oid = body["order_id"]

@@ -301,6 +301,30 @@ async def test_every_role_reads_and_follows_the_live_configuration_as_itself(sec
         await nc.close()
 
 
+async def test_services_answer_the_edges_srv_requests_only_on_inboxes(secured: Secured) -> None:
+    # The edge may ask every service's $SRV.STATS (the dashboard), and services may answer
+    # wherever a request's reply subject points: aimed at the config bucket, an event subject
+    # or a JetStream API subject, the answer must not be sent (so nothing is stored or done).
+    ns = secured.settings.namespace
+    bucket = f"{ns.upper()}_CONFIG"
+    js = secured.admin.jetstream()
+    before = ((await js.stream_info(f"KV_{bucket}")).state.messages, await secured.messages("orders"))
+    nc, errors = await secured.as_role(auth.EDGE)
+    try:
+        for reply in (f"$KV.{bucket}.max_inflight", f"{ns}.orders.events.o-srv", f"$JS.API.STREAM.PURGE.KV_{bucket}"):
+            await nc.publish("$SRV.STATS", b"", reply=reply)  # the only $SRV request the edge may send
+        await nc.flush()
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.STATS", b"", reply=inbox)
+        assert json.loads((await sub.next_msg(5)).data)["type"] == "io.nats.micro.v1.stats_response"  # inboxes: yes
+        await asyncio.sleep(0.5)  # the refused answers would have been stored by now
+    finally:
+        await nc.close()
+    assert ((await js.stream_info(f"KV_{bucket}")).state.messages, await secured.messages("orders")) == before
+    assert errors == []
+
+
 async def test_the_dashboard_sees_everything_through_the_edges_permissions(secured: Secured) -> None:
     from tests.integration.test_dashboard import _snapshots
 

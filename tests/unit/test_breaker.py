@@ -257,6 +257,22 @@ async def test_zero_failures_disables_breaking() -> None:
     assert breaker.closed and service.sent == 20
 
 
+async def test_turning_breaking_off_closes_open_breakers_and_a_new_policy_applies_to_all() -> None:
+    registry, service, clock, _ = breakers(failures=2, cooldown_s=5.0)
+    breaker = registry[SUBJECT]
+    for _ in range(2):
+        await fail(breaker, service, NoReplyError("silent"))
+    assert not breaker.closed
+    registry.configure(failures=0)  # the operator's "stop refusing", live
+    assert breaker.closed and registry["orders.query.get"].closed
+    for _ in range(5):
+        await fail(breaker, service, NoReplyError("silent"))
+    assert breaker.closed and service.sent == 7  # nothing refused any more
+    registry.configure(failures=1, cooldown_s=30.0)
+    await fail(breaker, service, NoReplyError("silent"))
+    assert not breaker.closed and breaker.state().retry_after_s == 30
+
+
 async def test_each_subject_has_its_own_breaker_and_states_are_plain_data() -> None:
     registry, service, clock, wall = breakers(failures=1, cooldown_s=5.0)
     await service.request(registry["orders.query.get"])
