@@ -294,8 +294,14 @@ async def test_every_role_reads_and_follows_the_live_configuration_as_itself(sec
         await secured.admin.jetstream().publish(f"$KV.{bucket}.log_level", b'"INFO"')
         revision, data = await liveconfig.read(nc, bucket, "log_level", timeout=5)
         assert (revision > 0, data) == (True, b'"INFO"')
-        await eventually(lambda: asyncio.sleep(0, heard), lambda h: h == [f"$KV.{bucket}.log_level"],
-                         failure=f"{role} did not hear the change")
+
+        async def change() -> list[str]:  # again until heard: one core message may be missed on a busy host
+            if not heard:
+                await secured.admin.jetstream().publish(f"$KV.{bucket}.log_level", b'"INFO"')
+                await asyncio.sleep(0.5)
+            return heard
+
+        await eventually(change, lambda h: f"$KV.{bucket}.log_level" in h, failure=f"{role} did not hear the change")
         assert errors == []
     finally:
         await nc.close()
