@@ -261,7 +261,7 @@ def _print_banner(
     lines = [
         "jetsource is up",
         f"  HTTP edge      http://{settings.http_host}:{settings.http_port}  "
-        "(openapi: /openapi.json, asyncapi: /asyncapi.json)",
+        "(dashboard: /dashboard, openapi: /openapi.json, asyncapi: /asyncapi.json)",
         f"  NATS           {settings.resolved_nats_url()}" + embedded,
     ]
     if settings.partitions > 1:
