@@ -71,8 +71,8 @@ class OutboxReader(abc.ABC):
         self._timeout = timeout
         self._concurrency = concurrency
         self._stopping = asyncio.Event()
-        # What it sends to being away (an actor down, NATS gone): per context it reads (whose
-        # events go to one kind of command), one line when they start failing and one when
+        # What it sends to being away (an actor down, NATS gone): per kind of event it reads
+        # (each leads to one kind of command), one line when they start failing and one when
         # they go through again, however many are retried meanwhile.
         self._sending: dict[str, Outage] = {}
 
@@ -239,9 +239,10 @@ class OutboxReader(abc.ABC):
         handled or the manager stops (then it stays unacked, for whichever manager runs next).
         """
         backoff, internal = 0.2, 0
-        sending = self._sending.get(ctx.name)
+        kind = f"{ctx.name} {msg.subject.rsplit('.', 1)[-1]}"  # e.g. "orders confirmed": one kind of command
+        sending = self._sending.get(kind)
         if sending is None:
-            sending = self._sending[ctx.name] = Outage(log, f"{self.reader}: handling {ctx.name} events")
+            sending = self._sending[kind] = Outage(log, f"{self.reader}: handling {kind} events")
         while True:
             try:
                 await self.handle(ctx.stream, msg.data, msg.headers or {})

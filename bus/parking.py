@@ -107,7 +107,13 @@ async def counts(nc: Client, parked: Parked) -> dict[str, int]:
 async def listed(nc: Client, parked: Parked) -> list[tuple[str, str, int]]:
     """(reader, stream, seq) of every parked event, in that order (one stream info: as many as
     the server lists in one answer)."""
-    return sorted(parked.parse(subject) for subject in await _subjects(nc, parked, parked.wildcard))
+    out = []
+    for subject in await _subjects(nc, parked, parked.wildcard):
+        try:
+            out.append(parked.parse(subject))
+        except ValueError:  # not one a reader parked (a stored reply aimed there): not an entry
+            continue
+    return sorted(out)
 
 
 async def unresolved(nc: Client, parked: Parked, reader: str | None = None) -> list[ParkedEvent]:

@@ -72,7 +72,7 @@ class Guards:
         another site cannot send without a CORS preflight, which the edge never answers)."""
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
-            return self._match(credentials.strip().encode())
+            return self._match(credentials.strip().encode(errors="surrogateescape"))  # any bytes sent
         cookie = request.cookies.get(dashboard.COOKIE)
         if cookie and (request.method in _READ_METHODS or request.headers.get(dashboard.CSRF_HEADER) == "1"):
             return self._session_grant(cookie)
@@ -92,7 +92,7 @@ class Guards:
             return _NONE
         if expires < time.time():
             return _NONE
-        given = mac.encode()
+        given = mac.encode(errors="surrogateescape")
         grant = _NONE
         for token, level in self._tokens:  # every token, no early exit (as `_match`)
             grant = max(grant, level * hmac.compare_digest(given, _mac(token, expires).encode()))

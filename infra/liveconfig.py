@@ -38,6 +38,7 @@ from infra.settings import Settings
 log = logging.getLogger(__name__)
 
 RECONCILE_S = 10.0
+RETRY_S = 1.0  # after a failed read
 _DELETED = ("DEL", "PURGE")
 
 
@@ -74,7 +75,7 @@ def parse(key: str, text: str) -> Any:
         raise BadValue(f"{key!r} is not a live setting; live settings: {', '.join(LIVE)}")
     try:
         raw: Any = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or nested past reason): a bare string
         raw = text
     field = Settings.model_fields[key]
     kind: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
@@ -83,7 +84,9 @@ def parse(key: str, text: str) -> Any:
         return adapter.validate_python(raw, strict=True)  # JSON already typed it: 1.5 or true is no count
     except pydantic.ValidationError as exc:
         reasons = "; ".join(e["msg"] for e in exc.errors())
-        raise BadValue(f"{key}: {text!r} is not a valid value: {reasons}") from None
+        raise BadValue(f"{key}: {text[:200]!r} is not a valid value: {reasons}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a stored value does to the validator, it is refused
+        raise BadValue(f"{key}: {text[:200]!r} is not a valid value ({type(exc).__name__})") from None
 
 
 def encode(value: Any) -> bytes:
@@ -141,7 +144,10 @@ class LiveConfig:
         self._appliers.setdefault(key, []).append(apply)
         current = self.value(key)
         if current != getattr(self._settings, key):
-            apply(current)
+            try:
+                apply(current)
+            except Exception:  # noqa: BLE001 - as in `_set`: the role starts on its own value
+                log.exception("live config: applying %s = %r failed", key, current)
 
     def value(self, key: str) -> Any:
         return self._applied[key]
@@ -149,7 +155,11 @@ class LiveConfig:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[LiveConfig]:
         sub = await self._nc.subscribe(f"$KV.{self.bucket}.>", cb=self._changed)
-        await self.refresh(set(LIVE))
+        try:
+            await self.refresh(set(LIVE))
+        except Exception:  # noqa: BLE001 - a role starts on its own settings rather than not at all
+            log.exception("live config: reading the bucket failed; starting on this process's settings")
+            self._dirty = set(LIVE)
         # A task of its own context: its log lines belong to no request's trace.
         loop = asyncio.get_running_loop().create_task(self._follow(), context=contextvars.Context())
         try:
@@ -168,14 +178,19 @@ class LiveConfig:
 
     async def _follow(self) -> None:
         while True:
+            retry = bool(self._dirty) and self._outage.since is not None  # a read failed: again soon
             try:
-                await asyncio.wait_for(self._wake.wait(), self._reconcile_s)
+                await asyncio.wait_for(self._wake.wait(), RETRY_S if retry else self._reconcile_s)
                 keys = self._dirty
             except TimeoutError:
-                keys = set(LIVE)  # the reconcile: every key
+                keys = self._dirty if retry else set(LIVE)  # the reconcile: every key
             self._wake.clear()
             self._dirty = set()
-            await self.refresh(keys)
+            try:
+                await self.refresh(keys)
+            except Exception:  # noqa: BLE001 - following the bucket must outlive any one surprise
+                log.exception("live config: reading the bucket failed; trying again")
+                self._dirty |= keys
 
     async def refresh(self, keys: set[str]) -> None:
         """Read these keys and apply what changed (one at a time: nothing older overtakes)."""
@@ -184,7 +199,7 @@ class LiveConfig:
                 revision, data = await read(self._nc, self.bucket, key, timeout=self._settings.request_timeout_s)
             except JetsourceError as exc:
                 self._outage.failed(exc.message)
-                self._dirty.add(key)  # tried again at the next reconcile
+                self._dirty.add(key)  # tried again within RETRY_S
                 continue
             self._outage.ok()
             if revision < self._revisions.get(key, 0):
@@ -213,7 +228,9 @@ class LiveConfig:
                 log.exception("live config: applying %s = %r failed", key, value)
         self._applied[key] = value
         self.changes += 1
-        log.info("live config: %s = %r (was %r; from %s)", key, value, old, source)
+        # A line for what this process applies; what it only follows is a debug line.
+        log.log(logging.INFO if key in self._appliers else logging.DEBUG,
+                "live config: %s = %r (was %r; from %s)", key, value, old, source)
 
 
 def apply_log_level(value: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from bus import subjects as h
+from bus.subjects import Parked
 from infra.bootstrap import run_edge
 from infra.embedded import free_port
 from tests.conftest import System, eventually
@@ -55,6 +56,8 @@ async def test_the_event_stream_carries_what_the_system_reports(system: System) 
     # An outbox event the saga cannot read: parked, and the dashboard shows it.
     await system.nc.jetstream().publish(system.orders.parts[0].outbox("confirmed"), b"\x00 not an event",
                                         headers={h.EV_COMMAND_ID: "poison-for-the-dashboard"})
+    # And a message on the parked stream no reader parked (a stored reply aimed there): no entry.
+    await system.nc.jetstream().publish(Parked(system.settings.namespace).wildcard[:-1] + "not-an-entry", b"{}")
 
     def complete(snap: dict[str, Any]) -> bool:
         projections = [p for s in snap["services"] for e in s["endpoints"]

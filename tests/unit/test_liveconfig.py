@@ -20,6 +20,7 @@ def test_values_are_read_as_json_or_bare_strings_and_validated_like_the_setting(
     ("worker_concurrency", "0"), ("worker_concurrency", "1.5"), ("worker_concurrency", "true"),
     ("max_inflight", "0"), ("rate_limit_per_s", "-0.1"), ("log_level", "chatty"),
     ("projection_busy_linger_s", "5.1"), ("worker_concurrency", "[1]"),
+    ("log_level", "[" * 100_000), ("breaker_cooldown_s", "Infinity"), ("breaker_cooldown_s", "NaN"),
 ])
 def test_a_bad_value_is_refused_naming_the_key(key: str, text: str) -> None:
     with pytest.raises(BadValue, match=key):
