@@ -239,10 +239,10 @@ class OutboxReader(abc.ABC):
         handled or the manager stops (then it stays unacked, for whichever manager runs next).
         """
         backoff, internal = 0.2, 0
-        kind = f"{ctx.name} {msg.subject.rsplit('.', 1)[-1]}"  # e.g. "orders confirmed": one kind of command
-        sending = self._sending.get(kind)
+        sending = self._sending.get(msg.subject)  # an outbox subject: one kind of event, one kind of command
         if sending is None:
-            sending = self._sending[kind] = Outage(log, f"{self.reader}: handling {kind} events")
+            kind = f"{ctx.name} {msg.subject.rsplit('.', 1)[-1]}"  # e.g. "orders confirmed"
+            sending = self._sending[msg.subject] = Outage(log, f"{self.reader}: handling {kind} events on {ctx.stream}")
         while True:
             try:
                 await self.handle(ctx.stream, msg.data, msg.headers or {})

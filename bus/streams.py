@@ -195,8 +195,8 @@ def config_bucket(namespace: str = "") -> str:
 
 def config_stream(bucket: str, *, replicas: int = 1, history: int = 16) -> StreamConfig:
     """The stream of a NATS KV bucket, as `nats kv add` makes it but for purges and roll-ups
-    (so `nats kv get|put|del|history` and nats-py's KV read and write it), keeping `history`
-    values per key."""
+    (so the NATS CLI sees a bucket: `nats kv ls`, `nats kv get CONFIG <key>`), keeping
+    `history` values per key."""
     return StreamConfig(
         name=f"KV_{bucket}",
         description="jetsource live configuration (jetsource config get|set|list)",

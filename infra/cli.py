@@ -420,17 +420,12 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
             for key in keys:
                 revision, data = await liveconfig.read(nc, bucket, key, timeout=args.timeout)
                 line: dict[str, Any] = {"key": key}
-                stored: Any = None
-                if data is not None:
-                    try:
-                        stored = liveconfig.parse(key, data.decode(errors="replace"))
-                    except liveconfig.BadValue as exc:
-                        line["invalid"] = str(exc)  # the roles keep what they had
-                if data is not None and "invalid" not in line:
-                    line.update(value=stored, source="kv", revision=revision)
-                else:
-                    fallback, source = liveconfig.base_value(settings, key)
-                    line.update(value=fallback, source=source)
+                try:
+                    current, source = liveconfig.effective(settings, key, data)
+                except liveconfig.BadValue as exc:
+                    line["invalid"] = str(exc)  # running roles keep what they had
+                    current, source = liveconfig.effective(settings, key, None)
+                line.update(value=current, source=source, **({"revision": revision} if source == "kv" else {}))
                 line.update(applies_to=liveconfig.LIVE[key].roles, description=liveconfig.LIVE[key].description)
                 print(json.dumps(line))
             return 0

@@ -98,6 +98,15 @@ def base_value(settings: Settings, key: str) -> tuple[Any, str]:
     return getattr(settings, key), ("environment" if key in settings.model_fields_set else "default")
 
 
+def effective(settings: Settings, key: str, data: bytes | None) -> tuple[Any, str]:
+    """(value, source) of a key whose bucket entry is `data`: the stored value
+    ("kv"), or, with none, the settings' ("environment" / "default"). Raises BadValue for a
+    stored value that does not validate (a role keeps what it has; `config get` shows it)."""
+    if data is None:
+        return base_value(settings, key)
+    return parse(key, data.decode(errors="replace")), "kv"
+
+
 def key_subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
@@ -205,17 +214,14 @@ class LiveConfig:
             if revision < self._revisions.get(key, 0):
                 continue
             self._revisions[key] = revision
-            if data is None:
-                value, source = base_value(self._settings, key)
-            else:
-                try:
-                    value, source = parse(key, data.decode(errors="replace")), f"the config bucket (revision {revision})"
-                except BadValue as exc:
-                    if self._refused.get(key) != revision:
-                        self._refused[key] = revision
-                        log.warning("live config: not applying revision %d: %s", revision, exc)
-                    continue
-            self._set(key, value, source)
+            try:
+                value, source = effective(self._settings, key, data)
+            except BadValue as exc:
+                if self._refused.get(key) != revision:
+                    self._refused[key] = revision
+                    log.warning("live config: not applying revision %d: %s", revision, exc)
+                continue
+            self._set(key, value, f"the config bucket (revision {revision})" if source == "kv" else source)
 
     def _set(self, key: str, value: Any, source: str) -> None:
         old = self._applied.get(key)

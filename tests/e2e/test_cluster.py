@@ -190,6 +190,8 @@ async def test_a_3_node_cluster_loses_no_acknowledged_write_to_a_leader_kill_or_
             # Every node leads its share of the ten streams (three or four each).
             led = [list(leaders.values()).count(f"jetsource-{i}") for i in range(1, NODES + 1)]
             assert max(led) - min(led) <= 1 and sum(led) == len(STREAMS), leaders
+            # The live configuration's bucket is kept on every node, as the streams are.
+            assert (await nc.jetstream().stream_info("KV_CONFIG")).config.num_replicas == NODES
             status = _cli(env, "status")  # the data directory says it is a cluster: no setting needed
             assert status.returncode == 0, status.stdout + status.stderr
             assert f"{WATCHED} " in status.stdout and f"leader={leaders[WATCHED]}" in status.stdout, status.stdout

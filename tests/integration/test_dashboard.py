@@ -144,3 +144,20 @@ async def test_with_tokens_the_dashboard_needs_one_and_cookie_writes_need_its_he
                 assert resp.status == 200 and (await resp.json())["grant"] == "read"
             async with auditor.post(base + "/orders", json=PLACE, headers={"X-Jetsource-Dashboard": "1"}) as resp:
                 assert resp.status == 403
+
+
+async def test_a_section_whose_source_does_not_answer_says_so_and_the_rest_still_come(system: System) -> None:
+    from bus.subjects import Context
+    from http_edge.breaker import Breakers
+    from http_edge.dashboard import Dashboard, DashboardConfig, Recent
+
+    # A context nobody serves and no stream holds, beside the system's own orders.
+    ghost = Context("ghost", system.settings.namespace)
+    dashboard = Dashboard(system.nc, {"orders": system.orders, "ghost": ghost}, Breakers(),
+                          DashboardConfig(recent=(Recent("ghost", "id", "/ghost"), Recent("orders", "order_id", "/orders")),
+                                          tasks=None, parked=Parked(system.settings.namespace)))
+    snap = await dashboard.snapshot()
+    assert "error" in snap["recent:ghost"] and "items" in snap["recent:orders"]
+    streams = {st["context"]: st for st in snap["streams"]}
+    assert "error" in streams["ghost"] and "error" not in streams["orders"]
+    assert snap["services"] and "error" not in snap["parked"]

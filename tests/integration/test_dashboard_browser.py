@@ -3,8 +3,9 @@
 row whose progress moves; a dead letter is retried from the page; the page is saved as a
 screenshot (`.artifacts/dashboard.png`, or `$JETSOURCE_ARTIFACTS/dashboard.png`).
 
-Skipped, saying why, where Chromium or Playwright is missing (`.ci/run` installs Chromium
-from Debian's packages where it can)."""
+Skipped, saying why, where Chromium or Playwright is missing — except where
+`JETSOURCE_REQUIRE_BROWSER=1` (`.ci/run` sets it once it has installed Chromium from Debian's
+packages): there a missing browser fails the test."""
 
 from __future__ import annotations
 
@@ -31,13 +32,24 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
+# `.ci/run` sets this once it has Chromium: there, a missing browser or Playwright is a failure,
+# not a skip (a CI run that skipped the browser test would say nothing about the page).
+REQUIRED = os.environ.get("JETSOURCE_REQUIRE_BROWSER") == "1"
+
+
+def _missing(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason}, and JETSOURCE_REQUIRE_BROWSER=1 says this run must have it")
+    pytest.skip(reason)
+
+
 def _playwright() -> Any:
     try:
         from playwright.async_api import async_playwright
     except ImportError:
-        pytest.skip("Playwright for Python is not installed (pip install playwright; no browser download needed)")
+        _missing("Playwright for Python is not installed (pip install playwright; no browser download needed)")
     if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); the browser test needs one")
+        _missing("no Chromium on this machine (Debian: apt-get install chromium); the browser test needs one")
     return async_playwright
 
 

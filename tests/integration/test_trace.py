@@ -4,9 +4,14 @@ carries the pay's trace, given as a W3C `traceparent`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
+from bus import subjects as h
+from infra.logs import JsonLines
 from tests.conftest import System, eventually
 from tests.integration.test_orders_http import PLACE, get, post
 
@@ -14,32 +19,41 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
 
 
-async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_the_workers_lines_and_the_ship(system: System) -> None:
-    import io
-    import logging
+@contextlib.contextmanager
+def json_lines(logger_name: str, role: str, level: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """What the logger (and those below it) writes meanwhile, as the JSON lines a process of
+    `role` would print; the list is filled as lines come (it is live inside the block)."""
+    lines: list[dict[str, Any]] = []
 
-    from infra.logs import JsonLines
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(self.format(record)))
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLines("worker"))
-    logger = logging.getLogger("actors.tasks")  # the worker's and the task handlers' lines
+    handler = Collect()
+    handler.setFormatter(JsonLines(role))
+    logger = logging.getLogger(logger_name)
+    before = logger.level
     logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)  # the fulfilment handler's line is a debug one
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
+
+
+async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_the_workers_lines_and_the_ship(system: System) -> None:
     await system.start_worker()
     _, _, body = await post(system, "/orders", PLACE)
     oid = body["order_id"]
     assert (await post(system, f"/orders/{oid}/confirm"))[0] == 200
-    try:
+    # The worker's and the task handlers' lines (the fulfilment handler's is a debug one).
+    with json_lines("actors.tasks", "worker", logging.DEBUG) as lines:
         status, headers, _ = await post(system, f"/orders/{oid}/pay", {"amount": 300}, {"traceparent": TRACEPARENT})
         assert (status, headers["X-Trace-Id"]) == (200, TRACE)
         await eventually(lambda: get(system, f"/orders/{oid}"), lambda r: r[2].get("status") == "shipped",
                          timeout=30, every=0.1, failure=f"order {oid} was never shipped")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     fulfilling = [line for line in lines if f"fulfilling order {oid}" in line["message"]]
     assert fulfilling and all((line["trace_id"], line["correlation_id"]) == (TRACE, TRACE) for line in fulfilling), lines
 
@@ -64,54 +78,28 @@ async def test_the_trace_of_a_pay_reaches_the_fulfilment_task_the_workers_lines_
 
 
 async def test_an_actors_log_lines_carry_the_trace_of_the_command_they_are_written_for(system: System) -> None:
-    import io
-    import logging
-
-    from infra.logs import JsonLines
-
     status, headers, body = await post(system, "/orders", PLACE)
     oid = body["order_id"]
     # A message no actor appended, stored on the order's subject: the next command's append
     # conflicts, the reload skips it — and logs that, inside the command.
     await system.nc.jetstream().publish(system.orders.part_of(oid).events(oid), b'{"type":"order.paid"}')
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLines("orders_actor"))
-    logger = logging.getLogger("actors.runtime")
-    logger.addHandler(handler)
-    try:
+    with json_lines("actors.runtime", "orders_actor") as lines:
         async with system.http.post(f"{system.base}/orders/{oid}/items", headers={"X-Trace-Id": "trace-in-logs"},
                                     json={"sku": "pear", "quantity": 1, "unit_price": 5}) as resp:
             assert resp.status == 200
-    finally:
-        logger.removeHandler(handler)
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     skipped = [line for line in lines if "no actor appended" in line["message"]]
     assert skipped and all(line["trace_id"] == "trace-in-logs" for line in skipped), lines
 
 
 async def test_a_process_managers_log_lines_carry_the_trace_of_the_event_it_handles(system: System) -> None:
-    import io
-    import logging
-
-    from bus import subjects as h
-    from infra.logs import JsonLines
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLines("order_saga"))
-    logger = logging.getLogger("bus.parking")
-    logger.addHandler(handler)
-    try:
+    with json_lines("bus.parking", "order_saga") as lines:
         # An outbox event the saga cannot decode, stored with a trace: it is parked, and says so.
         await system.nc.jetstream().publish(
             system.orders.parts[0].outbox("confirmed"), b"\x00 not an event",
             headers={h.EV_COMMAND_ID: "poison-traced", h.EV_TRACE_ID: "trace-of-poison"})
 
         async def parked_lines() -> list[dict[str, Any]]:
-            return [json.loads(line) for line in stream.getvalue().splitlines() if "order_saga" in line]
+            return [line for line in lines if "order_saga" in line["message"]]
 
-        lines = await eventually(parked_lines, lambda found: bool(found), failure="the saga never parked it")
-    finally:
-        logger.removeHandler(handler)
-    assert all(line["trace_id"] == "trace-of-poison" for line in lines), lines
+        parked = await eventually(parked_lines, lambda found: bool(found), failure="the saga never parked it")
+    assert all(line["trace_id"] == "trace-of-poison" for line in parked), parked
